@@ -1,0 +1,176 @@
+"""The request and response models of the API: one schema source for Swagger and validation.
+
+Each request model is a Flask-RESTX model, so `/swagger.json` documents exactly what is
+checked. Validation runs the model's own JSON schema through jsonschema here (rather than
+RESTX's `validate=True`) to word each failure for a person, name the field, and never echo a
+32,000-character prompt back inside an error message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask_restx import Api, Model, fields
+from jsonschema import Draft4Validator
+
+from errors import InvalidRequest
+from task_prompts import normalise_label
+
+MAX_CATEGORIES = 50
+MAX_CATEGORY_CHARS = 100
+MAX_LANGUAGE_CHARS = 40
+NOT_BLANK = r"\S"
+
+
+@dataclass(frozen=True)
+class RequestSchema:
+    """A request model and the validator compiled from its schema once."""
+
+    model: Model
+    validator: Draft4Validator
+
+    @classmethod
+    def of(cls, model: Model) -> RequestSchema:
+        return cls(model, Draft4Validator(model.__schema__))
+
+    def validate(self, payload) -> dict:
+        """Check `payload`; raise `InvalidRequest` naming every failing field."""
+        if not isinstance(payload, dict):
+            raise InvalidRequest("The request body must be a JSON object",
+                                 details={"fields": {"body": "must be an object"}})
+        problems = {}
+        for error in sorted(self.validator.iter_errors(payload), key=lambda e: list(e.path)):
+            field, message = _describe(error)
+            problems.setdefault(field, message)
+        if problems:
+            summary = "; ".join(f"'{field}' {message}" for field, message in problems.items())
+            raise InvalidRequest(f"Invalid input: {summary}", details={"fields": problems})
+        return payload
+
+
+@dataclass(frozen=True)
+class Schemas:
+    """The models registered on one `Api`, by role."""
+
+    text_request: RequestSchema
+    code_request: RequestSchema
+    classify_request: RequestSchema
+    text_response: Model
+    code_response: Model
+    classify_response: Model
+    health: Model
+    error: Model
+
+
+def register_models(api: Api, max_prompt_chars: int) -> Schemas:
+    """Define every model on `api`, with the configured prompt limit in the schema."""
+
+    def prompt_field(description: str, example: str) -> fields.String:
+        return fields.String(
+            required=True, min_length=1, max_length=max_prompt_chars, pattern=NOT_BLANK,
+            description=f"{description} (1 to {max_prompt_chars} characters, not blank)", example=example,
+        )
+
+    usage = api.model("Usage", {
+        "input_tokens": fields.Integer(description="Prompt tokens reported by the provider", example=12),
+        "output_tokens": fields.Integer(description="Answer tokens reported by the provider", example=48),
+        "total_tokens": fields.Integer(example=60),
+    })
+    answer_fields = {
+        "model": fields.String(description="Model that answered", example="gemini-2.0-flash"),
+        "provider": fields.String(description='"gemini", or "demo" when answered by the built-in emulator',
+                                  example="gemini"),
+        "cached": fields.Boolean(description="Served from the response cache", example=False),
+        "usage": fields.Nested(usage),
+        "request_id": fields.String(example="3f2c9a7e4b1d4e0f9a8b7c6d5e4f3a2b"),
+    }
+    return Schemas(
+        text_request=RequestSchema.of(api.model("TextGeneration", {
+            "prompt": prompt_field("Text prompt for generation", "Write a short story about a robot"),
+        })),
+        code_request=RequestSchema.of(api.model("CodeGeneration", {
+            "prompt": prompt_field("What the code should do",
+                                   "Create a Python function to calculate fibonacci numbers"),
+            "language": fields.String(min_length=1, max_length=MAX_LANGUAGE_CHARS, pattern=NOT_BLANK,
+                                      default="python", example="python",
+                                      description="Programming language (default python)"),
+        })),
+        classify_request=RequestSchema.of(api.model("TextClassification", {
+            "text": prompt_field("Text to classify", "This movie was amazing!"),
+            "categories": fields.List(
+                fields.String(min_length=1, max_length=MAX_CATEGORY_CHARS, pattern=NOT_BLANK),
+                required=True, min_items=2, max_items=MAX_CATEGORIES, unique=True,
+                description=f"2 to {MAX_CATEGORIES} distinct categories; the answer is always one of them",
+                example=["positive", "negative", "neutral"],
+            ),
+        })),
+        text_response=api.model("TextResponse", {
+            "generated_text": fields.String(description="Generated text", example="Once upon a time..."),
+            **answer_fields,
+        }),
+        code_response=api.model("CodeResponse", {
+            "generated_code": fields.String(description="The code itself, without markdown fences",
+                                            example="def fibonacci(n):\n    ..."),
+            "language": fields.String(example="python"),
+            **answer_fields,
+        }),
+        classify_response=api.model("ClassificationResponse", {
+            "classification": fields.String(description="Exactly one of the given categories",
+                                            example="positive"),
+            "categories": fields.List(fields.String, example=["positive", "negative", "neutral"]),
+            **answer_fields,
+        }),
+        health=api.model("Health", {
+            "status": fields.String(example="ok"),
+            "version": fields.String(example="1.0.0"),
+            "environment": fields.String(example="development"),
+            "provider": fields.String(example="gemini"),
+            "model": fields.String(example="gemini-2.0-flash"),
+            "mode": fields.String(description='"live" (Gemini) or "demo" (built-in emulator)', example="live"),
+            "uptime_seconds": fields.Float(example=12.5),
+        }),
+        error=api.model("Error", {
+            "error": fields.String(description="What went wrong, for a person",
+                                   example="Invalid input: 'prompt' is required"),
+            "code": fields.String(description="Machine-readable code", example="invalid_request"),
+            "details": fields.Raw(description="Specifics, e.g. the fields that failed",
+                                  example={"fields": {"prompt": "is required"}}),
+            "request_id": fields.String(example="3f2c9a7e4b1d4e0f9a8b7c6d5e4f3a2b"),
+        }),
+    )
+
+
+def check_distinct_categories(categories: list[str]) -> None:
+    """Reject categories that differ only in case or spacing: the answer could not tell them apart."""
+    seen = {}
+    for category in categories:
+        normal = normalise_label(category)
+        if normal in seen:
+            raise InvalidRequest(
+                f"Invalid input: 'categories' has duplicates: {seen[normal]!r} and {category!r}",
+                details={"fields": {"categories": "must be distinct (ignoring case and spacing)"}},
+            )
+        seen[normal] = category
+
+
+_TYPE_WORDS = {"string": "a string", "array": "a list", "object": "an object", "integer": "an integer"}
+
+
+def _describe(error) -> tuple[str, str]:
+    """(field name, message for a person) for one jsonschema error."""
+    path = [str(part) for part in error.path]
+    field = path[0] if path else "body"
+    where = f" (item {path[1]})" if len(path) > 1 else ""
+    limit = error.validator_value
+    if error.validator == "required":
+        return error.message.split("'")[1], "is required"
+    messages = {
+        "type": f"must be {_TYPE_WORDS.get(limit, limit)}{where}",
+        "minLength": f"must not be empty{where}",
+        "maxLength": f"must be at most {limit} characters{where}",
+        "pattern": f"must not be blank{where}",
+        "minItems": f"needs at least {limit} items",
+        "maxItems": f"allows at most {limit} items",
+        "uniqueItems": "must not contain duplicates",
+    }
+    return field, messages.get(error.validator, "is invalid")

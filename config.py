@@ -1,0 +1,158 @@
+"""Settings for the gateway, read once from the environment (and `.env`).
+
+Every setting is an environment variable grouped by prefix (GEMINI_*, RETRY_*, RATELIMIT_*,
+CORS_*, LOG_*, REQUEST_*); `.env.example` lists each one with its default. The values are
+parsed and checked here, at start-up, so a typo fails loudly once instead of surfacing as a
+500 on some later request. `Config` is immutable: tests build their own with `Config.load(...)`
+overrides instead of mutating globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENVIRONMENTS = ("development", "testing", "production")
+GOOGLE_KEY_PREFIX = "AIza"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or unsafe for the chosen environment."""
+
+
+def _as_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _as_number(name: str, raw: str, kind: type, minimum: float) -> float | int:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _as_list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _env(name: str, default: str = "", metadata: dict | None = None, **extra) -> dataclasses.Field:
+    """Declare a setting: the env variable it comes from and how to parse it."""
+    return field(default=None, metadata={"env": name, "default": default, **(metadata or {}), **extra})
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of one gateway instance. Build with `Config.load()`."""
+
+    app_env: str = _env("APP_ENV", "development")
+    host: str = _env("HOST", "0.0.0.0")
+    port: int = _env("PORT", "8081", kind=int, minimum=0)
+
+    google_api_key: str = _env("GOOGLE_API_KEY", "", secret=True)
+    gemini_model: str = _env("GEMINI_MODEL", "gemini-2.0-flash")
+    gemini_base_url: str = _env("GEMINI_BASE_URL", "")
+    gemini_deadline_seconds: float = _env("GEMINI_DEADLINE_SECONDS", "30", kind=float, minimum=0.01)
+    gemini_max_output_tokens: int = _env("GEMINI_MAX_OUTPUT_TOKENS", "0", kind=int, minimum=0)
+
+    retry_max_attempts: int = _env("RETRY_MAX_ATTEMPTS", "5", kind=int, minimum=1)
+    retry_min_wait_seconds: float = _env("RETRY_MIN_WAIT_SECONDS", "1", kind=float, minimum=0)
+    retry_max_wait_seconds: float = _env("RETRY_MAX_WAIT_SECONDS", "60", kind=float, minimum=0)
+
+    ratelimit_enabled: bool = _env("RATELIMIT_ENABLED", "true", kind=bool)
+    ratelimit_task_limits: str = _env("RATELIMIT_TASK_LIMITS", "200 per day;50 per hour;10 per minute")
+    ratelimit_storage_uri: str = _env("RATELIMIT_STORAGE_URI", "memory://")
+    ratelimit_strategy: str = _env("RATELIMIT_STRATEGY", "moving-window")
+    ratelimit_trusted_proxies: int = _env("RATELIMIT_TRUSTED_PROXIES", "0", kind=int, minimum=0)
+
+    cors_origins: tuple[str, ...] = _env("CORS_ORIGINS", "", kind=tuple)
+
+    request_max_bytes: int = _env("REQUEST_MAX_BYTES", "1048576", kind=int, minimum=1024)
+    request_max_prompt_chars: int = _env("REQUEST_MAX_PROMPT_CHARS", "32000", kind=int, minimum=1)
+
+    log_level: str = _env("LOG_LEVEL", "INFO")
+    log_dir: Path = _env("LOG_DIR", "logs", kind=Path)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides) -> Config:
+        """Read settings from `environ` (default: os.environ), then apply keyword overrides."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for spec in dataclasses.fields(cls):
+            if spec.name in overrides:
+                values[spec.name] = overrides.pop(spec.name)
+                continue
+            meta = spec.metadata
+            raw = environ.get(meta["env"], meta["default"])
+            values[spec.name] = _parse(meta, raw)
+        if overrides:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(overrides))}")
+        if not values["cors_origins"] and values["app_env"] != "production":
+            values["cors_origins"] = ("*",)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, and unsafe ones in production."""
+        if self.app_env not in ENVIRONMENTS:
+            raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, got {self.app_env!r}")
+        if self.retry_max_wait_seconds < self.retry_min_wait_seconds:
+            raise ConfigError("RETRY_MAX_WAIT_SECONDS must not be below RETRY_MIN_WAIT_SECONDS")
+        if self.is_production:
+            if not self.google_api_key:
+                raise ConfigError("APP_ENV=production needs GOOGLE_API_KEY (demo mode is for development only)")
+            if not self.ratelimit_enabled:
+                raise ConfigError("APP_ENV=production refuses RATELIMIT_ENABLED=false")
+
+    @property
+    def is_production(self) -> bool:
+        return self.app_env == "production"
+
+    @property
+    def demo_mode(self) -> bool:
+        """No key outside production: answer from the built-in emulator instead of Gemini."""
+        return not self.google_api_key and not self.is_production
+
+    @property
+    def key_looks_like_google(self) -> bool:
+        return self.google_api_key.startswith(GOOGLE_KEY_PREFIX)
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        """Never print the key: this object ends up in logs and tracebacks."""
+        shown = {
+            spec.name: ("***" if spec.metadata.get("secret") and getattr(self, spec.name) else getattr(self, spec.name))
+            for spec in dataclasses.fields(self)
+        }
+        return f"Config({shown})"
+
+
+def _parse(meta: Mapping, raw: str):
+    name, kind = meta["env"], meta.get("kind", str)
+    if kind is bool:
+        return _as_bool(name, raw)
+    if kind in (int, float):
+        return _as_number(name, raw, kind, meta["minimum"])
+    if kind is tuple:
+        return _as_list(raw)
+    if kind is Path:
+        return Path(raw)
+    return raw.strip()
+
+
+def settings_table() -> list[tuple[str, str]]:
+    """(variable, default) for every setting: used to check `.env.example` stays complete."""
+    return [(spec.metadata["env"], spec.metadata["default"]) for spec in dataclasses.fields(Config)]

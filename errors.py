@@ -1,0 +1,90 @@
+"""The gateway's own error types: one status, one machine code, one message each.
+
+Everything a client can be told goes through these; `app.py` turns any of them into the one
+JSON error shape `{"error", "code", "details", "request_id"}`. Errors of the provider SDK are
+translated into this tree in exactly one place (`gemini_wrapper.translate_provider_error`),
+so no SDK type leaks past the wrapper and retry decisions are made on our own types.
+
+    GatewayError                      500 internal_error
+    ├── InvalidRequest                400 invalid_request     (details name the field)
+    │   └── ContentBlocked            400 content_blocked     (provider's safety filter)
+    ├── PayloadTooLarge               413 payload_too_large
+    ├── UnsupportedMediaType          415 unsupported_media_type
+    ├── ProviderNotConfigured         503 provider_not_configured
+    └── UpstreamError                 502 upstream_error      (provider failed; base class)
+        ├── UpstreamRateLimited       429 upstream_rate_limited   retryable, has retry_after
+        ├── UpstreamUnavailable       502 upstream_unavailable    retryable (5xx, dropped connection)
+        ├── UpstreamTimeout           504 upstream_timeout        retryable per attempt; final on deadline
+        ├── UpstreamRejected          502 upstream_rejected       (provider said 4xx to our call)
+        └── UpstreamBadAnswer         502 upstream_bad_answer     (malformed or off-contract reply)
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    status = 500
+    code = "internal_error"
+    retryable = False
+
+    def __init__(self, message: str, *, details: dict | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        self.retry_after = retry_after
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    code = "invalid_request"
+
+
+class ContentBlocked(InvalidRequest):
+    code = "content_blocked"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class ProviderNotConfigured(GatewayError):
+    status = 503
+    code = "provider_not_configured"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    code = "upstream_rate_limited"
+    retryable = True
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = "upstream_unavailable"
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+    retryable = True
+
+
+class UpstreamRejected(UpstreamError):
+    code = "upstream_rejected"
+
+
+class UpstreamBadAnswer(UpstreamError):
+    code = "upstream_bad_answer"

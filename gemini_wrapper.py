@@ -1,0 +1,258 @@
+"""The three LLM tasks over Google Gemini, through LangChain's `ChatGoogleGenerativeAI`.
+
+Why it looks the way it does:
+- One chat model per task temperature (text 0.7, code 0.2, classify 0.0), built once per
+  configuration and shared by every request and thread. Building a model builds an SDK client
+  and an HTTP connection pool; doing that per call (as the original snippets did) costs a
+  TLS handshake and several milliseconds each time.
+- The SDK's own retries are off (`max_retries=1`): its default of 6 attempts, stacked under
+  ours, turned one request into up to 30 HTTP calls and ignored `Retry-After`. Retrying is
+  `retry_policy.RetryPolicy`'s job, with a deadline over the whole call.
+- Every SDK, LangChain or transport exception is translated into the gateway's own types in
+  `translate_provider_error`, the one place that knows what the provider's errors look like.
+
+The module-level `generate_text`, `generate_code` and `classify_text` are the functions the
+user's design names; they use a client built lazily from the environment on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import pydantic
+from google.genai import errors as genai_errors
+from langchain_core.exceptions import ContextOverflowError, ModelRateLimitError
+from langchain_google_genai import ChatGoogleGenerativeAI
+
+import task_prompts
+from config import Config
+from errors import (
+    ContentBlocked,
+    GatewayError,
+    InvalidRequest,
+    UpstreamBadAnswer,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from retry_policy import RetryPolicy
+
+log = logging.getLogger("gateway.gemini")
+
+TASK_TEMPERATURES = {"text": 0.7, "code": 0.2, "classify": 0.0}
+_RATE_LIMIT_WORDS = re.compile(r"rate.?limit|quota exceeded|resource.?exhausted|too many requests", re.I)
+
+
+def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(timeout, connection) exception classes of whichever httpx the SDK runs on."""
+    timeouts, connections = [], []
+    for name in ("httpx", "httpx2"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        timeouts.append(module.TimeoutException)
+        connections.append(module.TransportError)
+    return tuple(timeouts), tuple(connections)
+
+
+_TIMEOUT_ERRORS, _CONNECTION_ERRORS = _transport_errors()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A task's answer and what the provider reported about the call."""
+
+    text: str
+    model: str
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reason: str | None = None
+
+
+class GeminiClient:
+    """The task calls against one Gemini configuration (key, model, base URL, retry policy)."""
+
+    provider = "gemini"
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        model: str = "gemini-2.0-flash",
+        base_url: str | None = None,
+        retry_policy: RetryPolicy | None = None,
+        max_output_tokens: int | None = None,
+        chat_model_factory: Callable[..., ChatGoogleGenerativeAI] = ChatGoogleGenerativeAI,
+    ):
+        self.model = model
+        self.retry_policy = retry_policy or RetryPolicy()
+        options = {"model": model, "google_api_key": api_key, "max_retries": 1}
+        if base_url:
+            options["base_url"] = base_url
+        if max_output_tokens:
+            options["max_output_tokens"] = max_output_tokens
+        self._chat_models = {
+            task: chat_model_factory(temperature=temperature, **options)
+            for task, temperature in TASK_TEMPERATURES.items()
+        }
+
+    @classmethod
+    def from_config(cls, config: Config, *, base_url: str | None = None, **policy_overrides) -> GeminiClient:
+        policy = RetryPolicy(
+            max_attempts=config.retry_max_attempts,
+            min_wait=config.retry_min_wait_seconds,
+            max_wait=config.retry_max_wait_seconds,
+            deadline=config.gemini_deadline_seconds,
+        )
+        if policy_overrides:
+            policy = replace(policy, **policy_overrides)
+        return cls(
+            api_key=config.google_api_key,
+            model=config.gemini_model,
+            base_url=base_url or config.gemini_base_url or None,
+            retry_policy=policy,
+            max_output_tokens=config.gemini_max_output_tokens or None,
+        )
+
+    def generate_text(self, prompt: str) -> Completion:
+        return self.complete("text", task_prompts.text_prompt(prompt))
+
+    def generate_code(self, prompt: str, language: str = "python") -> Completion:
+        completion = self.complete("code", task_prompts.code_prompt(prompt, language))
+        return replace(completion, text=task_prompts.extract_code(completion.text))
+
+    def classify_text(self, text: str, categories: list[str]) -> Completion:
+        completion = self.complete("classify", task_prompts.classification_prompt(text, categories))
+        return replace(completion, text=task_prompts.match_category(completion.text, categories))
+
+    def complete(self, task: str, prompt: str) -> Completion:
+        """One task call with retries, within the policy's deadline."""
+        return self.retry_policy.run(
+            lambda seconds_left: self._call_once(task, prompt, seconds_left),
+            label=f"gemini {task} call",
+        )
+
+    def _call_once(self, task: str, prompt: str, seconds_left: float) -> Completion:
+        try:
+            message = self._chat_models[task].invoke(prompt, timeout=seconds_left)
+        except Exception as exc:  # noqa: BLE001 - every provider failure is translated here
+            raise translate_provider_error(exc) from exc
+        return _completion_from(message, self.model)
+
+
+def _completion_from(message, model: str) -> Completion:
+    """Check the LangChain message is a usable answer and keep what the provider reported."""
+    metadata = message.response_metadata or {}
+    feedback = metadata.get("prompt_feedback") or {}
+    finish_reason = metadata.get("finish_reason")
+    text = message.text if isinstance(message.text, str) else str(message.text)
+    if not text.strip():
+        block_reason = feedback.get("block_reason")
+        if block_reason or finish_reason in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII"):
+            raise ContentBlocked(
+                "the provider's safety filter blocked this request",
+                details={"reason": str(getattr(block_reason, "name", block_reason) or finish_reason)},
+            )
+        raise UpstreamBadAnswer("the model returned an empty answer", details={"finish_reason": finish_reason})
+    usage = message.usage_metadata or {}
+    return Completion(
+        text=text,
+        model=metadata.get("model_name") or model,
+        input_tokens=usage.get("input_tokens"),
+        output_tokens=usage.get("output_tokens"),
+        finish_reason=finish_reason,
+    )
+
+
+def translate_provider_error(exc: BaseException) -> GatewayError:
+    """Map any exception from the SDK, LangChain or the transport onto the gateway's errors."""
+    if isinstance(exc, GatewayError):
+        return exc
+    api_error = _api_error_of(exc)
+    status = getattr(api_error, "code", None)
+    provider = {"provider_status": status} if status else {}
+    if isinstance(exc, ContextOverflowError):
+        return InvalidRequest("the prompt is longer than the model accepts", details=provider)
+    if status == 429 or isinstance(exc, ModelRateLimitError) or _RATE_LIMIT_WORDS.search(str(exc)):
+        return UpstreamRateLimited(
+            "the provider is rate-limiting the gateway; try again later",
+            details=provider, retry_after=_retry_delay(api_error),
+        )
+    if status == 408 or isinstance(exc, _TIMEOUT_ERRORS):
+        return UpstreamTimeout("the provider did not answer in time", details=provider)
+    if isinstance(status, int) and status >= 500:
+        return UpstreamUnavailable(f"the provider failed with HTTP {status}", details=provider)
+    if status in (401, 403) or "api key not valid" in str(exc).lower():
+        return UpstreamRejected("the provider refused the gateway's credentials", details=provider)
+    if status == 404:
+        return UpstreamRejected("the provider does not know the configured model", details=provider)
+    if isinstance(status, int):
+        return UpstreamRejected(f"the provider rejected the call with HTTP {status}", details=provider)
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return UpstreamUnavailable("the connection to the provider failed", details={"error": type(exc).__name__})
+    if isinstance(exc, (json.JSONDecodeError, pydantic.ValidationError)):
+        return UpstreamBadAnswer("the provider's reply could not be read", details={"error": type(exc).__name__})
+    log.error("unexpected provider failure: %s", type(exc).__name__, exc_info=exc)
+    return UpstreamError("the provider call failed unexpectedly", details={"error": type(exc).__name__})
+
+
+def _api_error_of(exc: BaseException) -> genai_errors.APIError | None:
+    """The SDK's APIError: the exception itself, or what LangChain wrapped (its __cause__)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, genai_errors.APIError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+def _retry_delay(api_error: genai_errors.APIError | None) -> float | None:
+    """The wait the provider asked for: RetryInfo.retryDelay ("2s", "1.5s"), else Retry-After."""
+    if api_error is None:
+        return None
+    body = api_error.details if isinstance(api_error.details, dict) else {}
+    for detail in (body.get("error") or body).get("details") or []:
+        delay = isinstance(detail, dict) and detail.get("retryDelay")
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                return float(delay[:-1])
+            except ValueError:
+                pass
+    headers = getattr(api_error.response, "headers", None) or {}
+    try:
+        return float(headers.get("retry-after"))
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.cache
+def default_client() -> GeminiClient:
+    """The client behind the module-level functions, built from the environment once."""
+    import demo_mode
+
+    config = Config.load()
+    upstream = demo_mode.resolve_upstream(config)
+    return GeminiClient.from_config(config.replace(google_api_key=upstream.api_key), base_url=upstream.base_url)
+
+
+def generate_text(prompt: str) -> str:
+    """Text generation (temperature 0.7)."""
+    return default_client().generate_text(prompt).text
+
+
+def generate_code(prompt: str, language: str = "python") -> str:
+    """Code generation (temperature 0.2): the code itself, without markdown fences."""
+    return default_client().generate_code(prompt, language).text
+
+
+def classify_text(text: str, categories: list[str]) -> str:
+    """Classification (temperature 0.0): always exactly one of `categories`."""
+    return default_client().classify_text(text, categories).text

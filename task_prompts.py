@@ -1,0 +1,81 @@
+"""How each task talks to the model, and how its answer is turned into the task's result.
+
+Prompt building and answer parsing live together here so the contract of each task is in one
+place: a code answer is the code without markdown fences, a classification is always exactly
+one of the caller's categories (or an `UpstreamBadAnswer`, never a label outside the list).
+The marker lines (`Task:`, `Language:`, `Categories:`, `Text:`) are also what the Gemini
+emulator recognises, so demo mode and tests give answers that fit each task.
+"""
+
+from __future__ import annotations
+
+import re
+
+from errors import UpstreamBadAnswer
+
+CODE_MARKER = "Task: generate code"
+CATEGORY_SEPARATOR = " | "
+
+_FENCED_BLOCK = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL)
+_EDGE_NOISE = "\"'`*.,;:!?()[]{}<> \t\r\n"
+
+
+def text_prompt(prompt: str) -> str:
+    return prompt
+
+
+def code_prompt(prompt: str, language: str) -> str:
+    return (
+        f"{CODE_MARKER}\n"
+        f"Language: {language}\n"
+        "Answer with one complete, runnable code block and nothing else. "
+        "Include docstrings or comments where they help.\n"
+        f"Request: {prompt}"
+    )
+
+
+def classification_prompt(text: str, categories: list[str]) -> str:
+    return (
+        "Task: classify the text into exactly one of the categories.\n"
+        f"Categories: {CATEGORY_SEPARATOR.join(categories)}\n"
+        "Answer with the category name only, exactly as written above.\n"
+        f"Text: {text}"
+    )
+
+
+def extract_code(answer: str) -> str:
+    """The code inside the first fenced block, or the whole answer if it has no fence."""
+    match = _FENCED_BLOCK.search(answer)
+    code = match.group(2) if match else answer
+    code = code.strip("\n").rstrip()
+    if not code.strip():
+        raise UpstreamBadAnswer("the model returned no code")
+    return code
+
+
+def normalise_label(label: str) -> str:
+    return " ".join(label.split()).casefold()
+
+
+def match_category(answer: str, categories: list[str]) -> str:
+    """Map the model's answer onto exactly one of `categories`, as the caller wrote it.
+
+    Exact match after trimming quotes, punctuation, case and whitespace first; then an answer
+    that names exactly one category as a whole word ("The sentiment is positive."). Anything
+    else is an error: returning a label the caller did not offer would be silently wrong.
+    """
+    by_normal_form = {normalise_label(category): category for category in categories}
+    cleaned = normalise_label(answer.strip(_EDGE_NOISE))
+    if cleaned in by_normal_form:
+        return by_normal_form[cleaned]
+    spoken = normalise_label(answer)
+    named = [
+        original for normal, original in by_normal_form.items()
+        if re.search(rf"(?<!\w){re.escape(normal)}(?!\w)", spoken)
+    ]
+    if len(named) == 1:
+        return named[0]
+    raise UpstreamBadAnswer(
+        "the model's answer is not one of the given categories",
+        details={"answer": answer[:200], "categories": categories},
+    )
