@@ -87,6 +87,7 @@ def create_app(config: Config | None = None, *, client: GeminiClient | None = No
         get_remote_address, app=app, storage_uri=config.ratelimit_storage_uri,
         strategy=config.ratelimit_strategy, enabled=config.ratelimit_enabled, headers_enabled=True,
     )
+    app.extensions["rate_limiter"] = limiter  # a disabled Limiter is referenced nowhere else (weakrefs)
     api = Api(
         app, version=__version__, title="Multi-Task LLM API", prefix="/api/v1", doc="/swagger/",
         description="Text generation, code generation and text classification in front of Google Gemini. "
@@ -249,6 +250,7 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
 
     @api.errorhandler(Exception)
     def api_error(exc):
+        """Any failure: JSON {error, code, details, request_id} with the matching status."""
         body, status, headers = error_payload(exc)
         return body, status, headers
 

@@ -1,0 +1,75 @@
+"""Shared fixtures: one Gemini emulator on a free loopback port, configs, clients and apps.
+
+Only the I/O boundary is faked: the provider is the emulator (a real HTTP server speaking
+Gemini's REST protocol, reached through the real SDK and LangChain), and retry waits go to a
+FakeClock so no test really sleeps.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from app import create_app
+from config import Config
+from gemini_emulator import GeminiEmulator
+from gemini_wrapper import GeminiClient
+from tests.fakes import FakeClock
+
+TEST_KEY = "test-key-not-a-secret"
+
+
+@pytest.fixture(scope="session")
+def emulator_server():
+    server = GeminiEmulator(host="127.0.0.1", port=0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def emulator(emulator_server):
+    """The shared emulator, with faults, counters and records cleared for this test."""
+    emulator_server.reset()
+    emulator_server.reply_delay = 0.0
+    yield emulator_server
+    emulator_server.reset()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def make_config(emulator, tmp_path):
+    def build(**overrides) -> Config:
+        settings = {"app_env": "testing", "google_api_key": TEST_KEY, "gemini_base_url": emulator.base_url,
+                    "log_dir": tmp_path / "logs"}
+        settings.update(overrides)
+        return Config.load({}, **settings)
+
+    return build
+
+
+@pytest.fixture
+def make_client(make_config, clock):
+    def build(config: Config | None = None, **policy) -> GeminiClient:
+        policy.setdefault("sleep", clock.sleep)
+        policy.setdefault("clock", clock.now)
+        return GeminiClient.from_config(config or make_config(), **policy)
+
+    return build
+
+
+@pytest.fixture
+def make_app(make_config, make_client):
+    def build(client_policy: dict | None = None, **overrides):
+        config = make_config(**overrides)
+        return create_app(config, client=make_client(config, **(client_policy or {})))
+
+    return build
+
+
+@pytest.fixture
+def client(make_app):
+    """A Flask test client of a gateway with default settings, pointed at the emulator."""
+    return make_app(ratelimit_enabled=False).test_client()

@@ -1,0 +1,57 @@
+"""Task contracts: code without fences, a classification that is always one of the categories."""
+
+from __future__ import annotations
+
+import pytest
+
+from errors import UpstreamBadAnswer
+from task_prompts import classification_prompt, code_prompt, extract_code, match_category
+
+CATEGORIES = ["positive", "negative", "neutral"]
+
+
+def test_extract_code_takes_the_fenced_block_without_fences():
+    answer = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nEnjoy!"
+    assert extract_code(answer) == "def add(a, b):\n    return a + b"
+
+
+def test_extract_code_handles_an_unclosed_fence_and_no_language():
+    assert extract_code("```\nprint('hi')") == "print('hi')"
+
+
+def test_extract_code_keeps_an_answer_without_fences():
+    assert extract_code("def f():\n    return 1\n") == "def f():\n    return 1"
+
+
+def test_extract_code_refuses_an_empty_block():
+    with pytest.raises(UpstreamBadAnswer):
+        extract_code("```python\n\n```")
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("positive", "positive"),
+    ("  Positive\n", "positive"),
+    ('"NEGATIVE".', "negative"),
+    ("**neutral**", "neutral"),
+    ("The sentiment is positive.", "positive"),
+])
+def test_match_category_normalises_case_whitespace_and_quotes(answer, expected):
+    assert match_category(answer, CATEGORIES) == expected
+
+
+def test_match_category_returns_the_callers_spelling():
+    assert match_category("tech support", ["Billing", "Tech  Support"]) == "Tech  Support"
+
+
+@pytest.mark.parametrize("answer", ["mixed", "positive or negative", ""])
+def test_match_category_refuses_anything_not_exactly_one_category(answer):
+    with pytest.raises(UpstreamBadAnswer) as caught:
+        match_category(answer, CATEGORIES)
+    assert caught.value.status == 502
+
+
+def test_prompts_carry_the_task_markers():
+    prompt = classification_prompt("great film", CATEGORIES)
+    assert "Categories: positive | negative | neutral" in prompt
+    assert prompt.rstrip().endswith("Text: great film")
+    assert code_prompt("sum a list", "python").startswith("Task: generate code\nLanguage: python\n")
