@@ -47,6 +47,14 @@ EXPOSED_HEADERS = [
 ALLOWED_HEADERS = ["Content-Type", "Authorization", "X-Requested-With", "X-API-Key", REQUEST_ID_HEADER]
 
 
+class GatewayFlask(Flask):
+    """Flask that leaves our own errors to `error_payload`'s logging (no traceback per 502)."""
+
+    def log_exception(self, exc_info) -> None:
+        if not isinstance(exc_info[1], GatewayError):
+            super().log_exception(exc_info)
+
+
 @dataclass(frozen=True)
 class Gateway:
     """What the routes of one app share: settings, the provider client and where it points."""
@@ -66,7 +74,7 @@ def create_app(config: Config | None = None, *, client: GeminiClient | None = No
         client = GeminiClient.from_config(config.replace(google_api_key=upstream.api_key), base_url=upstream.base_url)
     gateway = Gateway(config=config, client=client, upstream=upstream, started_at=time.monotonic())
 
-    app = Flask(__name__)
+    app = GatewayFlask(__name__)
     app.config.update(
         MAX_CONTENT_LENGTH=config.request_max_bytes,
         RESTX_MASK_SWAGGER=False,

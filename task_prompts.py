@@ -14,7 +14,11 @@ import re
 from errors import UpstreamBadAnswer
 
 CODE_MARKER = "Task: generate code"
+LANGUAGE_PREFIX = "Language:"
+REQUEST_PREFIX = "Request:"
+CATEGORIES_PREFIX = "Categories:"
 CATEGORY_SEPARATOR = " | "
+TEXT_PREFIX = "Text:"
 
 _FENCED_BLOCK = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL)
 _EDGE_NOISE = "\"'`*.,;:!?()[]{}<> \t\r\n"
@@ -27,19 +31,19 @@ def text_prompt(prompt: str) -> str:
 def code_prompt(prompt: str, language: str) -> str:
     return (
         f"{CODE_MARKER}\n"
-        f"Language: {language}\n"
+        f"{LANGUAGE_PREFIX} {language}\n"
         "Answer with one complete, runnable code block and nothing else. "
         "Include docstrings or comments where they help.\n"
-        f"Request: {prompt}"
+        f"{REQUEST_PREFIX} {prompt}"
     )
 
 
 def classification_prompt(text: str, categories: list[str]) -> str:
     return (
         "Task: classify the text into exactly one of the categories.\n"
-        f"Categories: {CATEGORY_SEPARATOR.join(categories)}\n"
+        f"{CATEGORIES_PREFIX} {CATEGORY_SEPARATOR.join(categories)}\n"
         "Answer with the category name only, exactly as written above.\n"
-        f"Text: {text}"
+        f"{TEXT_PREFIX} {text}"
     )
 
 

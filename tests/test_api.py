@@ -38,7 +38,8 @@ def test_text_generation_body(client):
 
 
 def test_code_generation_body(client):
-    body = client.post("/api/v1/generate/code", json={"prompt": "sum a list of numbers", "language": "Python"}).get_json()
+    payload = {"prompt": "sum a list of numbers", "language": "Python"}
+    body = client.post("/api/v1/generate/code", json=payload).get_json()
     assert body["language"] == "python"
     assert body["generated_code"].startswith("def ") and "```" not in body["generated_code"]
 

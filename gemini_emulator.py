@@ -1,0 +1,541 @@
+"""A local stand-in for the Gemini Developer REST API (v1beta), standard library only.
+
+Why: the gateway's tests, demo mode and benchmarks must drive the *real* google-genai
+SDK and LangChain client without network, keys or cost. Mocking the SDK would hide the
+bugs we care about (URLs, SSE parsing, error mapping, retries, timeouts), so this serves
+the wire protocol on loopback: ``POST [prefix]/v1beta/models/{model}:generateContent``,
+``:streamGenerateContent`` (always SSE) and ``:countTokens``.
+
+Replies are deterministic and fit each task when prompts use the markers below:
+
+* Classification: a line ``Categories: a | b | c`` and a line ``Text: ...`` (the text
+  runs to the end of the prompt, so put it last). Reply: exactly one category as written
+  (sentiment lexicon, else the first category named in the text, else a stable hash).
+* Code: a line ``Task: generate code``, optionally ``Language: python`` and
+  ``Request: ...`` (runs to the end, so last). Reply: one fenced block; for Python a
+  valid function with a docstring, named after the request.
+* Anything else: a short paragraph starting ``Demo reply to: <first words>``.
+
+Faults: ``inject()`` queues one-shot faults, ``set_steady_fault()`` fails every call
+until ``clear_faults()``; ``/_emulator/*`` endpoints do the same for other processes.
+Standalone: ``python gemini_emulator.py --port 8090``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import keyword
+import math
+import re
+import socket
+import socketserver
+import sys
+import threading
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+from urllib.parse import parse_qs, urlsplit
+
+from task_prompts import (  # the gateway's prompt markers: one definition for both sides
+    CATEGORIES_PREFIX,
+    CODE_MARKER,
+    LANGUAGE_PREFIX,
+    REQUEST_PREFIX,
+    TEXT_PREFIX,
+)
+
+_ERROR_FAULTS = {  # fault -> (HTTP code, Google status, message)
+    "rate_limit": (429, "RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota)."),
+    "server_error": (500, "INTERNAL", "An internal error has occurred. Please retry."),
+    "unavailable": (503, "UNAVAILABLE", "The model is overloaded. Please try again later."),
+    "bad_request": (400, "INVALID_ARGUMENT", "Request contains an invalid argument."),
+    "permission_denied": (403, "PERMISSION_DENIED", "The caller does not have permission."),
+}
+FAULTS = frozenset(_ERROR_FAULTS) | {"safety_block", "slow", "hang", "malformed", "drop", "empty"}
+
+_MODEL_PATH = re.compile(
+    r"/v1(?:beta|alpha)?/(?P<model>(?:models|tunedModels)/[^/:]+)"
+    r":(?P<action>generateContent|streamGenerateContent|countTokens)$"
+)
+_POSITIVE = {"amazing", "great", "love", "loved", "excellent", "good", "fantastic", "wonderful",
+             "awesome", "happy", "best", "nice", "perfect", "enjoyed", "brilliant"}
+_NEGATIVE = {"terrible", "awful", "hate", "hated", "bad", "worst", "horrible", "poor", "broken",
+             "disappointing", "disappointed", "useless", "sad", "angry", "slow"}
+_NEGATIONS = {"not", "no", "never", "isn't", "wasn't", "don't", "didn't", "doesn't"}
+_NAME_STOPWORDS = {"a", "an", "the", "write", "create", "implement", "make", "build", "generate",
+                   "please", "python", "function", "code", "that", "which", "to", "for", "of",
+                   "me", "program", "script", "method", "given", "takes", "and", "should"}
+
+
+# --------------------------------------------------------------------------- replies
+def _tokens(text: str) -> int:
+    """Deterministic token estimate (about four characters per token, like Gemini)."""
+    return math.ceil(len(text) / 4)
+
+
+def _field(prompt: str, prefix: str, to_end: bool = False) -> str | None:
+    """Value after the last line starting with ``prefix`` (to the prompt's end if asked)."""
+    matches = list(re.finditer(rf"^[ \t]*{re.escape(prefix)}[ \t]*(.*)$", prompt, re.MULTILINE))
+    if not matches:
+        return None
+    last = matches[-1]
+    return (prompt[last.start(1):] if to_end else last.group(1)).strip()
+
+
+def classify(text: str, categories: list[str]) -> str:
+    """Pick one category deterministically: lexicon, then name match, then stable hash."""
+    lowered = text.lower()
+    score, previous = 0, ""
+    for word in re.findall(r"[a-z']+", lowered):
+        polarity = (word in _POSITIVE) - (word in _NEGATIVE)
+        score += -polarity if previous in _NEGATIONS else polarity
+        previous = word
+
+    def named(tag: str) -> str | None:
+        return next((c for c in categories if tag in c.lower()), None)
+
+    positive, negative = named("positive"), named("negative")
+    if positive or negative:  # a sentiment task
+        choice = positive if score > 0 else negative if score < 0 else named("neutral")
+        if choice:
+            return choice
+    for category in categories:
+        if re.search(rf"(?<!\w){re.escape(category.lower())}(?!\w)", lowered):
+            return category
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return categories[int.from_bytes(digest[:8], "big") % len(categories)]
+
+
+def generate_code(request: str, language: str = "python") -> str:
+    """A fenced block; for Python a valid function named after the request's first words."""
+    words = [w for w in re.findall(r"[a-z][a-z0-9]*", request.lower())
+             if w not in _NAME_STOPWORDS and not keyword.iskeyword(w)]
+    name = "_".join(words[:3]) or "solution"
+    doc = re.sub(r"[\"\\\s]+", " ", request).strip()[:72].rstrip(".") or "Solve the request"
+    lang = (language.strip().split() or ["python"])[0].lower()
+    if lang in ("python", "py"):
+        body = (f'def {name}(data):\n    """{doc}."""\n'
+                "    result = data\n    return result\n")
+    else:  # JavaScript-like code is plausible enough for any other language tag
+        camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), name)
+        body = f"// {doc}.\nfunction {camel}(data) {{\n  return data;\n}}\n"
+    return f"```{lang}\n{body}```"
+
+
+def text_reply(prompt: str) -> str:
+    """A deterministic paragraph that echoes the prompt's first words."""
+    words = prompt.split()
+    head = " ".join(words[:8]) + (" ..." if len(words) > 8 else "") or "(empty prompt)"
+    ref = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
+    return (f"Demo reply to: {head}. This answer comes from the local Gemini emulator, "
+            f"so it is deterministic and free. The prompt had {len(words)} words "
+            f"(reference {ref}).")
+
+
+def reply_for_prompt(prompt: str, user_text: str | None = None) -> str:
+    """Route a prompt to the code, classification or text reply by its markers."""
+    if re.search(rf"^[ \t]*{re.escape(CODE_MARKER)}[ \t]*$", prompt, re.MULTILINE):
+        request = _field(prompt, REQUEST_PREFIX, to_end=True)
+        if request is None:
+            request = re.sub(rf"^[ \t]*({re.escape(CODE_MARKER)}|{LANGUAGE_PREFIX}.*)$", "",
+                             prompt, flags=re.MULTILINE)
+        return generate_code(request.strip(), _field(prompt, LANGUAGE_PREFIX) or "python")
+    raw_categories = _field(prompt, CATEGORIES_PREFIX)
+    categories = [c.strip() for c in (raw_categories or "").split("|") if c.strip()]
+    if categories:
+        text = _field(prompt, TEXT_PREFIX, to_end=True)
+        return classify(prompt if text is None else text, categories)
+    return text_reply(prompt if user_text is None else user_text)
+
+
+def _texts(content: Any) -> list[str]:
+    """Text parts of a Content dict (or a list of them, or a bare string)."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [t for item in content for t in _texts(item)]
+    if isinstance(content, dict):
+        return [p["text"] for p in content.get("parts") or []
+                if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return []
+
+
+# --------------------------------------------------------------------------- HTTP side
+def _shutdown(sock: socket.socket) -> None:
+    """Really close a socket now (FIN to the peer), even if another thread is reading it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Server(ThreadingHTTPServer):
+    """Threaded server that knows its emulator and can cut every open connection."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], emulator: GeminiEmulator) -> None:
+        self.emulator = emulator
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's socket.getfqdn(), a DNS lookup that can take seconds."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet when a client goes away mid-reply; report real bugs."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+    def close_connections(self) -> None:
+        """Shut down keep-alive and hanging connections so stop() is prompt."""
+        with self.connections_lock:
+            for conn in list(self.connections):
+                _shutdown(conn)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection: HTTP/1.1 keep-alive, TCP_NODELAY, no per-request logging."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "GeminiEmulator/1.0"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # Without NODELAY a loopback round trip measured 44 ms (Nagle + delayed ACK).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.server.connections_lock:
+                self.server.connections.discard(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_DELETE = do_PUT = do_PATCH = do_GET
+
+    # -- plumbing
+    def _send_json(self, code: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, code: int, status: str, message: str, details: list | None = None,
+                    headers: dict[str, str] | None = None) -> None:
+        """Google's error envelope, which the SDK maps to ClientError/ServerError."""
+        error: dict[str, Any] = {"code": code, "message": message, "status": status}
+        if details:
+            error["details"] = details
+        self._send_json(code, {"error": error}, headers)
+
+    def _send_sse(self, events: list[dict]) -> None:
+        """Server-sent events in HTTP/1.1 chunked encoding so the connection stays reusable."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for event in events:
+            data = b"data: " + json.dumps(event).encode("utf-8") + b"\r\n\r\n"
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _drop(self) -> None:
+        """Close the socket without sending a single response byte."""
+        self.close_connection = True
+        _shutdown(self.connection)
+
+    # -- routing
+    def _dispatch(self) -> None:
+        url = urlsplit(self.path)
+        path = re.sub(r"/{2,}", "/", url.path)
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            return self._send_error(411, "INVALID_ARGUMENT", "Send a Content-Length body.")
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            body = None
+        if path.startswith("/_emulator/"):
+            return self._control(path, body)
+        match = _MODEL_PATH.search(path)
+        if self.command != "POST" or not match:
+            return self._send_error(404, "NOT_FOUND", f"Method not found: {self.command} {path}")
+        key = self.headers.get("x-goog-api-key") or parse_qs(url.query).get("key", [None])[0]
+        self._model_call(match["model"].removeprefix("models/"), match["action"], path, body, key)
+
+    def _control(self, path: str, body: Any) -> None:
+        """Fault and config endpoints, so another process can drive the emulator."""
+        emu, method = self.server.emulator, self.command
+        if body is None or not isinstance(body, dict):
+            return self._send_error(400, "INVALID_ARGUMENT", "Body must be a JSON object.")
+        try:
+            if path == "/_emulator/faults" and method == "POST":
+                params = body.get("params") or {}
+                if "steady" in body:
+                    emu.set_steady_fault(body["steady"], **params)
+                else:
+                    emu.inject(body.get("fault"), int(body.get("times", 1)), **params)
+            elif path == "/_emulator/faults" and method == "DELETE":
+                emu.clear_faults()
+            elif path == "/_emulator/config" and method == "POST":
+                emu.reply_delay = float(body.get("reply_delay", emu.reply_delay))
+            elif path == "/_emulator/reset" and method == "POST":
+                emu.reset()
+            elif path != "/_emulator/stats" or method != "GET":
+                return self._send_error(404, "NOT_FOUND", f"Unknown control {method} {path}")
+        except (TypeError, ValueError) as exc:
+            return self._send_error(400, "INVALID_ARGUMENT", str(exc))
+        self._send_json(200, emu.stats())
+
+    def _model_call(self, model: str, action: str, path: str, body: Any, key: str | None) -> None:
+        """Record the call, check key and body, then fail as told or reply."""
+        emu, stream = self.server.emulator, action == "streamGenerateContent"
+        number = emu._record({"method": self.command, "path": path, "model": model,
+                              "action": action, "json": body, "stream": stream,
+                              "has_key": bool(key)}, key)
+        if not key:
+            return self._send_error(401, "UNAUTHENTICATED", "Method doesn't allow unregistered"
+                                    " callers. Please use an API key.")
+        if emu.required_key is not None and key != emu.required_key:
+            return self._send_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a"
+                                    " valid API key.", details=[{
+                                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                        "reason": "API_KEY_INVALID", "domain": "googleapis.com"}])
+        if not isinstance(body, dict):
+            return self._send_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
+        contents = body.get("contents") or []
+        system = _texts(body.get("systemInstruction") or body.get("system_instruction"))
+        prompt = "\n".join(system + _texts(contents))
+        meta = {"modelVersion": model, "responseId": f"emu-{number:06d}"}
+        fault, params = emu._next_fault()
+        if fault and fault not in ("slow", "empty"):
+            return self._fail(fault, params, stream, _tokens(prompt), meta)
+        delay = emu.reply_delay + (float(params.get("seconds", 1)) if fault == "slow" else 0)
+        if delay > 0 and emu._stopping.wait(delay):
+            return self._drop()  # the emulator is stopping
+        if action == "countTokens":
+            return self._send_json(200, {"totalTokens": _tokens(prompt)})
+        user_turns = [c for c in contents if not isinstance(c, dict) or c.get("role") != "model"]
+        text = "" if fault == "empty" else reply_for_prompt(
+            prompt, "\n".join(_texts(user_turns[-1:])))
+        self._reply(text, stream, _tokens(prompt), meta)
+
+    def _fail(self, fault: str, params: dict, stream: bool, prompt_tokens: int,
+              meta: dict) -> None:
+        """Answer with one of the injected faults instead of a reply."""
+        if fault in _ERROR_FAULTS:
+            code, status, message = _ERROR_FAULTS[fault]
+            if fault != "rate_limit":
+                return self._send_error(code, status, message)
+            delay = float(params.get("retry_delay", 2))
+            return self._send_error(code, status, message, details=[
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{delay:g}s"}
+            ], headers={"Retry-After": str(math.ceil(delay))})
+        if fault == "hang":  # an Event wait, so stop() wakes it at once
+            self.server.emulator._stopping.wait(float(params.get("seconds", 60)))
+        if fault in ("hang", "drop"):
+            return self._drop()
+        if fault == "malformed":
+            return self._send_json(200, b'{"candidates": [{"content": <html>Bad Gateway')
+        usage = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
+        blocked = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage, **meta}
+        return self._send_sse([blocked]) if stream else self._send_json(200, blocked)
+
+    def _reply(self, text: str, stream: bool, prompt_tokens: int, meta: dict) -> None:
+        """A normal reply: one JSON body, or several SSE chunks with cumulative usage."""
+        pieces = _split(text) if stream else [text]
+        events, so_far = [], ""
+        for number, piece in enumerate(pieces, 1):
+            so_far += piece
+            candidate: dict[str, Any] = {
+                "content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}
+            if number == len(pieces):
+                candidate["finishReason"] = "STOP"
+            reply_tokens = _tokens(so_far)  # cumulative, as Gemini reports while streaming
+            events.append({"candidates": [candidate], "usageMetadata": {
+                "promptTokenCount": prompt_tokens, "candidatesTokenCount": reply_tokens,
+                "totalTokenCount": prompt_tokens + reply_tokens}, **meta})
+        self._send_sse(events) if stream else self._send_json(200, events[0])
+
+
+def _split(text: str, pieces: int = 4) -> list[str]:
+    """Split a reply into a few stream chunks (by words, or characters if too short)."""
+    tokens = re.findall(r"\s*\S+\s*$|\s*\S+", text) if len(text.split()) >= pieces else list(text)
+    if not tokens:
+        return [text]
+    size = math.ceil(len(tokens) / pieces)
+    return ["".join(tokens[i:i + size]) for i in range(0, len(tokens), size)]
+
+
+# --------------------------------------------------------------------------- public API
+class GeminiEmulator:
+    """Loopback Gemini API server with deterministic replies and injectable faults.
+
+    ``start()`` returns self; ``with GeminiEmulator() as emu:`` starts it on entry if
+    needed (so ``with GeminiEmulator().start() as emu:`` works too) and stops on exit.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, reply_delay: float = 0.0,
+                 required_key: str | None = None) -> None:
+        self.host = host
+        self.required_key = required_key
+        self.reply_delay = self._initial_delay = float(reply_delay)
+        self.requests: list[dict[str, Any]] = []
+        self.keys_seen: list[str] = []  # kept for assertions; never printed or served
+        self._port = port
+        self._lock = threading.Lock()
+        self._count = 0
+        self._faults: deque[tuple[str, dict]] = deque()
+        self._steady: tuple[str, dict] | None = None
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"GeminiEmulator({self.base_url!r}, running={self._server is not None})"
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one after start() with port=0)."""
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """What to pass as the SDK's base_url, e.g. ``http://127.0.0.1:54321``."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self._port}"
+
+    @property
+    def request_count(self) -> int:
+        """Model calls received, failed ones included (control calls excluded)."""
+        with self._lock:
+            return self._count
+
+    def start(self) -> GeminiEmulator:
+        """Bind (port 0 picks a free port) and serve from a daemon thread."""
+        if self._server is None:
+            self._stopping = threading.Event()
+            self._server = _Server((self.host, self._port), self)
+            self._port = self._server.server_address[1]
+            self._thread = threading.Thread(target=self._server.serve_forever,
+                                            kwargs={"poll_interval": 0.05},
+                                            name=f"gemini-emulator-{self._port}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, wake hanging/slow requests and close open connections."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        server.close_connections()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- faults
+    def inject(self, fault: str, times: int = 1, **params: Any) -> None:
+        """Fail the next ``times`` model calls with ``fault`` (queued after earlier ones)."""
+        _check_fault(fault)
+        with self._lock:
+            self._faults.extend((fault, dict(params)) for _ in range(times))
+
+    def set_steady_fault(self, fault: str, **params: Any) -> None:
+        """Fail every model call with ``fault`` until clear_faults(); wins over the queue."""
+        _check_fault(fault)
+        with self._lock:
+            self._steady = (fault, dict(params))
+
+    def clear_faults(self) -> None:
+        """Drop queued and steady faults."""
+        with self._lock:
+            self._faults.clear()
+            self._steady = None
+
+    def reset(self) -> None:
+        """Clear records, counters, faults and restore the constructor's reply_delay."""
+        with self._lock:
+            self.requests.clear()
+            self.keys_seen.clear()
+            self._count = 0
+            self._faults.clear()
+            self._steady = None
+            self.reply_delay = self._initial_delay
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the /_emulator/stats endpoint (no keys, no bodies)."""
+        with self._lock:
+            return {"request_count": self._count, "queued_faults": len(self._faults),
+                    "steady_fault": self._steady[0] if self._steady else None,
+                    "reply_delay": self.reply_delay}
+
+    def _record(self, entry: dict[str, Any], key: str | None) -> int:
+        with self._lock:
+            self._count += 1
+            self.requests.append(entry)
+            if key:
+                self.keys_seen.append(key)
+            return self._count
+
+    def _next_fault(self) -> tuple[str | None, dict]:
+        with self._lock:
+            if self._steady:
+                return self._steady
+            return self._faults.popleft() if self._faults else (None, {})
+
+
+def _check_fault(fault: Any) -> None:
+    if fault not in FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run standalone until Ctrl+C (demo mode, benchmarks, manual poking)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds added to each reply")
+    args = parser.parse_args(argv)
+    emulator = GeminiEmulator(args.host, args.port, reply_delay=args.delay).start()
+    print(f"Gemini emulator listening on {emulator.base_url}", flush=True)
+    try:
+        while not emulator._stopping.wait(0.5):  # a timed wait lets Ctrl+C through on Windows
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emulator.stop()
+
+
+if __name__ == "__main__":
+    main()
