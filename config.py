@@ -36,7 +36,7 @@ def _as_number(name: str, raw: str, kind: type, minimum: float) -> float | int:
     try:
         value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+        raise ConfigError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
     return value

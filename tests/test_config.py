@@ -1,0 +1,84 @@
+"""Settings: parsing, production refusals, demo mode, and that every setting is documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config import Config, ConfigError, settings_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_match_the_users_design():
+    config = Config.load({})
+    assert (config.host, config.port) == ("0.0.0.0", 8081)
+    assert config.gemini_model == "gemini-2.0-flash"
+    assert config.retry_max_attempts == 5
+    assert (config.retry_min_wait_seconds, config.retry_max_wait_seconds) == (1.0, 60.0)
+    assert config.gemini_deadline_seconds == 30.0
+    assert config.ratelimit_task_limits == "200 per day;50 per hour;10 per minute"
+    assert config.ratelimit_storage_uri == "memory://"
+    assert config.cors_origins == ("*",)
+
+
+def test_values_are_parsed_from_the_environment():
+    config = Config.load({"PORT": "9000", "RETRY_MAX_ATTEMPTS": "3", "RATELIMIT_ENABLED": "off",
+                          "CORS_ORIGINS": "https://a.example, https://b.example", "GEMINI_DEADLINE_SECONDS": "2.5"})
+    assert config.port == 9000 and config.retry_max_attempts == 3 and config.ratelimit_enabled is False
+    assert config.cors_origins == ("https://a.example", "https://b.example")
+    assert config.gemini_deadline_seconds == 2.5
+
+
+@pytest.mark.parametrize("environ, words", [
+    ({"PORT": "eighty"}, "PORT must be a whole number"),
+    ({"RETRY_MAX_ATTEMPTS": "0"}, "RETRY_MAX_ATTEMPTS must be at least 1"),
+    ({"RATELIMIT_ENABLED": "maybe"}, "RATELIMIT_ENABLED must be true or false"),
+    ({"APP_ENV": "staging"}, "APP_ENV must be one of"),
+    ({"RETRY_MIN_WAIT_SECONDS": "10", "RETRY_MAX_WAIT_SECONDS": "5"}, "RETRY_MAX_WAIT_SECONDS"),
+])
+def test_bad_values_fail_at_start_up_with_the_variable_named(environ, words):
+    with pytest.raises(ConfigError, match=words):
+        Config.load(environ)
+
+
+def test_production_refuses_a_missing_key_and_disabled_limits():
+    with pytest.raises(ConfigError, match="needs GOOGLE_API_KEY"):
+        Config.load({"APP_ENV": "production"})
+    with pytest.raises(ConfigError, match="RATELIMIT_ENABLED=false"):
+        Config.load({"APP_ENV": "production", "GOOGLE_API_KEY": "AIzaX", "RATELIMIT_ENABLED": "false"})
+    production = Config.load({"APP_ENV": "production", "GOOGLE_API_KEY": "AIzaX"})
+    assert production.cors_origins == ()  # no cross-origin access unless configured
+    assert not production.demo_mode
+
+
+def test_demo_mode_only_without_a_key_outside_production():
+    assert Config.load({}).demo_mode
+    assert not Config.load({"GOOGLE_API_KEY": "AIzaX"}).demo_mode
+
+
+def test_the_key_never_appears_in_the_configs_repr():
+    config = Config.load({"GOOGLE_API_KEY": "AIzaSecretValue123"})
+    assert "AIzaSecretValue123" not in repr(config)
+    assert "AIzaSecretValue123" not in str(config)
+
+
+def test_unknown_overrides_are_refused():
+    with pytest.raises(ConfigError, match="unknown settings: colour"):
+        Config.load({}, colour="blue")
+
+
+def test_env_example_lists_every_setting_with_its_default():
+    example = (ROOT / ".env.example").read_text(encoding="utf-8")
+    lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in example.splitlines()
+             if line and not line.startswith("#")}
+    for variable, default in settings_table():
+        assert variable in lines, f"{variable} missing from .env.example"
+        assert lines[variable] == default, f"{variable}: .env.example says {lines[variable]!r}, code {default!r}"
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for variable, _ in settings_table():
+        assert f"| `{variable}` |" in readme, f"{variable} missing from the README's configuration table"

@@ -1,0 +1,120 @@
+"""Start-up as a user meets it: `python app.py`, `waitress-serve app:app`, demo and production rules.
+
+These run the real entry points in subprocesses on free ports, so they cover what the README's
+first command does on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WAITRESS = Path(sys.executable).with_name("waitress-serve")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(**settings) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GEMINI_", "RATELIMIT_"))}
+    env.update({"GOOGLE_API_KEY": "", "APP_ENV": "development", "PYTHONUNBUFFERED": "1"})
+    env.update(settings)
+    return env
+
+
+def wait_for_health(port: int, process: subprocess.Popen, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early: {process.communicate()[1][-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=1) as response:
+                return json.load(response)
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("server did not answer /health in time")
+
+
+def serve(command: list[str], port: int, tmp_path: Path, **settings):
+    env = environment(LOG_DIR=str(tmp_path / "logs"), **settings)
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop(process: subprocess.Popen) -> tuple[str, str]:
+    process.terminate()
+    try:
+        return process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()
+
+
+def test_python_app_py_serves_demo_mode_and_the_example_passes(tmp_path):
+    port = free_port()
+    process = serve([sys.executable, str(ROOT / "app.py")], port, tmp_path, HOST="127.0.0.1", PORT=str(port))
+    try:
+        health = wait_for_health(port, process)
+        assert health["mode"] == "demo" and health["provider"] == "demo"
+        example = subprocess.run(
+            [sys.executable, str(ROOT / "example_usage.py"), "--url", f"http://127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert example.returncode == 0, example.stdout + example.stderr
+        assert "Overall: 5/5 checks passed" in example.stdout
+    finally:
+        out, err = stop(process)
+    assert f"Swagger UI available at: http://127.0.0.1:{port}/swagger/" in out
+    assert "DEMO MODE" in err
+
+
+@pytest.mark.skipif(not WAITRESS.exists(), reason="waitress-serve is not installed beside this Python")
+def test_waitress_serve_app_app_serves_the_api(tmp_path):
+    port = free_port()
+    command = [str(WAITRESS), "--host=127.0.0.1", f"--port={port}", "app:app"]
+    process = serve(command, port, tmp_path, PYTHONPATH=str(ROOT))
+    try:
+        assert wait_for_health(port, process)["mode"] == "demo"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/v1/generate/text", data=json.dumps({"prompt": "hello"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+            assert json.load(response)["provider"] == "demo"
+    finally:
+        stop(process)
+
+
+@pytest.mark.parametrize("command", [[sys.executable, str(ROOT / "app.py")],
+                                     [str(WAITRESS), "--port=0", "app:app"]])
+def test_production_without_a_key_refuses_to_start_with_one_line(tmp_path, command):
+    result = subprocess.run(command, cwd=tmp_path, env=environment(APP_ENV="production", PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: cannot start: APP_ENV=production needs GOOGLE_API_KEY "
+                     "(demo mode is for development only)"]
+
+
+def test_a_key_that_does_not_look_like_googles_draws_a_warning(tmp_path):
+    port = free_port()
+    process = serve([sys.executable, str(ROOT / "app.py")], port, tmp_path, HOST="127.0.0.1", PORT=str(port),
+                    GOOGLE_API_KEY="sk-not-a-google-key", GEMINI_BASE_URL="http://127.0.0.1:9")
+    try:
+        assert wait_for_health(port, process)["mode"] == "live"
+    finally:
+        _, err = stop(process)
+    assert "does not start with 'AIza'" in err
+    assert "sk-not-a-google-key" not in err
