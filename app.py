@@ -78,6 +78,7 @@ def create_app(config: Config | None = None, *, client: GeminiClient | None = No
     app.config.update(
         MAX_CONTENT_LENGTH=config.request_max_bytes,
         RESTX_MASK_SWAGGER=False,
+        SWAGGER_UI_DOC_EXPANSION="list",
         RESTX_ERROR_404_HELP=False,
         ERROR_INCLUDE_MESSAGE=False,
         PROPAGATE_EXCEPTIONS=False,
