@@ -30,8 +30,10 @@ class RequestSchema:
     validator: Draft4Validator
 
     @classmethod
-    def of(cls, model: Model) -> RequestSchema:
-        return cls(model, Draft4Validator(model.__schema__))
+    def of(cls, model: Model, api: Api) -> RequestSchema:
+        """Compile the model's schema, with the API's definitions so nested models resolve."""
+        schema = {**model.__schema__, "definitions": {name: m.__schema__ for name, m in api.models.items()}}
+        return cls(model, Draft4Validator(schema))
 
     def validate(self, payload) -> dict:
         """Check `payload`; raise `InvalidRequest` naming every failing field."""
@@ -59,6 +61,7 @@ class Schemas:
     code_response: Model
     classify_response: Model
     health: Model
+    stats: Model
     error: Model
 
 
@@ -72,29 +75,47 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
         )
 
     usage = api.model("Usage", {
-        "input_tokens": fields.Integer(description="Prompt tokens reported by the provider", example=12),
-        "output_tokens": fields.Integer(description="Answer tokens reported by the provider", example=48),
+        "input_tokens": fields.Integer(description="Prompt tokens", example=12),
+        "output_tokens": fields.Integer(description="Answer tokens", example=48),
         "total_tokens": fields.Integer(example=60),
+        "source": fields.String(description='"provider" (usage reported by Gemini) or "estimate" (tiktoken)',
+                                example="provider"),
     })
+    cost = api.model("Cost", {
+        "currency": fields.String(example="USD"),
+        "input": fields.Float(description="Charged for input tokens (0 when served from cache)", example=0.0000012),
+        "output": fields.Float(description="Charged for output tokens", example=0.0000192),
+        "total": fields.Float(example=0.0000204),
+        "saved": fields.Float(description="What a cache hit avoided paying", example=0.0),
+    })
+    cache_control = api.model("CacheControl", {
+        "no_cache": fields.Boolean(default=False, description="Skip the cache lookup (like Cache-Control: no-cache)"),
+        "no_store": fields.Boolean(default=False, description="Do not store this answer (Cache-Control: no-store)"),
+    })
+    cache_field = fields.Nested(cache_control, required=False, description="Per-request cache control (optional)")
     answer_fields = {
         "model": fields.String(description="Model that answered", example="gemini-2.0-flash"),
         "provider": fields.String(description='"gemini", or "demo" when answered by the built-in emulator',
                                   example="gemini"),
-        "cached": fields.Boolean(description="Served from the response cache", example=False),
+        "cached": fields.Boolean(description="Served without an upstream call of its own (cache hit or "
+                                             "shared with an identical request in flight)", example=False),
         "usage": fields.Nested(usage),
+        "cost": fields.Nested(cost),
         "request_id": fields.String(example="3f2c9a7e4b1d4e0f9a8b7c6d5e4f3a2b"),
     }
     return Schemas(
         text_request=RequestSchema.of(api.model("TextGeneration", {
             "prompt": prompt_field("Text prompt for generation", "Write a short story about a robot"),
-        })),
+            "cache": cache_field,
+        }), api),
         code_request=RequestSchema.of(api.model("CodeGeneration", {
             "prompt": prompt_field("What the code should do",
                                    "Create a Python function to calculate fibonacci numbers"),
             "language": fields.String(min_length=1, max_length=MAX_LANGUAGE_CHARS, pattern=NOT_BLANK,
                                       default="python", example="python",
                                       description="Programming language (default python)"),
-        })),
+            "cache": cache_field,
+        }), api),
         classify_request=RequestSchema.of(api.model("TextClassification", {
             "text": prompt_field("Text to classify", "This movie was amazing!"),
             "categories": fields.List(
@@ -103,7 +124,8 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
                 description=f"2 to {MAX_CATEGORIES} distinct categories; the answer is always one of them",
                 example=["positive", "negative", "neutral"],
             ),
-        })),
+            "cache": cache_field,
+        }), api),
         text_response=api.model("TextResponse", {
             "generated_text": fields.String(description="Generated text", example="Once upon a time..."),
             **answer_fields,
@@ -128,6 +150,17 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
             "model": fields.String(example="gemini-2.0-flash"),
             "mode": fields.String(description='"live" (Gemini) or "demo" (built-in emulator)', example="live"),
             "uptime_seconds": fields.Float(example=12.5),
+        }),
+        stats=api.model("Stats", {
+            "uptime_seconds": fields.Float(example=3600.0),
+            "window_hours": fields.Float(example=24),
+            "usage": fields.Raw(description="From the cost ledger over the window: requests, by_status, tokens, "
+                                            "token_sources, cost, cache hits and hit_rate, cost_saved_by_cache, "
+                                            "cost_reduction, latency_ms p50/p95/p99, by_endpoint, overall_cost"),
+            "cache": fields.Raw(description="Response cache per task and total: size, hits, misses, hit_rate, "
+                                            "evictions, expirations, coalesced"),
+            "process": fields.Raw(description="Since start: requests_by_endpoint (by status), upstream_retries, "
+                                              "rate_limited_responses, security_events by type"),
         }),
         error=api.model("Error", {
             "error": fields.String(description="What went wrong, for a person",

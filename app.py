@@ -1,9 +1,9 @@
 """The HTTP layer: a Flask + Flask-RESTX app in front of the Gemini task calls.
 
-`create_app(config)` builds one gateway: namespaces for health, generate and classify, the
-request hooks (request id, timing, JSON body checks, one summary log line), rate limits,
-CORS and the error handlers that turn every failure into one JSON shape. It is the only
-module that imports Flask.
+`create_app(config)` wraps one `gateway.Gateway` in HTTP: the namespaces of `routes.py`, the
+request hooks (request id, security scan, timing, cost headers, the ledger record and one
+summary log line per request), rate limits, CORS and the error handlers that turn every
+failure into one JSON shape. With `routes.py` it is the only code that imports Flask.
 
 Run it with `python app.py` (development server on HOST:PORT, default 0.0.0.0:8081) or
 `waitress-serve --host=0.0.0.0 --port=8081 app:app` (production). The module attribute `app`
@@ -18,33 +18,36 @@ import re
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, current_app, g, jsonify, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
-from flask_restx import Api, Namespace, Resource
+from flask_restx import Api
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-import demo_mode
-from api_schema import Schemas, check_distinct_categories, register_models
+import routes
+from api_schema import register_models
 from config import Config, ConfigError
-from errors import GatewayError, UnsupportedMediaType
-from gemini_wrapper import Completion, GeminiClient
+from cost_tracker import CostRecord
+from errors import GatewayError, RequestBlocked
+from gateway import Gateway, build_gateway
+from task_service import TaskOutcome
 
-__version__ = "1.0.0"
+__version__ = routes.__version__
 log = logging.getLogger("gateway.http")
-access_log = logging.getLogger("gateway.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+COST_HEADERS = ["X-Cached", "X-Tokens-Input", "X-Tokens-Output", "X-Cost-Input", "X-Cost-Output",
+                "X-Cost-Total", "X-Cost-Saved", "X-Cost-Overall"]
 EXPOSED_HEADERS = [
     REQUEST_ID_HEADER, "X-Response-Time-ms", "Retry-After",
-    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", *COST_HEADERS,
 ]
-ALLOWED_HEADERS = ["Content-Type", "Authorization", "X-Requested-With", "X-API-Key", REQUEST_ID_HEADER]
+ALLOWED_HEADERS = ["Content-Type", "Authorization", "X-Requested-With", "X-API-Key", REQUEST_ID_HEADER,
+                   "Cache-Control"]
 
 
 class GatewayFlask(Flask):
@@ -55,24 +58,11 @@ class GatewayFlask(Flask):
             super().log_exception(exc_info)
 
 
-@dataclass(frozen=True)
-class Gateway:
-    """What the routes of one app share: settings, the provider client and where it points."""
-
-    config: Config
-    client: GeminiClient
-    upstream: demo_mode.Upstream
-    started_at: float
-
-
-def create_app(config: Config | None = None, *, client: GeminiClient | None = None) -> Flask:
-    """Build a gateway app. `client` replaces the Gemini client built from `config` (tests)."""
+def create_app(config: Config | None = None, *, retry_overrides: dict | None = None) -> Flask:
+    """Build a gateway app. `retry_overrides` replace retry policy fields (tests inject sleep and clock)."""
     config = config or Config.load()
     _configure_logging(config)
-    upstream = demo_mode.resolve_upstream(config)
-    if client is None:
-        client = GeminiClient.from_config(config.replace(google_api_key=upstream.api_key), base_url=upstream.base_url)
-    gateway = Gateway(config=config, client=client, upstream=upstream, started_at=time.monotonic())
+    gateway = build_gateway(config, retry_overrides=retry_overrides)
 
     app = GatewayFlask(__name__)
     app.config.update(
@@ -91,7 +81,7 @@ def create_app(config: Config | None = None, *, client: GeminiClient | None = No
         CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
              allow_headers=ALLOWED_HEADERS, expose_headers=EXPOSED_HEADERS, max_age=600)
 
-    _register_hooks(app)  # before the limiter's, so ours run after it and see its headers
+    _register_hooks(app, gateway)  # before the limiter's, so ours run after it and see its headers
     limiter = Limiter(
         get_remote_address, app=app, storage_uri=config.ratelimit_storage_uri,
         strategy=config.ratelimit_strategy, enabled=config.ratelimit_enabled, headers_enabled=True,
@@ -105,134 +95,25 @@ def create_app(config: Config | None = None, *, client: GeminiClient | None = No
     schemas = register_models(api, config.request_max_prompt_chars)
     _register_error_handlers(app, api)
     app.add_url_rule("/swagger.json", "swagger_spec", lambda: jsonify(api.__schema__))
-    api.add_namespace(_health_namespace(gateway, schemas), path="/health")
     task_limit = limiter.limit(config.ratelimit_task_limits)
-    api.add_namespace(_generate_namespace(gateway, schemas, task_limit), path="/generate")
-    api.add_namespace(_classify_namespace(gateway, schemas, task_limit), path="/classify")
-    log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, upstream.mode, config.gemini_model)
+    api.add_namespace(routes.health_namespace(gateway, schemas), path="/health")
+    api.add_namespace(routes.generate_namespace(gateway, schemas, task_limit), path="/generate")
+    api.add_namespace(routes.classify_namespace(gateway, schemas, task_limit), path="/classify")
+    api.add_namespace(routes.stats_namespace(gateway, schemas), path="/stats")
+    log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
     return app
 
 
-# --- routes -----------------------------------------------------------------------------------
+# --- hooks --------------------------------------------------------------------------------------
 
-def _health_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
-    ns = Namespace("health", description="Liveness and configuration summary")
-
-    @ns.route("")
-    class Health(Resource):
-        @ns.response(200, "Service is up", schemas.health)
-        def get(self):
-            """Report status, version, environment, provider, mode and uptime."""
-            return {
-                "status": "ok",
-                "version": __version__,
-                "environment": gateway.config.app_env,
-                "provider": gateway.upstream.provider,
-                "model": gateway.client.model,
-                "mode": gateway.upstream.mode,
-                "uptime_seconds": round(time.monotonic() - gateway.started_at, 3),
-            }
-
-    return ns
-
-
-def _task_responses(ns: Namespace, schemas: Schemas, success_model):
-    """The documented responses every task endpoint shares."""
-    codes = {
-        200: ("Answer", success_model), 400: ("Invalid input", schemas.error),
-        413: ("Body too large", schemas.error), 415: ("Body is not JSON", schemas.error),
-        429: ("Rate limited, by the gateway or the provider; see Retry-After", schemas.error),
-        502: ("The provider failed or gave an unusable answer", schemas.error),
-        503: ("No provider configured", schemas.error), 504: ("The provider did not answer in time", schemas.error),
-    }
-
-    def decorate(method):
-        for status, (description, model) in codes.items():
-            method = ns.response(status, description, model)(method)
-        return method
-
-    return decorate
-
-
-def _generate_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namespace:
-    ns = Namespace("generate", description="Text and code generation")
-
-    @ns.route("/text")
-    class TextGeneration(Resource):
-        @ns.expect(schemas.text_request.model)
-        @_task_responses(ns, schemas, schemas.text_response)
-        @task_limit
-        def post(self):
-            """Generate text from a prompt (temperature 0.7)."""
-            payload = schemas.text_request.validate(_json_body())
-            completion = gateway.client.generate_text(payload["prompt"])
-            return {"generated_text": completion.text, **_answer_fields(gateway, completion)}
-
-    @ns.route("/code")
-    class CodeGeneration(Resource):
-        @ns.expect(schemas.code_request.model)
-        @_task_responses(ns, schemas, schemas.code_response)
-        @task_limit
-        def post(self):
-            """Generate code (temperature 0.2); the answer is the code without markdown fences."""
-            payload = schemas.code_request.validate(_json_body())
-            language = payload.get("language", "python").strip().lower()
-            completion = gateway.client.generate_code(payload["prompt"], language)
-            return {"generated_code": completion.text, "language": language, **_answer_fields(gateway, completion)}
-
-    return ns
-
-
-def _classify_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namespace:
-    ns = Namespace("classify", description="Text classification into caller-given categories")
-
-    @ns.route("/text")
-    class TextClassification(Resource):
-        @ns.expect(schemas.classify_request.model)
-        @_task_responses(ns, schemas, schemas.classify_response)
-        @task_limit
-        def post(self):
-            """Classify text into exactly one of the given categories (temperature 0.0)."""
-            payload = schemas.classify_request.validate(_json_body())
-            categories = [category.strip() for category in payload["categories"]]
-            check_distinct_categories(categories)
-            completion = gateway.client.classify_text(payload["text"], categories)
-            return {"classification": completion.text, "categories": categories,
-                    **_answer_fields(gateway, completion)}
-
-    return ns
-
-
-def _json_body():
-    """The parsed JSON body; 415 if it is not declared as JSON (400 if it does not parse)."""
-    if not request.is_json:
-        raise UnsupportedMediaType(
-            "Send the body as JSON with 'Content-Type: application/json'",
-            details={"content_type": request.content_type or ""},
-        )
-    return request.get_json()
-
-
-def _answer_fields(gateway: Gateway, completion: Completion) -> dict:
-    input_tokens, output_tokens = completion.input_tokens or 0, completion.output_tokens or 0
-    return {
-        "model": completion.model,
-        "provider": gateway.upstream.provider,
-        "cached": False,
-        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
-                  "total_tokens": input_tokens + output_tokens},
-        "request_id": g.request_id,
-    }
-
-
-# --- hooks and errors --------------------------------------------------------------------------
-
-def _register_hooks(app: Flask) -> None:
+def _register_hooks(app: Flask, gateway: Gateway) -> None:
     @app.before_request
     def start_request():
         g.started = time.perf_counter()
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
         g.request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        if gateway.config.security_mode != "off":
+            _scan_request(gateway)
 
     @app.after_request
     def finish_request(response):
@@ -241,11 +122,83 @@ def _register_hooks(app: Flask) -> None:
             response.headers.pop("Retry-After", None)  # Flask-Limiter adds it to every response
         response.headers[REQUEST_ID_HEADER] = _request_id()
         response.headers["X-Response-Time-ms"] = f"{elapsed_ms:.1f}"
-        access_log.info(
-            "%s %s %d %.1fms", request.method, request.path, response.status_code, elapsed_ms,
-            extra={"request_id": _request_id(), "status": response.status_code},
+        outcome: TaskOutcome | None = g.get("outcome")
+        summary = {}
+        if request.path in routes.TASK_ENDPOINTS:
+            overall = _record_cost(gateway, outcome, response.status_code, elapsed_ms)
+            if outcome is not None:
+                _add_cost_headers(response, outcome, overall)
+                summary = {"model": outcome.completion.model, "cached": outcome.cached,
+                           "cache": outcome.cache_status, "input_tokens": outcome.input_tokens,
+                           "output_tokens": outcome.output_tokens, "cost": round(outcome.cost.total, 10)}
+                gateway.logger.log_performance(
+                    request_id=_request_id(), path=request.path, total_ms=round(elapsed_ms, 2),
+                    upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 2),
+                    cache_lookup_ms=round(outcome.cache_lookup_ms, 3),
+                )
+        gateway.metrics.count_request(request.path, response.status_code, g.get("error_code"))
+        gateway.logger.log_request(
+            request_id=_request_id(), method=request.method, path=request.path, status=response.status_code,
+            latency_ms=round(elapsed_ms, 2), client=request.remote_addr, **summary,
         )
         return response
+
+
+def _scan_request(gateway: Gateway) -> None:
+    """Log each security finding; in block mode refuse high-severity ones with 400."""
+    body = request.get_json(silent=True) if request.is_json else None
+    events = gateway.scanner.scan(
+        path=request.path, query=request.query_string.decode("latin-1"), headers=request.headers,
+        body_texts=_strings_in(body), body_size=request.content_length or 0,
+    )
+    for event in events:
+        gateway.metrics.count_security_event(event.type)
+        gateway.logger.log_security_event(event, request_id=_request_id(), client=request.remote_addr or "")
+    if gateway.scanner.should_block(events, gateway.config.security_mode):
+        raise RequestBlocked("The request was refused by the gateway's security checks",
+                             details={"findings": sorted({event.type for event in events if event.severity == "high"})})
+
+
+def _strings_in(value) -> list[str]:
+    """The string values of a parsed JSON body (what a prompt injection or XSS would hide in)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _strings_in(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings_in(item)]
+    return []
+
+
+def _record_cost(gateway: Gateway, outcome: TaskOutcome | None, status: int, elapsed_ms: float) -> float:
+    """Write the ledger record before the response leaves; every task request gets exactly one."""
+    answered = outcome is not None
+    record = CostRecord(
+        request_id=_request_id(), timestamp=time.time(), endpoint=request.path, client=request.remote_addr or "",
+        model=outcome.completion.model if answered else gateway.client.model,
+        input_tokens=outcome.input_tokens if answered else 0, output_tokens=outcome.output_tokens if answered else 0,
+        input_cost=outcome.cost.input if answered else 0.0, output_cost=outcome.cost.output if answered else 0.0,
+        total_cost=outcome.cost.total if answered else 0.0, cached=outcome.cached if answered else False,
+        saved_cost=outcome.saved.total if answered else 0.0,
+        token_source=outcome.token_source if answered else "none", latency_ms=round(elapsed_ms, 3), status=status,
+    )
+    return gateway.tracker.record(record)
+
+
+def _add_cost_headers(response, outcome: TaskOutcome, overall: float) -> None:
+    response.headers["X-Cached"] = "true" if outcome.cached else "false"
+    response.headers["X-Tokens-Input"] = str(outcome.input_tokens)
+    response.headers["X-Tokens-Output"] = str(outcome.output_tokens)
+    response.headers["X-Cost-Input"] = _usd(outcome.cost.input)
+    response.headers["X-Cost-Output"] = _usd(outcome.cost.output)
+    response.headers["X-Cost-Total"] = _usd(outcome.cost.total)
+    response.headers["X-Cost-Overall"] = _usd(overall)
+    if outcome.cached:
+        response.headers["X-Cost-Saved"] = _usd(outcome.saved.total)
+
+
+def _usd(amount: float) -> str:
+    return f"{amount:.10f}"
 
 
 def _request_id() -> str:
@@ -253,6 +206,8 @@ def _request_id() -> str:
         g.request_id = uuid.uuid4().hex
     return g.request_id
 
+
+# --- errors -------------------------------------------------------------------------------------
 
 def _register_error_handlers(app: Flask, api: Api) -> None:
     """Every failure, from RESTX routes or plain Flask ones, becomes the one JSON error shape."""
@@ -270,7 +225,7 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
 
 
 def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
-    """(body, status, headers) for any exception, logging the ones that are our fault."""
+    """(body, status, headers) for any exception; failures that are not the client's go to api_errors.log."""
     headers = {}
     if isinstance(exc, GatewayError):
         status, code, message, details = exc.status, exc.code, exc.message, exc.details
@@ -290,6 +245,10 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
     else:
         status, code, message, details = 500, "internal_error", "The gateway failed unexpectedly", {}
         log.error("unhandled error", exc_info=exc, extra={"request_id": _request_id()})
+    g.error_code = code
+    if status >= 500 or code == "upstream_rate_limited":
+        current_app.extensions["gateway"].logger.log_error(exc, request_id=_request_id(), status=status, code=code,
+                                                           path=request.path)
     body = {"error": message, "code": code, "details": details, "request_id": _request_id()}
     return body, status, headers
 

@@ -1,7 +1,7 @@
 """Settings for the gateway, read once from the environment (and `.env`).
 
 Every setting is an environment variable grouped by prefix (GEMINI_*, RETRY_*, RATELIMIT_*,
-CORS_*, LOG_*, REQUEST_*); `.env.example` lists each one with its default. The values are
+CACHE_*, COST_*, CORS_*, LOG_*, REQUEST_*, SECURITY_*); `.env.example` lists each one with its default. The values are
 parsed and checked here, at start-up, so a typo fails loudly once instead of surfacing as a
 500 on some later request. `Config` is immutable: tests build their own with `Config.load(...)`
 overrides instead of mutating globals.
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENVIRONMENTS = ("development", "testing", "production")
+SECURITY_MODES = ("log", "block", "off")
 GOOGLE_KEY_PREFIX = "AIza"
 
 
@@ -80,8 +81,27 @@ class Config:
     request_max_bytes: int = _env("REQUEST_MAX_BYTES", "1048576", kind=int, minimum=1024)
     request_max_prompt_chars: int = _env("REQUEST_MAX_PROMPT_CHARS", "32000", kind=int, minimum=1)
 
+    cache_enabled: bool = _env("CACHE_ENABLED", "true", kind=bool)
+    cache_text_max_entries: int = _env("CACHE_TEXT_MAX_ENTRIES", "1000", kind=int, minimum=1)
+    cache_text_ttl_seconds: float = _env("CACHE_TEXT_TTL_SECONDS", "3600", kind=float, minimum=0)
+    cache_code_max_entries: int = _env("CACHE_CODE_MAX_ENTRIES", "1000", kind=int, minimum=1)
+    cache_code_ttl_seconds: float = _env("CACHE_CODE_TTL_SECONDS", "86400", kind=float, minimum=0)
+    cache_classify_max_entries: int = _env("CACHE_CLASSIFY_MAX_ENTRIES", "5000", kind=int, minimum=1)
+    cache_classify_ttl_seconds: float = _env("CACHE_CLASSIFY_TTL_SECONDS", "86400", kind=float, minimum=0)
+
+    cost_ledger_path: Path = _env("COST_LEDGER_PATH", "var/cost_ledger.sqlite3", kind=Path)
+    cost_price_file: str = _env("COST_PRICE_FILE", "")
+    cost_input_price_per_million: float | None = _env("COST_INPUT_PRICE_PER_MILLION", "", kind=float, minimum=0)
+    cost_output_price_per_million: float | None = _env("COST_OUTPUT_PRICE_PER_MILLION", "", kind=float, minimum=0)
+
     log_level: str = _env("LOG_LEVEL", "INFO")
     log_dir: Path = _env("LOG_DIR", "logs", kind=Path)
+    log_max_bytes: int = _env("LOG_MAX_BYTES", "10485760", kind=int, minimum=1024)
+    log_backup_count: int = _env("LOG_BACKUP_COUNT", "5", kind=int, minimum=0)
+    log_console: bool = _env("LOG_CONSOLE", "true", kind=bool)
+    log_full_prompts: bool = _env("LOG_FULL_PROMPTS", "false", kind=bool)
+
+    security_mode: str = _env("SECURITY_MODE", "log")
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides) -> Config:
@@ -107,6 +127,8 @@ class Config:
         """Refuse settings that cannot work, and unsafe ones in production."""
         if self.app_env not in ENVIRONMENTS:
             raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, got {self.app_env!r}")
+        if self.security_mode not in SECURITY_MODES:
+            raise ConfigError(f"SECURITY_MODE must be one of {', '.join(SECURITY_MODES)}, got {self.security_mode!r}")
         if self.retry_max_wait_seconds < self.retry_min_wait_seconds:
             raise ConfigError("RETRY_MAX_WAIT_SECONDS must not be below RETRY_MIN_WAIT_SECONDS")
         if self.is_production:
@@ -145,6 +167,8 @@ def _parse(meta: Mapping, raw: str):
     if kind is bool:
         return _as_bool(name, raw)
     if kind in (int, float):
+        if not raw.strip() and meta["default"] == "":
+            return None  # optional number: unset
         return _as_number(name, raw, kind, meta["minimum"])
     if kind is tuple:
         return _as_list(raw)

@@ -7,7 +7,8 @@ so no SDK type leaks past the wrapper and retry decisions are made on our own ty
 
     GatewayError                      500 internal_error
     ├── InvalidRequest                400 invalid_request     (details name the field)
-    │   └── ContentBlocked            400 content_blocked     (provider's safety filter)
+    │   ├── ContentBlocked            400 content_blocked     (provider's safety filter)
+    │   └── RequestBlocked            400 request_blocked     (our security checks, block mode)
     ├── PayloadTooLarge               413 payload_too_large
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── ProviderNotConfigured         503 provider_not_configured
@@ -43,6 +44,10 @@ class InvalidRequest(GatewayError):
 
 class ContentBlocked(InvalidRequest):
     code = "content_blocked"
+
+
+class RequestBlocked(InvalidRequest):
+    code = "request_blocked"
 
 
 class PayloadTooLarge(GatewayError):

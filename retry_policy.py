@@ -45,6 +45,7 @@ class RetryPolicy:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     jitter: Callable[[], float] = random.random
+    on_retry: Callable[[int, float], None] | None = None  # (attempt that failed, wait): for metrics
 
     def wait_before(self, retry_number: int, error: BaseException | None) -> float:
         """Seconds to wait before retry `retry_number` (1 = the first retry)."""
@@ -82,6 +83,8 @@ class RetryPolicy:
                 extra={"attempt": state.attempt_number, "wait_seconds": state.upcoming_sleep,
                        "error_code": getattr(error, "code", None)},
             )
+            if self.on_retry:
+                self.on_retry(state.attempt_number, state.upcoming_sleep)
 
         def give_up(state: RetryCallState) -> T:
             error = state.outcome.exception()

@@ -43,7 +43,8 @@ def clock():
 def make_config(emulator, tmp_path):
     def build(**overrides) -> Config:
         settings = {"app_env": "testing", "google_api_key": TEST_KEY, "gemini_base_url": emulator.base_url,
-                    "log_dir": tmp_path / "logs"}
+                    "log_dir": tmp_path / "logs", "cost_ledger_path": tmp_path / "ledger.sqlite3",
+                    "log_console": False}
         settings.update(overrides)
         return Config.load({}, **settings)
 
@@ -61,12 +62,19 @@ def make_client(make_config, clock):
 
 
 @pytest.fixture
-def make_app(make_config, make_client):
-    def build(client_policy: dict | None = None, **overrides):
-        config = make_config(**overrides)
-        return create_app(config, client=make_client(config, **(client_policy or {})))
+def make_app(make_config, clock):
+    """Build apps whose retries wait on the fake clock; their logs and ledgers are closed afterwards."""
+    apps = []
 
-    return build
+    def build(client_policy: dict | None = None, **overrides):
+        policy = {"sleep": clock.sleep, "clock": clock.now, **(client_policy or {})}
+        app = create_app(make_config(**overrides), retry_overrides=policy)
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        app.extensions["gateway"].close()
 
 
 @pytest.fixture

@@ -165,8 +165,8 @@ def test_responses_carry_timing_and_no_retry_after_on_success(make_app):
 
 def test_task_limit_gives_429_with_headers_and_json(make_app, emulator):
     client = make_app(ratelimit_task_limits="2 per minute").test_client()
-    for _ in range(2):
-        assert client.post("/api/v1/generate/text", json={"prompt": "hi"}).status_code == 200
+    for i in range(2):
+        assert client.post("/api/v1/generate/text", json={"prompt": f"hi {i}"}).status_code == 200
     limited = client.post("/api/v1/generate/text", json={"prompt": "hi"})
     body = assert_error(limited, 429, "rate_limited")
     assert "2 per 1 minute" in body["error"]

@@ -1,0 +1,351 @@
+"""The gateway's JSON-lines logs under `logs/` and the per-request security checks.
+
+Why it looks like this:
+
+- One file per concern (requests, security audit, errors, performance, cost) so each can be
+  tailed, shipped or kept for its own time; every line is one JSON object (`ts`, `event`, fields).
+- Request threads never wait on disk: a record is redacted and encoded in the caller's thread, then
+  handed to a `QueueHandler`; one `QueueListener` thread per `RequestLogger` writes it to its
+  channel's rotating file. `flush()` waits for what is queued so far; `close()` drains and closes.
+- Secrets never reach a file or the console: configured secret values, sensitive keys
+  (Authorization, api keys, passwords...) and credential-looking text are replaced by "[REDACTED]".
+- It takes plain data (strings, dicts), never Flask objects, so it is testable and reusable.
+- Instances share nothing (no `logging.getLogger` names), so many apps can live in one process.
+
+`SecurityScanner` flags SQL injection, XSS, path traversal, scanner user agents, prompt injection
+and oversized bodies. Findings in the URL are "high"; in the body they are "medium", because a
+code prompt may legitimately say `SELECT * FROM users` or `<script>`. In the default "log" mode
+findings are only logged; "block" mode refuses "high" ones; "off" means the caller does not scan.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import logging.handlers
+import queue
+import re
+import sys
+import threading
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, unquote_plus
+
+LOG_FILES: dict[str, str] = {
+    "requests": "api_requests.log",
+    "security": "security_audit.log",
+    "errors": "api_errors.log",
+    "performance": "performance.log",
+    "cost": "cost_tracking.log",
+}
+
+REDACTED = "[REDACTED]"
+_SENSITIVE_KEYS = frozenset({
+    "authorization", "proxy-authorization", "x-api-key", "api_key", "google_api_key", "password",
+    "cookie", "set-cookie", "token", "secret",
+})
+_SENSITIVE_SUFFIXES = ("_key", "-key", "_token", "-token", "password", "_secret")
+_MIN_SECRET_LEN = 4
+# Credentials inside free text (exception messages, URLs, headers dumped into a string).
+_CREDENTIAL_TEXT = [
+    (re.compile(r"(?i)((?:proxy-)?authorization|x-(?:goog-)?api-key|api[_-]?key|password|passwd|secret|token|\bkey)"
+                r"(\s*[\"']?\s*[:=]\s*[\"']?)(?:bearer\s+|basic\s+)?[^\s\"',;&}]+"), rf"\1\2{REDACTED}"),
+    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]{12,}=*"), f"Bearer {REDACTED}"),
+    (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), REDACTED),
+]
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _record(level: int, msg: str, **attrs: Any) -> logging.LogRecord:
+    record = logging.LogRecord("enhanced_logging", level, "", 0, msg, None, None)
+    record.__dict__.update(attrs)
+    return record
+
+
+class _FlushSignal(logging.Handler):
+    """Last handler on the listener: when a flush marker reaches it, all earlier records are written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "flush_event", None)
+        if event is not None:
+            event.set()
+
+
+class RequestLogger:
+    """Writes the gateway's JSON-lines logs from a background thread; safe to call from any thread."""
+
+    def __init__(self, log_dir: Path | str, *, max_bytes: int = 10 * 1024 * 1024, backup_count: int = 5,
+                 console: bool = True, console_level: str = "INFO", secrets: Iterable[str] = (),
+                 log_full_prompts: bool = False) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_full_prompts = log_full_prompts
+        usable = sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True)
+        self._secrets = re.compile("|".join(map(re.escape, usable))) if usable else None
+
+        self._handlers: list[logging.Handler] = []
+        for channel, filename in LOG_FILES.items():
+            handler = logging.handlers.RotatingFileHandler(
+                self.log_dir / filename, maxBytes=max_bytes, backupCount=backup_count,
+                encoding="utf-8", errors="backslashreplace", delay=False)
+            handler.addFilter(lambda r, ch=channel: getattr(r, "channel", None) == ch)
+            self._handlers.append(handler)
+        if console:
+            stream = logging.StreamHandler(sys.stderr)
+            stream.setLevel(console_level.upper())
+            stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(console_text)s"))
+            stream.addFilter(lambda r: getattr(r, "console_text", None) is not None)
+            self._handlers.append(stream)
+
+        self._queue: queue.Queue[logging.LogRecord] = queue.Queue()
+        self._queue_handler = logging.handlers.QueueHandler(self._queue)
+        self._listener = logging.handlers.QueueListener(
+            self._queue, *self._handlers, _FlushSignal(), respect_handler_level=True)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._listener.start()
+        atexit.register(self.close)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Block until every record queued before this call is written; False if `timeout` ran out."""
+        done = threading.Event()
+        with self._lock:
+            if self._closed:
+                return True
+            self._queue.put_nowait(_record(logging.DEBUG, "flush", flush_event=done))
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        """Write everything queued, stop the listener thread and close the files. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        atexit.unregister(self.close)
+        self._listener.stop()  # the sentinel goes after every queued record, so they are all written
+        for handler in self._handlers:
+            handler.close()
+        self._queue_handler.close()
+
+    def __enter__(self) -> RequestLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- redaction -------------------------------------------------------------------------
+
+    def redact(self, value: Any) -> Any:
+        """A copy of `value` with secrets, sensitive keys and credential-looking text replaced."""
+        if isinstance(value, str):
+            return self._redact_text(value)
+        if isinstance(value, Mapping):
+            return {self._redact_key(k): REDACTED if _is_sensitive_key(k) else self.redact(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self.redact(v) for v in value]
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        return self._redact_text(str(value))  # anything else would be str()-ed by json: redact that text
+
+    def _redact_key(self, key: Any) -> Any:
+        return self._redact_text(key) if isinstance(key, str) else key
+
+    def _redact_text(self, text: str) -> str:
+        if self._secrets is not None:
+            text = self._secrets.sub(REDACTED, text)
+        for pattern, replacement in _CREDENTIAL_TEXT:
+            text = pattern.sub(replacement, text)
+        return text
+
+    # --- channels --------------------------------------------------------------------------
+
+    def log_request(self, **fields: Any) -> None:
+        """The one summary line per request (request_id, method, path, status, latency_ms, model, tokens...)."""
+        status = fields.get("status")
+        level = logging.INFO
+        if isinstance(status, int):
+            level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+        self._write("requests", "request", fields, level, console=_request_summary)
+
+    def log_security_event(self, event: SecurityEvent, *, request_id: str, client: str, **fields: Any) -> None:
+        """One audit line per finding of the security scan."""
+        level = logging.WARNING if event.severity == "high" else logging.INFO
+        self._write("security", "security", {**asdict(event), "request_id": request_id, "client": client, **fields},
+                    level)
+
+    def log_error(self, exc: BaseException, *, request_id: str, **fields: Any) -> None:
+        """The exception, its cause/context chain and traceback, for errors a client saw as 5xx."""
+        data = {
+            "request_id": request_id,
+            "error_type": _type_name(exc),
+            "message": str(exc),
+            "chain": [{"type": _type_name(e), "message": str(e)} for e in _exception_chain(exc)],
+            "traceback": "".join(traceback.format_exception(exc)),
+            **fields,
+        }
+        self._write("errors", "error", data, logging.ERROR, console=_error_summary)
+
+    def log_performance(self, *, request_id: str, **timings: Any) -> None:
+        """Where a request's time went (total_ms, upstream_ms, cache_lookup_ms...)."""
+        self._write("performance", "performance", {"request_id": request_id, **timings}, logging.INFO)
+
+    def log_cost(self, **fields: Any) -> None:
+        """One line per billed provider call, for the cost ledger's audit trail."""
+        self._write("cost", "cost", fields, logging.INFO)
+
+    def describe_prompt(self, text: str) -> dict[str, Any]:
+        """What to log about a prompt: its length and a short hash, or the text when full logging is on."""
+        if self.log_full_prompts:
+            return {"length": len(text), "text": text}
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return {"length": len(text), "sha256": digest}
+
+    def _write(self, channel: str, event: str, fields: Mapping[str, Any], level: int, console: Any = None) -> None:
+        clean = self.redact(dict(fields))
+        entry = {"ts": _utc_now(), "event": event}
+        entry.update((k, v) for k, v in clean.items() if k not in entry)
+        line = json.dumps(entry, default=str, ensure_ascii=False, separators=(",", ":"))
+        console_text = console(clean) if console is not None else None
+        record = _record(level, line, channel=channel, console_text=console_text)
+        with self._lock:  # never enqueue behind close()'s sentinel: that record would be lost
+            if not self._closed:
+                self._queue_handler.handle(record)
+
+
+def _is_sensitive_key(key: Any) -> bool:
+    if not isinstance(key, str):
+        return False
+    lowered = key.lower()
+    return lowered in _SENSITIVE_KEYS or lowered.endswith(_SENSITIVE_SUFFIXES)
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc`, then what caused it (`__cause__`, else an unsuppressed `__context__`), without loops."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and id(current) not in {id(e) for e in chain}:
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return chain
+
+
+def _one_line(value: Any, limit: int = 200) -> str:
+    return " ".join(str(value).split())[:limit]
+
+
+def _request_summary(fields: Mapping[str, Any]) -> str:
+    head = " ".join(str(fields[k]) for k in ("method", "path", "status") if k in fields)
+    if "latency_ms" in fields:
+        head += f" {fields['latency_ms']}ms"
+    extras = " ".join(f"{k}={_one_line(fields[k], 80)}" for k in ("request_id", "client", "model", "tokens", "cost",
+                                                                  "cached") if k in fields)
+    return f"{head} {extras}".strip()
+
+
+def _error_summary(fields: Mapping[str, Any]) -> str:
+    return f"error request_id={fields.get('request_id')} {fields.get('error_type')}: {_one_line(fields.get('message'))}"
+
+
+# --- security checks -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecurityEvent:
+    """One finding: what (type), how bad (low/medium/high), where (path, query, body, header:...), why."""
+
+    type: str
+    severity: str
+    location: str
+    detail: str
+
+
+_SQL_COMMON = (
+    r"['\"][\s)]*\b(?:or|and)\b\s+\S{1,20}?\s*=\s*\S"  # ' OR 1=1, " or ''='
+    r"|\bunion\b(?:\s+all)?\s+select\b"
+    r"|;\s*(?:drop|truncate|alter)\s+(?:table|database)\b"
+    r"|;\s*(?:delete\s+from|insert\s+into|exec(?:ute)?\s)"
+    r"|['\"][\s)]*(?:--|/\*)"  # a quote closed, then the rest of the query commented out
+)
+_XSS_COMMON = r"<script\b|<iframe\b|\bon(?:error|load)\s*="
+_TRAVERSAL = r"(?:\.|%2e){2}(?:/|\\|%2f|%5c)|/etc/(?:passwd|shadow)\b|\bwin\.ini\b"
+_PROMPT_PHRASES = (
+    r"ignore (?:all )?(?:the )?(?:previous|prior|above) instructions",
+    r"disregard (?:all )?(?:of )?the above",
+    r"you are now (?-i:DAN)\b",
+    r"reveal (?:your|the) system prompt",
+    r"pretend (?:that )?you have no (?:restrictions|rules|limits)",
+)
+
+# (type, description, pattern for path/query, pattern for body). The URL of a JSON API has no
+# business holding SQL at all; a body may be a prompt about SQL or HTML, so its patterns are
+# narrower ("select the best one from this list" is English, `SELECT * FROM users` is not).
+_CHECKS: list[tuple[str, str, re.Pattern[str] | None, re.Pattern[str]]] = [
+    ("sql_injection", "SQL injection pattern",
+     re.compile(_SQL_COMMON + r"|\bselect\b[\s\S]{1,100}?\bfrom\b", re.I),
+     re.compile(_SQL_COMMON + r"|\bselect\s+\*\s+from\b|(?-i:\bSELECT\b)[\s\S]{1,100}?(?-i:\bFROM\b)", re.I)),
+    ("xss", "script injection pattern",
+     re.compile(_XSS_COMMON + r"|javascript\s*:", re.I),
+     re.compile(_XSS_COMMON + r"|javascript:(?=\S)", re.I)),
+    ("path_traversal", "path traversal pattern", re.compile(_TRAVERSAL, re.I), re.compile(_TRAVERSAL, re.I)),
+    ("prompt_injection", "prompt injection phrase", None,
+     re.compile("|".join(p.replace(" ", r"\s+") for p in _PROMPT_PHRASES), re.I)),
+]
+_SCANNER_UA = re.compile(
+    r"\b(?:sqlmap|nikto|nmap|masscan|zgrab|acunetix|nessus|wpscan|dirbuster|gobuster|nuclei)\b", re.I)
+_DETAIL_SNIPPET = 80
+
+
+def _detail(description: str, match: re.Match[str]) -> str:
+    return f"{description}: {match.group(0)[:_DETAIL_SNIPPET]}"
+
+
+class SecurityScanner:
+    """Looks at one request's plain data and says what is suspicious; logging and blocking are the caller's."""
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self.max_body_bytes = max_body_bytes
+
+    def scan(self, *, path: str, query: str, headers: Mapping[str, str], body_texts: Iterable[str],
+             body_size: int) -> list[SecurityEvent]:
+        """At most one event per (type, location); URL findings are high, body findings medium."""
+        events: list[SecurityEvent] = []
+        url_parts = [("path", unquote(path or "")), ("query", unquote_plus(query or ""))]
+        texts = [t for t in body_texts if t]
+        for kind, description, url_pattern, body_pattern in _CHECKS:
+            if url_pattern is not None:
+                for location, text in url_parts:
+                    if text and (match := url_pattern.search(text)):
+                        events.append(SecurityEvent(kind, "high", location, _detail(description, match)))
+            for text in texts:
+                if match := body_pattern.search(text):
+                    events.append(SecurityEvent(kind, "medium", "body", _detail(description, match)))
+                    break
+        user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), "")
+        if user_agent and (match := _SCANNER_UA.search(user_agent)):
+            events.append(SecurityEvent("scanner_user_agent", "medium", "header:User-Agent",
+                                        _detail("known scanner user agent", match)))
+        if body_size > self.max_body_bytes:
+            events.append(SecurityEvent("oversized_payload", "high", "body",
+                                        f"body is {body_size} bytes, limit {self.max_body_bytes}"))
+        return events
+
+    @staticmethod
+    def should_block(events: Iterable[SecurityEvent], mode: str) -> bool:
+        """Refuse the request only in "block" mode and only for a high finding ("log"/"off" never block)."""
+        return mode == "block" and any(e.severity == "high" for e in events)

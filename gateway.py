@@ -1,0 +1,84 @@
+"""The parts of one gateway instance, built once from its config and shared by every request.
+
+`build_gateway(config)` is where the pieces meet: the upstream (live or demo), the Gemini
+client with its retry policy, the response cache, prices and token counter, the cost ledger,
+the log files, the security scanner and the process counters. `app.py` puts the HTTP layer
+around it; nothing here imports Flask, so the whole path can be used and tested without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import demo_mode
+from config import Config, ConfigError
+from cost_tracker import CostTracker, PriceTable, TokenCounter
+from enhanced_logging import RequestLogger, SecurityScanner
+from gemini_wrapper import GeminiClient
+from lru_cache import ResponseCache
+from metrics import GatewayMetrics
+from task_service import TaskService
+
+log = logging.getLogger("gateway")
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """Everything the routes and hooks of one app share."""
+
+    config: Config
+    upstream: demo_mode.Upstream
+    client: GeminiClient
+    service: TaskService
+    cache: ResponseCache
+    tracker: CostTracker
+    logger: RequestLogger
+    scanner: SecurityScanner
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    started_at: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        """Flush the logs and close the ledger (tests and clean shutdowns)."""
+        self.logger.close()
+        self.tracker.close()
+
+
+def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gateway:
+    """Build every part from `config`. `retry_overrides` replace retry policy fields (tests inject sleep/clock)."""
+    prices = PriceTable.load(
+        config.cost_price_file or None, model=config.gemini_model,
+        input_override=config.cost_input_price_per_million, output_override=config.cost_output_price_per_million,
+    )
+    if not prices.knows(config.gemini_model):
+        message = f"no price for model {config.gemini_model!r}: add it to the price file or set COST_*_PRICE_PER_MILLION"
+        if config.is_production:
+            raise ConfigError(message)
+        log.warning("%s; its requests are recorded at $0", message)
+    metrics = GatewayMetrics()
+    upstream = demo_mode.resolve_upstream(config)
+    client = GeminiClient.from_config(
+        config.replace(google_api_key=upstream.api_key), base_url=upstream.base_url,
+        on_retry=metrics.count_retry, **(retry_overrides or {}),
+    )
+    logger = RequestLogger(
+        config.log_dir, max_bytes=config.log_max_bytes, backup_count=config.log_backup_count,
+        console=config.log_console, console_level=config.log_level,
+        secrets=[config.google_api_key], log_full_prompts=config.log_full_prompts,
+    )
+    cache = ResponseCache(
+        {
+            "text": (config.cache_text_max_entries, config.cache_text_ttl_seconds),
+            "code": (config.cache_code_max_entries, config.cache_code_ttl_seconds),
+            "classify": (config.cache_classify_max_entries, config.cache_classify_ttl_seconds),
+        },
+        enabled=config.cache_enabled,
+    )
+    tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record))
+    service = TaskService(client, cache, prices, TokenCounter(),
+                          max_output_tokens=config.gemini_max_output_tokens or None)
+    return Gateway(
+        config=config, upstream=upstream, client=client, service=service, cache=cache, tracker=tracker,
+        logger=logger, scanner=SecurityScanner(config.request_max_bytes), metrics=metrics,
+    )

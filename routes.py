@@ -1,0 +1,185 @@
+"""The API's namespaces: health, the three tasks, and stats.
+
+Each resource validates its body against its RESTX model, hands the task to the gateway's
+`TaskService`, and leaves the outcome in `g.outcome` for the after-request hook in `app.py`,
+which turns it into cost headers, the ledger record and the summary log line.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import g, request
+from flask_restx import Namespace, Resource
+
+from api_schema import Schemas, check_distinct_categories
+from errors import InvalidRequest, UnsupportedMediaType
+from gateway import Gateway
+from task_service import CacheControl, TaskOutcome
+
+__version__ = "1.0.0"
+TASK_ENDPOINTS = frozenset({"/api/v1/generate/text", "/api/v1/generate/code", "/api/v1/classify/text"})
+MAX_STATS_HOURS = 24 * 366
+
+
+def health_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
+    ns = Namespace("health", description="Liveness and configuration summary")
+
+    @ns.route("")
+    class Health(Resource):
+        @ns.response(200, "Service is up", schemas.health)
+        def get(self):
+            """Report status, version, environment, provider, mode and uptime."""
+            return {
+                "status": "ok",
+                "version": __version__,
+                "environment": gateway.config.app_env,
+                "provider": gateway.upstream.provider,
+                "model": gateway.client.model,
+                "mode": gateway.upstream.mode,
+                "uptime_seconds": round(time.monotonic() - gateway.started_at, 3),
+            }
+
+    return ns
+
+
+def _task_responses(ns: Namespace, schemas: Schemas, success_model):
+    """The documented responses every task endpoint shares."""
+    codes = {
+        200: ("Answer; cost headers X-Cost-*, X-Tokens-*, X-Cached", success_model),
+        400: ("Invalid input", schemas.error),
+        413: ("Body too large", schemas.error), 415: ("Body is not JSON", schemas.error),
+        429: ("Rate limited, by the gateway or the provider; see Retry-After", schemas.error),
+        502: ("The provider failed or gave an unusable answer", schemas.error),
+        503: ("No provider configured", schemas.error), 504: ("The provider did not answer in time", schemas.error),
+    }
+
+    def decorate(method):
+        for status, (description, model) in codes.items():
+            method = ns.response(status, description, model)(method)
+        method = ns.doc(params={"Cache-Control": {"in": "header", "type": "string", "description":
+                        "no-cache: skip the cache lookup; no-store: do not cache the answer"}})(method)
+        return method
+
+    return decorate
+
+
+def generate_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namespace:
+    ns = Namespace("generate", description="Text and code generation")
+
+    @ns.route("/text")
+    class TextGeneration(Resource):
+        @ns.expect(schemas.text_request.model)
+        @_task_responses(ns, schemas, schemas.text_response)
+        @task_limit
+        def post(self):
+            """Generate text from a prompt (temperature 0.7)."""
+            payload = schemas.text_request.validate(_json_body())
+            outcome = gateway.service.generate_text(payload["prompt"], _cache_control(payload))
+            return {"generated_text": outcome.completion.text, **_answer_fields(gateway, outcome)}
+
+    @ns.route("/code")
+    class CodeGeneration(Resource):
+        @ns.expect(schemas.code_request.model)
+        @_task_responses(ns, schemas, schemas.code_response)
+        @task_limit
+        def post(self):
+            """Generate code (temperature 0.2); the answer is the code without markdown fences."""
+            payload = schemas.code_request.validate(_json_body())
+            language = payload.get("language", "python").strip().lower()
+            outcome = gateway.service.generate_code(payload["prompt"], language, _cache_control(payload))
+            return {"generated_code": outcome.completion.text, "language": language,
+                    **_answer_fields(gateway, outcome)}
+
+    return ns
+
+
+def classify_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namespace:
+    ns = Namespace("classify", description="Text classification into caller-given categories")
+
+    @ns.route("/text")
+    class TextClassification(Resource):
+        @ns.expect(schemas.classify_request.model)
+        @_task_responses(ns, schemas, schemas.classify_response)
+        @task_limit
+        def post(self):
+            """Classify text into exactly one of the given categories (temperature 0.0)."""
+            payload = schemas.classify_request.validate(_json_body())
+            categories = [category.strip() for category in payload["categories"]]
+            check_distinct_categories(categories)
+            outcome = gateway.service.classify_text(payload["text"], categories, _cache_control(payload))
+            return {"classification": outcome.completion.text, "categories": categories,
+                    **_answer_fields(gateway, outcome)}
+
+    return ns
+
+
+def stats_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
+    ns = Namespace("stats", description="Usage, cost, cache and reliability figures")
+    hours_doc = {"in": "query", "type": "number", "default": 24,
+                 "description": f"Window for ledger figures, in hours (0 < hours <= {MAX_STATS_HOURS})"}
+
+    @ns.route("")
+    class Stats(Resource):
+        @ns.doc(params={"hours": hours_doc})
+        @ns.response(200, "Figures", schemas.stats)
+        @ns.response(400, "Invalid hours", schemas.error)
+        def get(self):
+            """Requests, latency percentiles, cache, costs and savings, retries, limits, security events."""
+            hours = _hours_argument()
+            process = gateway.metrics.snapshot()
+            return {
+                "uptime_seconds": round(time.monotonic() - gateway.started_at, 3),
+                "window_hours": hours,
+                "usage": gateway.tracker.get_usage_stats(hours),
+                "cache": gateway.cache.stats(),
+                "process": process,
+            }
+
+    return ns
+
+
+def _hours_argument() -> float:
+    raw = request.args.get("hours", "24")
+    try:
+        hours = float(raw)
+    except ValueError:
+        hours = -1.0
+    if not 0 < hours <= MAX_STATS_HOURS:
+        raise InvalidRequest(f"Invalid input: 'hours' must be a number above 0 and at most {MAX_STATS_HOURS}",
+                             details={"fields": {"hours": f"must be in (0, {MAX_STATS_HOURS}]"}})
+    return hours
+
+
+def _json_body():
+    """The parsed JSON body; 415 if it is not declared as JSON (400 if it does not parse)."""
+    if not request.is_json:
+        raise UnsupportedMediaType(
+            "Send the body as JSON with 'Content-Type: application/json'",
+            details={"content_type": request.content_type or ""},
+        )
+    return request.get_json()
+
+
+def _cache_control(payload: dict) -> CacheControl:
+    """`Cache-Control: no-cache / no-store` headers, or the body's `cache` object, per request."""
+    directives = {part.strip().lower() for part in request.headers.get("Cache-Control", "").split(",")}
+    body = payload.get("cache") or {}
+    return CacheControl(
+        read="no-cache" not in directives and not body.get("no_cache", False),
+        write="no-store" not in directives and not body.get("no_store", False),
+    )
+
+
+def _answer_fields(gateway: Gateway, outcome: TaskOutcome) -> dict:
+    g.outcome = outcome
+    return {
+        "model": outcome.completion.model,
+        "provider": gateway.upstream.provider,
+        "cached": outcome.cached,
+        "usage": {"input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
+                  "total_tokens": outcome.input_tokens + outcome.output_tokens, "source": outcome.token_source},
+        "cost": {"currency": "USD", "input": round(outcome.cost.input, 10), "output": round(outcome.cost.output, 10),
+                 "total": round(outcome.cost.total, 10), "saved": round(outcome.saved.total, 10)},
+        "request_id": g.request_id,
+    }
