@@ -52,7 +52,7 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
         input_override=config.cost_input_price_per_million, output_override=config.cost_output_price_per_million,
     )
     if not prices.knows(config.gemini_model):
-        message = f"no price for model {config.gemini_model!r}: add it to the price file or set COST_*_PRICE_PER_MILLION"
+        message = f"no price for model {config.gemini_model!r}: add it to the price file or set COST_*_PER_MILLION"
         if config.is_production:
             raise ConfigError(message)
         log.warning("%s; its requests are recorded at $0", message)
