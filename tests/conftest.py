@@ -7,6 +7,8 @@ FakeClock so no test really sleeps.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from app import create_app
@@ -81,3 +83,33 @@ def make_app(make_config, clock):
 def client(make_app):
     """A Flask test client of a gateway with default settings, pointed at the emulator."""
     return make_app(ratelimit_enabled=False).test_client()
+
+
+class LiveServer:
+    """A gateway app served by waitress on a free loopback port, in a background thread."""
+
+    def __init__(self, app, threads: int = 16):
+        from waitress.server import create_server
+
+        self.app = app
+        self.server = create_server(app, host="127.0.0.1", port=0, threads=threads)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.close()
+
+
+@pytest.fixture
+def serve():
+    """serve(app) -> LiveServer; every server started is closed after the test."""
+    servers = []
+
+    def start(app, threads: int = 16) -> LiveServer:
+        servers.append(LiveServer(app, threads))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

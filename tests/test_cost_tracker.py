@@ -1,0 +1,132 @@
+"""Token counting offline, the price table, and the ledger: records, restarts, stats, exports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import threading
+
+import pytest
+
+from cost_tracker import CL100K_FILE, Cost, CostRecord, CostTracker, PriceTable, TokenCounter, percentiles
+
+
+def make_record(request_id: str, **changes) -> CostRecord:
+    fields = {"request_id": request_id, "timestamp": 1_000_000.0, "endpoint": "/api/v1/generate/text",
+              "client": "127.0.0.1", "model": "gemini-2.0-flash", "input_tokens": 100, "output_tokens": 50,
+              "input_cost": 0.00001, "output_cost": 0.00002, "total_cost": 0.00003, "cached": False,
+              "saved_cost": 0.0, "token_source": "provider", "latency_ms": 10.0, "status": 200}
+    fields.update(changes)
+    return CostRecord(**fields)
+
+
+def test_token_counter_uses_the_bundled_cl100k_offline():
+    counter = TokenCounter()
+    assert counter.exact
+    assert counter.count("hello world") == 2  # cl100k_base: "hello", " world"
+    assert counter.count("") == 0
+    assert counter.count("antidisestablishmentarianism") > 1
+
+
+def test_token_counter_falls_back_to_an_estimate_and_says_so(tmp_path, caplog):
+    broken = tmp_path / "cl100k_base.tiktoken"
+    broken.write_bytes(CL100K_FILE.read_bytes()[:1000])  # wrong hash
+    with caplog.at_level(logging.WARNING, logger="gateway.cost"):
+        counter = TokenCounter(broken)
+    assert not counter.exact
+    assert counter.count("x" * 40) == 10
+    assert "token estimates fall back" in caplog.text
+
+
+def test_gemini_flash_prices_per_million_tokens():
+    prices = PriceTable.load()
+    cost = prices.cost("gemini-2.0-flash", 1_000_000, 1_000_000)
+    assert cost.input == pytest.approx(0.10) and cost.output == pytest.approx(0.40)
+    assert prices.cost("gemini-2.0-flash", 1234, 567).total == pytest.approx(1234 * 0.10e-6 + 567 * 0.40e-6)
+
+
+def test_price_overrides_and_unknown_models(tmp_path):
+    prices = PriceTable.load(model="gemini-2.0-flash", input_override=1.0)
+    assert prices.cost("gemini-2.0-flash", 1_000_000, 1_000_000) == Cost(1.0, 0.40)
+    custom = tmp_path / "prices.json"
+    custom.write_text(json.dumps({"my-model": {"input_per_million": 2, "output_per_million": 3}}))
+    table = PriceTable.load(custom)
+    assert table.knows("my-model") and not table.knows("gemini-2.0-flash")
+    assert table.cost("gemini-2.0-flash", 10, 10) == Cost()
+
+
+def test_records_survive_a_restart(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    first = CostTracker(path)
+    first.record(make_record("a", total_cost=0.5))
+    assert first.record(make_record("b", total_cost=0.25)) == pytest.approx(0.75)
+    first.close()
+    second = CostTracker(path)
+    assert second.overall_cost == pytest.approx(0.75)
+    assert [record.request_id for record in second.records()] == ["a", "b"]
+    second.close()
+
+
+def test_each_record_is_passed_on_for_the_cost_log(tmp_path):
+    seen = []
+    tracker = CostTracker(tmp_path / "l.sqlite3", on_record=seen.append)
+    tracker.record(make_record("r1"))
+    assert seen[0]["request_id"] == "r1" and seen[0]["total_cost"] == pytest.approx(0.00003)
+
+
+def test_concurrent_records_are_neither_lost_nor_double_counted(tmp_path):
+    tracker = CostTracker(tmp_path / "l.sqlite3")
+    threads = [threading.Thread(target=lambda i=i: tracker.record(make_record(f"r{i}", total_cost=0.001)))
+               for i in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    records = tracker.records()
+    assert len(records) == 200 and len({record.request_id for record in records}) == 200
+    assert tracker.overall_cost == pytest.approx(0.2)
+    assert tracker.get_usage_stats(hours=10_000_000)["cost"]["total"] == pytest.approx(0.2)
+
+
+def test_usage_stats_by_endpoint_with_cache_savings(tmp_path):
+    now = 2_000_000.0
+    tracker = CostTracker(tmp_path / "l.sqlite3", clock=lambda: now)
+    tracker.record(make_record("old", timestamp=now - 3 * 3600))  # outside a 2-hour window
+    tracker.record(make_record("m1", timestamp=now - 60, latency_ms=100.0))
+    tracker.record(make_record("h1", timestamp=now - 30, cached=True, total_cost=0.0, input_cost=0.0,
+                               output_cost=0.0, saved_cost=0.00003, latency_ms=1.0))
+    tracker.record(make_record("c1", timestamp=now - 10, endpoint="/api/v1/classify/text", latency_ms=20.0))
+    tracker.record(make_record("e1", timestamp=now - 5, status=502, total_cost=0.0, input_cost=0.0, output_cost=0.0,
+                               input_tokens=0, output_tokens=0, token_source="none", latency_ms=5.0))
+    stats = tracker.get_usage_stats(hours=2)
+    assert stats["requests"] == 4
+    assert stats["by_status"] == {"200": 3, "502": 1}
+    assert stats["cache"] == {"hits": 1, "hit_rate": pytest.approx(1 / 3, abs=1e-4)}
+    assert stats["cost"]["total"] == pytest.approx(0.00006)
+    assert stats["cost_saved_by_cache"] == pytest.approx(0.00003)
+    assert stats["cost_reduction"] == pytest.approx(0.3333, abs=1e-4)
+    text = stats["by_endpoint"]["/api/v1/generate/text"]
+    assert text["requests"] == 3 and text["latency_ms"]["p50"] == 5.0 and text["latency_ms"]["p99"] == 100.0
+    assert stats["token_sources"] == {"provider": 3, "none": 1}
+    assert stats["overall_cost"] == pytest.approx(0.00009)  # all time, the old record included
+
+
+def test_export_to_json_and_csv(tmp_path):
+    tracker = CostTracker(tmp_path / "l.sqlite3")
+    for i in range(3):
+        tracker.record(make_record(f"r{i}", timestamp=__import__("time").time()))
+    assert tracker.export_records(tmp_path / "out.json", hours=1) == 3
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert [row["request_id"] for row in rows] == ["r0", "r1", "r2"]
+    assert tracker.export_records(tmp_path / "out.csv") == 3
+    with (tmp_path / "out.csv").open() as handle:
+        assert [row["request_id"] for row in csv.DictReader(handle)] == ["r0", "r1", "r2"]
+    with pytest.raises(ValueError):
+        tracker.export_records(tmp_path / "out.xml")
+
+
+def test_percentiles_by_nearest_rank():
+    assert percentiles([]) == {"p50": None, "p95": None, "p99": None}
+    values = list(range(1, 101))
+    assert percentiles(values) == {"p50": 50, "p95": 95, "p99": 99}
