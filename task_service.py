@@ -60,6 +60,8 @@ class TaskService:
     def __init__(self, client: GeminiClient, cache: ResponseCache, prices: PriceTable, counter: TokenCounter,
                  max_output_tokens: int | None = None):
         self.client = client
+        # A request sharing another's call waits no longer than that call may take; then it calls itself.
+        self._share_wait_seconds = client.retry_policy.deadline
         self.cache = cache
         self.prices = prices
         self.counter = counter
@@ -99,7 +101,8 @@ class TaskService:
             return self._priced_answer(completion, sent_prompt)
 
         started = time.perf_counter()
-        answer, status = self.cache.get_or_compute(task, key, compute, read=control.read, write=control.write)
+        answer, status = self.cache.get_or_compute(task, key, compute, read=control.read, write=control.write,
+                                                   wait_timeout=self._share_wait_seconds)
         total_ms = (time.perf_counter() - started) * 1000
         upstream = upstream_ms[0] if upstream_ms else None
         # Priced by the model we asked for: the provider may answer with a versioned name.
