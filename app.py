@@ -136,6 +136,8 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
                     upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 2),
                     cache_lookup_ms=round(outcome.cache_lookup_ms, 3),
                 )
+        if "prompt" in g:
+            summary["prompt"] = gateway.logger.describe_prompt(g.prompt)  # length + hash unless LOG_FULL_PROMPTS
         gateway.metrics.count_request(request.path, response.status_code, g.get("error_code"))
         gateway.logger.log_request(
             request_id=_request_id(), method=request.method, path=request.path, status=response.status_code,

@@ -75,6 +75,7 @@ def generate_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namesp
         def post(self):
             """Generate text from a prompt (temperature 0.7)."""
             payload = schemas.text_request.validate(_json_body())
+            g.prompt = payload["prompt"]
             outcome = gateway.service.generate_text(payload["prompt"], _cache_control(payload))
             return {"generated_text": outcome.completion.text, **_answer_fields(gateway, outcome)}
 
@@ -86,6 +87,7 @@ def generate_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namesp
         def post(self):
             """Generate code (temperature 0.2); the answer is the code without markdown fences."""
             payload = schemas.code_request.validate(_json_body())
+            g.prompt = payload["prompt"]
             language = payload.get("language", "python").strip().lower()
             outcome = gateway.service.generate_code(payload["prompt"], language, _cache_control(payload))
             return {"generated_code": outcome.completion.text, "language": language,
@@ -105,6 +107,7 @@ def classify_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namesp
         def post(self):
             """Classify text into exactly one of the given categories (temperature 0.0)."""
             payload = schemas.classify_request.validate(_json_body())
+            g.prompt = payload["text"]
             categories = [category.strip() for category in payload["categories"]]
             check_distinct_categories(categories)
             outcome = gateway.service.classify_text(payload["text"], categories, _cache_control(payload))

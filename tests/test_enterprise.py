@@ -221,7 +221,15 @@ def test_prompts_are_logged_as_length_and_hash_and_secrets_never(make_app, emula
     gateway_of(app).logger.flush()
     for path in gateway_of(app).config.log_dir.glob("*.log"):
         assert secret not in path.read_text(encoding="utf-8"), path.name
-    assert "my key is" not in (gateway_of(app).config.log_dir / "api_requests.log").read_text()
+    logged = read_log(app, "api_requests.log")[0]
+    assert "my key is" not in json.dumps(logged)
+    assert logged["prompt"]["length"] == len(f"my key is {secret}") and len(logged["prompt"]["sha256"]) == 16
+
+
+def test_full_prompt_logging_is_opt_in(make_app):
+    app = make_app(ratelimit_enabled=False, log_full_prompts=True)
+    app.test_client().post(TEXT, json={"prompt": "log me in full"})
+    assert read_log(app, "api_requests.log")[0]["prompt"]["text"] == "log me in full"
 
 
 def test_stats_reports_cache_costs_retries_limits_and_security(make_app, emulator):
