@@ -1,6 +1,6 @@
 """Replay a workload where 40% of requests repeat earlier prompts; report the cost saved.
 
-    python bench/cache_savings.py [--requests 400] [--repeat 0.4] [--delay 0.0]
+    python -m bench.cache_savings [--requests 400] [--repeat 0.4] [--delay 0.0]
 
 Starts the emulator and the gateway (waitress, production settings) on loopback, sends the
 workload, then reads `/api/v1/stats`: the cost reduction the cache achieved, and the median
@@ -16,7 +16,8 @@ import random
 from pathlib import Path
 
 import requests
-from harness import emulator, gateway, median, quantile
+
+from bench.harness import emulator, gateway, median, quantile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = [
