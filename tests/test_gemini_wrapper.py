@@ -64,8 +64,9 @@ def test_chat_models_are_built_once_and_reused(make_config, clock, emulator):
     for _ in range(3):
         client.generate_text("hi there")
         client.classify_text("good", ["positive", "negative"])
-    assert len(built) == len(TASK_TEMPERATURES)
-    assert all(model.max_retries == 1 for model in built)  # the SDK's own retries are off
+    assert len(built) == 1  # one model (and one SDK client and connection pool) for all tasks
+    assert built[0].max_retries == 1  # the SDK's own retries are off
+    assert emulator.request_count == 6
 
 
 def test_rate_limit_twice_then_success_retries_with_the_servers_delay(make_client, emulator, clock, caplog):
