@@ -59,6 +59,10 @@ _CREDENTIAL_TEXT = [
     (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]{12,}=*"), f"Bearer {REDACTED}"),
     (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), REDACTED),
 ]
+# One cheap search first: most strings (ids, paths, model names) match none of the patterns above.
+# (Case-insensitive throughout: a superset of the patterns, which is all a pre-filter needs.)
+_MAYBE_CREDENTIAL = re.compile(
+    "|".join(f"(?:{pattern.pattern.removeprefix('(?i)')})" for pattern, _ in _CREDENTIAL_TEXT), re.IGNORECASE)
 
 
 def _utc_now() -> str:
@@ -91,6 +95,7 @@ class RequestLogger:
         self.log_full_prompts = log_full_prompts
         usable = sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True)
         self._secrets = re.compile("|".join(map(re.escape, usable))) if usable else None
+        self._clean_keys: dict[str, str] = {}
 
         self._handlers: list[logging.Handler] = []
         for channel, filename in LOG_FILES.items():
@@ -159,13 +164,19 @@ class RequestLogger:
         return self._redact_text(str(value))  # anything else would be str()-ed by json: redact that text
 
     def _redact_key(self, key: Any) -> Any:
-        return self._redact_text(key) if isinstance(key, str) else key
+        if not isinstance(key, str):
+            return key
+        clean = self._clean_keys.get(key)
+        if clean is None:  # field names repeat on every line: redact each distinct one once
+            clean = self._clean_keys[key] = self._redact_text(key) if len(self._clean_keys) < 1024 else key
+        return clean
 
     def _redact_text(self, text: str) -> str:
         if self._secrets is not None:
             text = self._secrets.sub(REDACTED, text)
-        for pattern, replacement in _CREDENTIAL_TEXT:
-            text = pattern.sub(replacement, text)
+        if _MAYBE_CREDENTIAL.search(text):
+            for pattern, replacement in _CREDENTIAL_TEXT:
+                text = pattern.sub(replacement, text)
         return text
 
     # --- channels --------------------------------------------------------------------------
