@@ -30,8 +30,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import routes
 from api_schema import register_models
 from config import Config, ConfigError
-from cost_tracker import CostRecord
-from errors import GatewayError, RequestBlocked
+from errors import GatewayError, RequestBlocked, error_body
 from gateway import Gateway, build_gateway
 from task_service import TaskOutcome
 
@@ -120,29 +119,15 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
         if response.status_code not in (429, 503):
             response.headers.pop("Retry-After", None)  # Flask-Limiter adds it to every response
-        response.headers[REQUEST_ID_HEADER] = _request_id()
+        response.headers[REQUEST_ID_HEADER] = routes.request_id()
         response.headers["X-Response-Time-ms"] = f"{elapsed_ms:.1f}"
+        if g.get("streaming"):
+            return response  # accounted for when the stream ends (routes.py)
         outcome: TaskOutcome | None = g.get("outcome")
-        summary = {}
-        if request.path in routes.TASK_ENDPOINTS:
-            overall = _record_cost(gateway, outcome, response.status_code, elapsed_ms)
-            if outcome is not None:
-                _add_cost_headers(response, outcome, overall)
-                summary = {"model": outcome.completion.model, "cached": outcome.cached,
-                           "cache": outcome.cache_status, "input_tokens": outcome.input_tokens,
-                           "output_tokens": outcome.output_tokens, "cost": round(outcome.cost.total, 10)}
-                gateway.logger.log_performance(
-                    request_id=_request_id(), path=request.path, total_ms=round(elapsed_ms, 2),
-                    upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 2),
-                    cache_lookup_ms=round(outcome.cache_lookup_ms, 3),
-                )
-        if "prompt" in g:
-            summary["prompt"] = gateway.logger.describe_prompt(g.prompt)  # length + hash unless LOG_FULL_PROMPTS
-        gateway.metrics.count_request(request.path, response.status_code, g.get("error_code"))
-        gateway.logger.log_request(
-            request_id=_request_id(), method=request.method, path=request.path, status=response.status_code,
-            latency_ms=round(elapsed_ms, 2), client=request.remote_addr, **summary,
-        )
+        overall = gateway.finish_request(routes.request_info(), response.status_code, elapsed_ms, outcome,
+                                         is_task=request.path in routes.TASK_ENDPOINTS)
+        if outcome is not None:
+            _add_cost_headers(response, outcome, overall)
         return response
 
 
@@ -155,7 +140,7 @@ def _scan_request(gateway: Gateway) -> None:
     )
     for event in events:
         gateway.metrics.count_security_event(event.type)
-        gateway.logger.log_security_event(event, request_id=_request_id(), client=request.remote_addr or "")
+        gateway.logger.log_security_event(event, request_id=routes.request_id(), client=request.remote_addr or "")
     if gateway.scanner.should_block(events, gateway.config.security_mode):
         raise RequestBlocked("The request was refused by the gateway's security checks",
                              details={"findings": sorted({event.type for event in events if event.severity == "high"})})
@@ -172,21 +157,6 @@ def _strings_in(value) -> list[str]:
     return []
 
 
-def _record_cost(gateway: Gateway, outcome: TaskOutcome | None, status: int, elapsed_ms: float) -> float:
-    """Write the ledger record before the response leaves; every task request gets exactly one."""
-    answered = outcome is not None
-    record = CostRecord(
-        request_id=_request_id(), timestamp=time.time(), endpoint=request.path, client=request.remote_addr or "",
-        model=outcome.completion.model if answered else gateway.client.model,
-        input_tokens=outcome.input_tokens if answered else 0, output_tokens=outcome.output_tokens if answered else 0,
-        input_cost=outcome.cost.input if answered else 0.0, output_cost=outcome.cost.output if answered else 0.0,
-        total_cost=outcome.cost.total if answered else 0.0, cached=outcome.cached if answered else False,
-        saved_cost=outcome.saved.total if answered else 0.0,
-        token_source=outcome.token_source if answered else "none", latency_ms=round(elapsed_ms, 3), status=status,
-    )
-    return gateway.tracker.record(record)
-
-
 def _add_cost_headers(response, outcome: TaskOutcome, overall: float) -> None:
     response.headers["X-Cached"] = "true" if outcome.cached else "false"
     response.headers["X-Tokens-Input"] = str(outcome.input_tokens)
@@ -201,12 +171,6 @@ def _add_cost_headers(response, outcome: TaskOutcome, overall: float) -> None:
 
 def _usd(amount: float) -> str:
     return f"{amount:.10f}"
-
-
-def _request_id() -> str:
-    if "request_id" not in g:
-        g.request_id = uuid.uuid4().hex
-    return g.request_id
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -233,7 +197,7 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
         status, code, message, details = exc.status, exc.code, exc.message, exc.details
         if exc.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-        log.warning("%s: %s", code, message, extra={"request_id": _request_id()})
+        log.warning("%s: %s", code, message, extra={"request_id": routes.request_id()})
     elif isinstance(exc, HTTPException):
         status, details = exc.code or 500, {}
         code, message = _HTTP_ERRORS.get(status, ("http_error", exc.description or exc.name))
@@ -246,13 +210,12 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
                    if key in ("Allow", "Retry-After")}
     else:
         status, code, message, details = 500, "internal_error", "The gateway failed unexpectedly", {}
-        log.error("unhandled error", exc_info=exc, extra={"request_id": _request_id()})
+        log.error("unhandled error", exc_info=exc, extra={"request_id": routes.request_id()})
     g.error_code = code
     if status >= 500 or code == "upstream_rate_limited":
-        current_app.extensions["gateway"].logger.log_error(exc, request_id=_request_id(), status=status, code=code,
-                                                           path=request.path)
-    body = {"error": message, "code": code, "details": details, "request_id": _request_id()}
-    return body, status, headers
+        current_app.extensions["gateway"].logger.log_error(
+            exc, request_id=routes.request_id(), status=status, code=code, path=request.path)
+    return error_body(message, code, details, routes.request_id()), status, headers
 
 
 _HTTP_ERRORS = {

@@ -93,3 +93,8 @@ class UpstreamRejected(UpstreamError):
 
 class UpstreamBadAnswer(UpstreamError):
     code = "upstream_bad_answer"
+
+
+def error_body(message: str, code: str, details: dict, request_id: str) -> dict:
+    """The one JSON error shape every client sees (HTTP error bodies and stream error events)."""
+    return {"error": message, "code": code, "details": details, "request_id": request_id}

@@ -14,14 +14,41 @@ from dataclasses import dataclass, field
 
 import demo_mode
 from config import Config, ConfigError
-from cost_tracker import CostTracker, PriceTable, TokenCounter
+from cost_tracker import CostRecord, CostTracker, PriceTable, TokenCounter
 from enhanced_logging import RequestLogger, SecurityScanner
 from gemini_wrapper import GeminiClient
 from lru_cache import ResponseCache
 from metrics import GatewayMetrics
-from task_service import TaskService
+from task_service import TaskOutcome, TaskService
 
 log = logging.getLogger("gateway")
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What the accounting needs to know about one HTTP request, as plain data."""
+
+    request_id: str
+    method: str
+    path: str
+    client: str
+    prompt: str | None = None
+    error_code: str | None = None
+
+
+def _cost_record(request: RequestInfo, status: int, elapsed_ms: float, outcome: TaskOutcome | None,
+                 model: str) -> CostRecord:
+    """The ledger row of a task request; a request that got no answer costs nothing."""
+    if outcome is None:
+        return CostRecord(request.request_id, time.time(), request.path, request.client, model, 0, 0, 0.0, 0.0, 0.0,
+                          False, 0.0, "none", round(elapsed_ms, 3), status)
+    return CostRecord(
+        request_id=request.request_id, timestamp=time.time(), endpoint=request.path, client=request.client,
+        model=outcome.completion.model, input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens,
+        input_cost=outcome.cost.input, output_cost=outcome.cost.output, total_cost=outcome.cost.total,
+        cached=outcome.cached, saved_cost=outcome.saved.total, token_source=outcome.token_source,
+        latency_ms=round(elapsed_ms, 3), status=status,
+    )
 
 
 @dataclass(frozen=True)
@@ -38,6 +65,29 @@ class Gateway:
     scanner: SecurityScanner
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     started_at: float = field(default_factory=time.monotonic)
+
+    def finish_request(self, request: RequestInfo, status: int, elapsed_ms: float,
+                       outcome: TaskOutcome | None = None, *, is_task: bool = False) -> float | None:
+        """Account for one finished request: ledger record (task requests, before the answer leaves),
+        performance line, counters and the one summary log line. Returns the ledger's overall spend."""
+        overall, summary = None, {}
+        if is_task:
+            overall = self.tracker.record(_cost_record(request, status, elapsed_ms, outcome, self.client.model))
+        if outcome is not None:
+            summary = {"model": outcome.completion.model, "cached": outcome.cached, "cache": outcome.cache_status,
+                       "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
+                       "cost": round(outcome.cost.total, 10)}
+            self.logger.log_performance(
+                request_id=request.request_id, path=request.path, total_ms=round(elapsed_ms, 2),
+                upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 2),
+                cache_lookup_ms=round(outcome.cache_lookup_ms, 3),
+            )
+        if request.prompt is not None:
+            summary["prompt"] = self.logger.describe_prompt(request.prompt)  # length + hash unless LOG_FULL_PROMPTS
+        self.metrics.count_request(request.path, status, request.error_code)
+        self.logger.log_request(request_id=request.request_id, method=request.method, path=request.path,
+                                status=status, latency_ms=round(elapsed_ms, 2), client=request.client, **summary)
+        return overall
 
     def close(self) -> None:
         """Flush the logs and close the ledger (tests and clean shutdowns)."""

@@ -7,18 +7,21 @@ which turns it into cost headers, the ledger record and the summary log line.
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 
-from flask import g, request
+from flask import Response, g, request, stream_with_context
 from flask_restx import Namespace, Resource
 
 from api_schema import Schemas, check_distinct_categories
-from errors import InvalidRequest, UnsupportedMediaType
-from gateway import Gateway
+from errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body
+from gateway import Gateway, RequestInfo
 from task_service import CacheControl, TaskOutcome
 
 __version__ = "1.0.0"
-TASK_ENDPOINTS = frozenset({"/api/v1/generate/text", "/api/v1/generate/code", "/api/v1/classify/text"})
+TASK_ENDPOINTS = frozenset({"/api/v1/generate/text", "/api/v1/generate/code", "/api/v1/classify/text",
+                            "/api/v1/generate/text/stream"})
 MAX_STATS_HOURS = 24 * 366
 
 
@@ -93,7 +96,47 @@ def generate_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namesp
             return {"generated_code": outcome.completion.text, "language": language,
                     **_answer_fields(gateway, outcome)}
 
+    @ns.route("/text/stream")
+    class TextGenerationStream(Resource):
+        @ns.expect(schemas.text_request.model)
+        @ns.produces(["text/event-stream"])
+        @_task_responses(ns, schemas, schemas.text_response)
+        @task_limit
+        def post(self):
+            """Generate text as it is produced: server-sent events `chunk` ({text}), then `done` (model,
+            usage, cost) or `error` (the error shape). Not cached; cost headers come in the `done` event."""
+            payload = schemas.text_request.validate(_json_body())
+            g.prompt = payload["prompt"]
+            started = time.perf_counter()
+            stream = gateway.service.open_text_stream(payload["prompt"])  # failures here are plain JSON errors
+            g.streaming = True
+            events = _stream_events(gateway, stream, payload["prompt"], (time.perf_counter() - started) * 1000)
+            return Response(stream_with_context(events), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     return ns
+
+
+def _stream_events(gateway: Gateway, stream, prompt: str, open_ms: float):
+    """SSE events for one stream; the ledger record is written before the final event is sent."""
+    status, outcome = 200, None
+    try:
+        for text in stream:
+            yield _sse("chunk", {"text": text})
+        outcome = gateway.service.stream_outcome(stream, prompt, open_ms)
+        final = ("done", _answer_fields(gateway, outcome))
+    except GatewayError as exc:
+        status, g.error_code = exc.status, exc.code
+        final = ("error", error_body(exc.message, exc.code, exc.details, request_id()))
+    elapsed_ms = (time.perf_counter() - g.started) * 1000
+    overall = gateway.finish_request(request_info(), status, elapsed_ms, outcome, is_task=True)
+    if outcome is not None:
+        final[1]["cost"]["overall"] = round(overall, 10)
+    yield _sse(*final)
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 def classify_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namespace:
@@ -154,6 +197,18 @@ def _hours_argument() -> float:
     return hours
 
 
+def request_info() -> RequestInfo:
+    """The current request as plain data for the gateway's accounting."""
+    return RequestInfo(request_id=request_id(), method=request.method, path=request.path,
+                       client=request.remote_addr or "", prompt=g.get("prompt"), error_code=g.get("error_code"))
+
+
+def request_id() -> str:
+    if "request_id" not in g:
+        g.request_id = uuid.uuid4().hex
+    return g.request_id
+
+
 def _json_body():
     """The parsed JSON body; 415 if it is not declared as JSON (400 if it does not parse)."""
     if not request.is_json:
@@ -184,5 +239,5 @@ def _answer_fields(gateway: Gateway, outcome: TaskOutcome) -> dict:
                   "total_tokens": outcome.input_tokens + outcome.output_tokens, "source": outcome.token_source},
         "cost": {"currency": "USD", "input": round(outcome.cost.input, 10), "output": round(outcome.cost.output, 10),
                  "total": round(outcome.cost.total, 10), "saved": round(outcome.saved.total, 10)},
-        "request_id": g.request_id,
+        "request_id": request_id(),
     }

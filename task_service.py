@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import task_prompts
 from cost_tracker import Cost, PriceTable, TokenCounter
-from gemini_wrapper import TASK_TEMPERATURES, Completion, GeminiClient
+from gemini_wrapper import TASK_TEMPERATURES, Completion, GeminiClient, TextStream
 from lru_cache import ResponseCache
 
 
@@ -105,6 +105,18 @@ class TaskService:
                                                    wait_timeout=self._share_wait_seconds)
         total_ms = (time.perf_counter() - started) * 1000
         upstream = upstream_ms[0] if upstream_ms else None
+        return self._outcome(answer, status, upstream, total_ms - (upstream or 0.0))
+
+    def open_text_stream(self, prompt: str) -> TextStream:
+        """Start streaming a text answer (retries until the first chunk). Streams bypass the cache."""
+        return self.client.stream_text(prompt)
+
+    def stream_outcome(self, stream: TextStream, prompt: str, upstream_ms: float) -> TaskOutcome:
+        """Price a finished stream like any other upstream answer."""
+        answer = self._priced_answer(stream.completion, lambda: task_prompts.text_prompt(prompt))
+        return self._outcome(answer, "miss", upstream_ms, 0.0)
+
+    def _outcome(self, answer: Answer, status: str, upstream_ms: float | None, lookup_ms: float) -> TaskOutcome:
         # Priced by the model we asked for: the provider may answer with a versioned name.
         full_cost = self.prices.cost(self.client.model, answer.input_tokens, answer.output_tokens)
         made_the_call = status == "miss"
@@ -116,8 +128,8 @@ class TaskService:
             token_source=answer.token_source,
             cost=full_cost if made_the_call else Cost(),
             saved=Cost() if made_the_call else full_cost,
-            upstream_ms=upstream,
-            cache_lookup_ms=total_ms - (upstream or 0.0) if made_the_call else total_ms,
+            upstream_ms=upstream_ms,
+            cache_lookup_ms=lookup_ms,
         )
 
     def _priced_answer(self, completion: Completion, sent_prompt) -> Answer:

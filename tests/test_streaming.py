@@ -1,0 +1,66 @@
+"""Text streaming over server-sent events: chunks as they come, then usage and cost, in the ledger."""
+
+from __future__ import annotations
+
+import json
+
+import requests
+
+STREAM = "/api/v1/generate/text/stream"
+
+
+def events_of(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_stream_sends_chunks_then_done_with_usage_and_cost(make_app, emulator):
+    app = make_app(ratelimit_enabled=False)
+    client = app.test_client()
+    response = client.post(STREAM, json={"prompt": "Tell me about rivers"})
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    events = events_of(response.get_data(as_text=True))
+    chunks = [data["text"] for name, data in events if name == "chunk"]
+    name, done = events[-1]
+    assert name == "done" and len(chunks) >= 2
+    whole = client.post("/api/v1/generate/text", json={"prompt": "Tell me about rivers"}).get_json()
+    assert "".join(chunks) == whole["generated_text"]
+    assert done["usage"] == whole["usage"] and done["usage"]["source"] == "provider"
+    assert done["cost"]["total"] == whole["cost"]["total"] > 0
+    assert done["request_id"] == response.headers["X-Request-ID"]
+    records = app.extensions["gateway"].tracker.records()
+    assert [r.endpoint for r in records] == [STREAM, "/api/v1/generate/text"]
+    assert records[0].request_id == done["request_id"] and records[0].total_cost == done["cost"]["total"]
+    assert emulator.requests[0]["stream"] is True
+
+
+def test_stream_retries_before_the_first_chunk(make_app, emulator, clock):
+    emulator.inject("rate_limit", times=2, retry_delay=1)
+    response = make_app(ratelimit_enabled=False).test_client().post(STREAM, json={"prompt": "hello"})
+    assert events_of(response.get_data(as_text=True))[-1][0] == "done"
+    assert emulator.request_count == 3 and clock.sleeps == [1.0, 1.0]
+
+
+def test_stream_that_cannot_start_is_a_plain_json_error(make_app, emulator):
+    emulator.set_steady_fault("bad_request")
+    app = make_app(ratelimit_enabled=False)
+    response = app.test_client().post(STREAM, json={"prompt": "hello"})
+    assert response.status_code == 502 and response.get_json()["code"] == "upstream_rejected"
+    record = app.extensions["gateway"].tracker.records()[0]
+    assert record.status == 502 and record.total_cost == 0
+
+
+def test_stream_validates_input_like_the_other_endpoints(make_app):
+    response = make_app(ratelimit_enabled=False).test_client().post(STREAM, json={"prompt": ""})
+    assert response.status_code == 400 and "prompt" in response.get_json()["details"]["fields"]
+
+
+def test_stream_arrives_in_pieces_through_waitress(make_app, emulator, serve):
+    server = serve(make_app(ratelimit_enabled=False))
+    with requests.post(server.url + STREAM, json={"prompt": "one two three four five"}, stream=True,
+                       timeout=10) as response:
+        pieces = [line for line in response.iter_lines(decode_unicode=True) if line.startswith("event:")]
+    assert pieces[0] == "event: chunk" and pieces[-1] == "event: done" and len(pieces) >= 3
