@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+import httpx
 import pydantic
 from google.genai import errors as genai_errors
 from google.genai import types
@@ -93,11 +94,14 @@ class GeminiClient:
         base_url: str | None = None,
         retry_policy: RetryPolicy | None = None,
         max_output_tokens: int | None = None,
+        max_connections: int = 256,
         chat_model_factory: Callable[..., ChatGoogleGenerativeAI] = ChatGoogleGenerativeAI,
     ):
         self.model = model
         self.retry_policy = retry_policy or RetryPolicy()
-        options = {"model": model, "google_api_key": api_key, "max_retries": 1}
+        # httpx's default pool (100 connections) would queue calls when more are in flight at once.
+        pool = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        options = {"model": model, "google_api_key": api_key, "max_retries": 1, "client_args": {"limits": pool}}
         if base_url:
             options["base_url"] = base_url
         if max_output_tokens:
@@ -126,6 +130,7 @@ class GeminiClient:
             base_url=base_url or config.gemini_base_url or None,
             retry_policy=policy,
             max_output_tokens=config.gemini_max_output_tokens or None,
+            max_connections=config.gemini_max_connections,
         )
 
     def generate_text(self, prompt: str) -> Completion:
