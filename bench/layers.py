@@ -3,7 +3,8 @@
     python -m bench.layers [--calls 300]
 
 Measures one generateContent round trip (wall time, and the CPU this process spends, which
-is steadier on a shared machine) through: raw httpx, the google-genai SDK,
+is steadier on a shared machine) through: raw httpx, the google-genai SDK's transport and its
+typed `generate_content`,
 LangChain's `ChatGoogleGenerativeAI.invoke`, and the gateway's own `GeminiClient` (which
 adds retries, the deadline and error translation). The emulator runs in its own process.
 """
@@ -61,6 +62,8 @@ def main() -> None:
                                                headers={"x-goog-api-key": KEY, "content-type": "application/json"}),
             "google-genai generate_content": lambda: sdk.models.generate_content(
                 model=MODEL, contents="Say hello", config=types.GenerateContentConfig(temperature=0.7)),
+            "google-genai transport request": lambda: json.loads(sdk._api_client.request(
+                "post", f"models/{MODEL}:generateContent", body, {"timeout": 30000}).body),
             "LangChain invoke": lambda: chat.invoke("Say hello"),
             "GeminiClient.generate_text": lambda: gateway_client.generate_text("Say hello"),
         }

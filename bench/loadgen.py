@@ -176,15 +176,19 @@ def run_concurrent(url: str, make_request: Callable[[int], bytes], clients: int,
 
 
 def time_to_first_byte(url: str, make_request: Callable[[int], bytes], count: int) -> list[float]:
-    """Sequential requests; ms from sending each to its first body byte (for streams: the first event)."""
-    connection, samples = Connection(url), []
-    try:
-        for i in range(count):
-            request, mark = make_request(i), []
+    """Sequential requests, ms from sending each to its first body byte (for streams: the first event).
+
+    A fresh connection each time, for every server alike: waitress closes the connection after
+    a chunked (streamed) response, so keep-alive is not on offer there.
+    """
+    samples = []
+    for i in range(count):
+        connection, request, mark = Connection(url), make_request(i), []
+        try:
             sent = time.perf_counter()
             status, _ = connection.exchange(request, on_first_body_byte=lambda m=mark: m.append(time.perf_counter()))
-            if 200 <= status < 300 and mark:
-                samples.append((mark[0] - sent) * 1000)
-    finally:
-        connection.close()
+        finally:
+            connection.close()
+        if 200 <= status < 300 and mark:
+            samples.append((mark[0] - sent) * 1000)
     return samples
