@@ -17,7 +17,6 @@ import math
 import re
 import sys
 import time
-import uuid
 
 from flask import Flask, current_app, g, jsonify, request
 from flask_cors import CORS
@@ -106,26 +105,32 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
 # --- hooks --------------------------------------------------------------------------------------
 
 def _register_hooks(app: Flask, gateway: Gateway) -> None:
+    scan = gateway.config.security_mode != "off"
+
     @app.before_request
     def start_request():
-        g.started = time.perf_counter()
+        context = g._get_current_object()  # one proxy lookup instead of one per attribute
+        context.started = time.perf_counter()
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        if gateway.config.security_mode != "off":
+        context.request_id = incoming if _VALID_REQUEST_ID.match(incoming) else routes.new_request_id()
+        if scan:
             _scan_request(gateway)
 
     @app.after_request
     def finish_request(response):
-        elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        context = g._get_current_object()
+        elapsed_ms = (time.perf_counter() - context.get("started", time.perf_counter())) * 1000
+        headers = response.headers
         if response.status_code not in (429, 503):
-            response.headers.pop("Retry-After", None)  # Flask-Limiter adds it to every response
-        response.headers[REQUEST_ID_HEADER] = routes.request_id()
-        response.headers["X-Response-Time-ms"] = f"{elapsed_ms:.1f}"
-        if g.get("streaming"):
+            headers.pop("Retry-After", None)  # Flask-Limiter adds it to every response
+        headers[REQUEST_ID_HEADER] = routes.request_id()
+        headers["X-Response-Time-ms"] = f"{elapsed_ms:.1f}"
+        if context.get("streaming"):
             return response  # accounted for when the stream ends (routes.py)
-        outcome: TaskOutcome | None = g.get("outcome")
-        overall = gateway.finish_request(routes.request_info(), response.status_code, elapsed_ms, outcome,
-                                         is_task=request.path in routes.TASK_ENDPOINTS)
+        outcome: TaskOutcome | None = context.get("outcome")
+        info = routes.request_info()
+        overall = gateway.finish_request(info, response.status_code, elapsed_ms, outcome,
+                                         is_task=info.path in routes.TASK_ENDPOINTS)
         if outcome is not None:
             _add_cost_headers(response, outcome, overall)
         return response

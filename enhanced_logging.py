@@ -5,7 +5,7 @@ Why it looks like this:
 - One file per concern (requests, security audit, errors, performance, cost) so each can be
   tailed, shipped or kept for its own time; every line is one JSON object (`ts`, `event`, fields).
 - Request threads never wait on disk: a record is redacted and encoded in the caller's thread, then
-  handed to a `QueueHandler`; one `QueueListener` thread per `RequestLogger` writes it to its
+  put on a queue; one `QueueListener` thread per `RequestLogger` writes it to its
   channel's rotating file. `flush()` waits for what is queued so far; `close()` drains and closes.
 - Secrets never reach a file or the console: configured secret values, sensitive keys
   (Authorization, api keys, passwords...) and credential-looking text are replaced by "[REDACTED]".
@@ -59,6 +59,7 @@ _CREDENTIAL_TEXT = [
     (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]{12,}=*"), f"Bearer {REDACTED}"),
     (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), REDACTED),
 ]
+_MEMO_MAX_LEN, _MEMO_ENTRIES = 64, 4096
 # One cheap search first: most strings (ids, paths, model names) match none of the patterns above.
 # (Case-insensitive throughout: a superset of the patterns, which is all a pre-filter needs.)
 _MAYBE_CREDENTIAL = re.compile(
@@ -96,6 +97,7 @@ class RequestLogger:
         usable = sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True)
         self._secrets = re.compile("|".join(map(re.escape, usable))) if usable else None
         self._clean_keys: dict[str, str] = {}
+        self._clean_short: dict[str, str] = {}
 
         self._handlers: list[logging.Handler] = []
         for channel, filename in LOG_FILES.items():
@@ -112,7 +114,6 @@ class RequestLogger:
             self._handlers.append(stream)
 
         self._queue: queue.Queue[logging.LogRecord] = queue.Queue()
-        self._queue_handler = logging.handlers.QueueHandler(self._queue)
         self._listener = logging.handlers.QueueListener(
             self._queue, *self._handlers, _FlushSignal(), respect_handler_level=True)
         self._lock = threading.Lock()
@@ -141,7 +142,6 @@ class RequestLogger:
         self._listener.stop()  # the sentinel goes after every queued record, so they are all written
         for handler in self._handlers:
             handler.close()
-        self._queue_handler.close()
 
     def __enter__(self) -> RequestLogger:
         return self
@@ -172,6 +172,16 @@ class RequestLogger:
         return clean
 
     def _redact_text(self, text: str) -> str:
+        if len(text) <= _MEMO_MAX_LEN:  # paths, methods, model names, clients repeat on every line
+            clean = self._clean_short.get(text)
+            if clean is None:
+                if len(self._clean_short) >= _MEMO_ENTRIES:
+                    self._clean_short.clear()
+                clean = self._clean_short[text] = self._redact_uncached(text)
+            return clean
+        return self._redact_uncached(text)
+
+    def _redact_uncached(self, text: str) -> str:
         if self._secrets is not None:
             text = self._secrets.sub(REDACTED, text)
         if _MAYBE_CREDENTIAL.search(text):
@@ -231,7 +241,7 @@ class RequestLogger:
         record = _record(level, line, channel=channel, console_text=console_text)
         with self._lock:  # never enqueue behind close()'s sentinel: that record would be lost
             if not self._closed:
-                self._queue_handler.handle(record)
+                self._queue.put_nowait(record)  # the record is final: no QueueHandler copy/format needed
 
 
 def _is_sensitive_key(key: Any) -> bool:
@@ -317,6 +327,9 @@ _CHECKS: list[tuple[str, str, re.Pattern[str] | None, re.Pattern[str]]] = [
     ("prompt_injection", "prompt injection phrase", None,
      re.compile("|".join(p.replace(" ", r"\s+") for p in _PROMPT_PHRASES), re.I)),
 ]
+# Most requests are clean: one search with every pattern of a location rules a text out at once.
+_ANY_URL_FINDING = re.compile("|".join(f"(?:{url.pattern})" for _, _, url, _ in _CHECKS if url is not None), re.I)
+_ANY_BODY_FINDING = re.compile("|".join(f"(?:{body.pattern})" for _, _, _, body in _CHECKS), re.I)
 _SCANNER_UA = re.compile(
     r"\b(?:sqlmap|nikto|nmap|masscan|zgrab|acunetix|nessus|wpscan|dirbuster|gobuster|nuclei)\b", re.I)
 _DETAIL_SNIPPET = 80
@@ -336,8 +349,9 @@ class SecurityScanner:
              body_size: int) -> list[SecurityEvent]:
         """At most one event per (type, location); URL findings are high, body findings medium."""
         events: list[SecurityEvent] = []
-        url_parts = [("path", unquote(path or "")), ("query", unquote_plus(query or ""))]
-        texts = [t for t in body_texts if t]
+        decoded = (("path", unquote(path or "")), ("query", unquote_plus(query or "")))
+        url_parts = [(where, text) for where, text in decoded if text and _ANY_URL_FINDING.search(text)]
+        texts = [t for t in body_texts if t and _ANY_BODY_FINDING.search(t)]
         for kind, description, url_pattern, body_pattern in _CHECKS:
             if url_pattern is not None:
                 for location, text in url_parts:

@@ -7,6 +7,7 @@ which turns it into cost headers, the ledger record and the summary log line.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -199,14 +200,26 @@ def _hours_argument() -> float:
 
 def request_info() -> RequestInfo:
     """The current request as plain data for the gateway's accounting."""
-    return RequestInfo(request_id=request_id(), method=request.method, path=request.path,
-                       client=request.remote_addr or "", prompt=g.get("prompt"), error_code=g.get("error_code"))
+    current, context = request._get_current_object(), g._get_current_object()
+    return RequestInfo(request_id=request_id(), method=current.method, path=current.path,
+                       client=current.remote_addr or "", prompt=context.get("prompt"),
+                       error_code=context.get("error_code"))
 
 
 def request_id() -> str:
-    if "request_id" not in g:
-        g.request_id = uuid.uuid4().hex
-    return g.request_id
+    context = g._get_current_object()
+    if "request_id" not in context:
+        context.request_id = new_request_id()
+    return context.request_id
+
+
+_ID_PREFIX = uuid.uuid4().hex[:16]  # random per process, so ids from several workers never collide
+_id_counter = itertools.count()
+
+
+def new_request_id() -> str:
+    """A unique id without a system call per request: a per-process random prefix and a counter."""
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 def _json_body():
