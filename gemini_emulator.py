@@ -54,7 +54,7 @@ _ERROR_FAULTS = {  # fault -> (HTTP code, Google status, message)
     "bad_request": (400, "INVALID_ARGUMENT", "Request contains an invalid argument."),
     "permission_denied": (403, "PERMISSION_DENIED", "The caller does not have permission."),
 }
-FAULTS = frozenset(_ERROR_FAULTS) | {"safety_block", "slow", "hang", "malformed", "drop", "empty"}
+FAULTS = frozenset(_ERROR_FAULTS) | {"safety_block", "slow", "hang", "malformed", "drop", "empty", "no_usage"}
 
 _MODEL_PATH = re.compile(
     r"/v1(?:beta|alpha)?/(?P<model>(?:models|tunedModels)/[^/:]+)"
@@ -330,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = "\n".join(system + _texts(contents))
         meta = {"modelVersion": model, "responseId": f"emu-{number:06d}"}
         fault, params = emu._next_fault()
-        if fault and fault not in ("slow", "empty"):
+        if fault and fault not in ("slow", "empty", "no_usage"):
             return self._fail(fault, params, stream, _tokens(prompt), meta)
         delay = emu.reply_delay + (float(params.get("seconds", 1)) if fault == "slow" else 0)
         if delay > 0 and emu._stopping.wait(delay):
@@ -340,7 +340,7 @@ class _Handler(BaseHTTPRequestHandler):
         user_turns = [c for c in contents if not isinstance(c, dict) or c.get("role") != "model"]
         text = "" if fault == "empty" else reply_for_prompt(
             prompt, "\n".join(_texts(user_turns[-1:])))
-        self._reply(text, stream, _tokens(prompt), meta)
+        self._reply(text, stream, _tokens(prompt), meta, with_usage=fault != "no_usage")
 
     def _fail(self, fault: str, params: dict, stream: bool, prompt_tokens: int,
               meta: dict) -> None:
@@ -363,8 +363,9 @@ class _Handler(BaseHTTPRequestHandler):
         blocked = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage, **meta}
         return self._send_sse([blocked]) if stream else self._send_json(200, blocked)
 
-    def _reply(self, text: str, stream: bool, prompt_tokens: int, meta: dict) -> None:
-        """A normal reply: one JSON body, or several SSE chunks with cumulative usage."""
+    def _reply(self, text: str, stream: bool, prompt_tokens: int, meta: dict, with_usage: bool = True) -> None:
+        """A normal reply: one JSON body, or several SSE chunks with cumulative usage (unless `with_usage`
+        is off: the "no_usage" fault, a reply that reports no token counts)."""
         pieces = _split(text) if stream else [text]
         events, so_far = [], ""
         for number, piece in enumerate(pieces, 1):
@@ -374,9 +375,9 @@ class _Handler(BaseHTTPRequestHandler):
             if number == len(pieces):
                 candidate["finishReason"] = "STOP"
             reply_tokens = _tokens(so_far)  # cumulative, as Gemini reports while streaming
-            events.append({"candidates": [candidate], "usageMetadata": {
-                "promptTokenCount": prompt_tokens, "candidatesTokenCount": reply_tokens,
-                "totalTokenCount": prompt_tokens + reply_tokens}, **meta})
+            usage = {"usageMetadata": {"promptTokenCount": prompt_tokens, "candidatesTokenCount": reply_tokens,
+                                       "totalTokenCount": prompt_tokens + reply_tokens}} if with_usage else {}
+            events.append({"candidates": [candidate], **usage, **meta})
         self._send_sse(events) if stream else self._send_json(200, events[0])
 
 

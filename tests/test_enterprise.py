@@ -43,6 +43,21 @@ def test_a_miss_is_billed_from_provider_usage_with_cost_headers(app, emulator):
     assert body["cost"]["total"] == pytest.approx(expected.total)
 
 
+def test_a_reply_without_usage_is_billed_from_a_tiktoken_estimate(app, emulator):
+    from cost_tracker import TokenCounter
+    from task_prompts import text_prompt
+
+    emulator.inject("no_usage")
+    response = app.test_client().post(TEXT, json={"prompt": "Estimate my tokens please"})
+    body, counter = response.get_json(), TokenCounter()
+    assert body["usage"]["source"] == "estimate"
+    assert body["usage"]["input_tokens"] == counter.count(text_prompt("Estimate my tokens please"))
+    assert body["usage"]["output_tokens"] == counter.count(body["generated_text"])
+    expected = PRICES.cost("gemini-2.0-flash", body["usage"]["input_tokens"], body["usage"]["output_tokens"])
+    assert float(response.headers["X-Cost-Total"]) == pytest.approx(expected.total, abs=1e-10)
+    assert gateway_of(app).tracker.records()[0].token_source == "estimate"
+
+
 def test_a_hit_is_served_without_an_upstream_call_at_zero_cost(app, emulator):
     client = app.test_client()
     first = client.post(TEXT, json={"prompt": "Tell me about lighthouses"})
