@@ -66,6 +66,7 @@ class Config:
     gemini_deadline_seconds: float = _env("GEMINI_DEADLINE_SECONDS", "30", kind=float, minimum=0.01)
     gemini_max_output_tokens: int = _env("GEMINI_MAX_OUTPUT_TOKENS", "0", kind=int, minimum=0)
     gemini_max_connections: int = _env("GEMINI_MAX_CONNECTIONS", "256", kind=int, minimum=1)
+    gemini_pool_shards: int = _env("GEMINI_POOL_SHARDS", "8", kind=int, minimum=1)
 
     retry_max_attempts: int = _env("RETRY_MAX_ATTEMPTS", "5", kind=int, minimum=1)
     retry_min_wait_seconds: float = _env("RETRY_MIN_WAIT_SECONDS", "1", kind=float, minimum=0)

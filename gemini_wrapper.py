@@ -21,12 +21,18 @@ user's design names; they use a client built lazily from the environment on firs
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
+import math
+import os
 import re
+import ssl
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+import certifi
 import httpx
 import pydantic
 from google.genai import errors as genai_errors
@@ -95,21 +101,29 @@ class GeminiClient:
         retry_policy: RetryPolicy | None = None,
         max_output_tokens: int | None = None,
         max_connections: int = 256,
+        pool_shards: int = 8,
         chat_model_factory: Callable[..., ChatGoogleGenerativeAI] = ChatGoogleGenerativeAI,
     ):
         self.model = model
         self.retry_policy = retry_policy or RetryPolicy()
-        # httpx's default pool (100 connections) would queue calls when more are in flight at once.
-        pool = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        options = {"model": model, "google_api_key": api_key, "max_retries": 1, "client_args": {"limits": pool}}
+        # One httpx pool serialises every request and response on one lock, and scans all its
+        # connections under it: with 200 calls in flight, threads spent most of their time waiting
+        # there (py-spy). `pool_shards` clients each own a slice of `max_connections`, and each
+        # server thread keeps to one of them. They share one TLS context.
+        per_shard = max(1, math.ceil(max_connections / pool_shards))
+        client_args = {"limits": httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
+                       "verify": _tls_context()}
+        options = {"model": model, "google_api_key": api_key, "max_retries": 1, "client_args": client_args}
         if base_url:
             options["base_url"] = base_url
         if max_output_tokens:
             options["max_output_tokens"] = max_output_tokens
-        # LangChain builds and configures the SDK client (key, base URL, headers, SDK retries off);
-        # calls go through that client's transport (see `_call_once`).
-        self.chat_model = chat_model_factory(**options)
-        self._transport = self.chat_model.client._api_client
+        # LangChain builds and configures the SDK clients (key, base URL, headers, SDK retries off);
+        # calls go through their transports (see `_call_once`).
+        self.chat_models = [chat_model_factory(**options) for _ in range(pool_shards)]
+        self._transports = [chat_model.client._api_client for chat_model in self.chat_models]
+        self._thread_shard = threading.local()
+        self._next_shard = itertools.count()
         self._generation_configs = {
             task: {"temperature": temperature, **({"maxOutputTokens": max_output_tokens} if max_output_tokens else {})}
             for task, temperature in TASK_TEMPERATURES.items()
@@ -132,6 +146,7 @@ class GeminiClient:
             retry_policy=policy,
             max_output_tokens=config.gemini_max_output_tokens or None,
             max_connections=config.gemini_max_connections,
+            pool_shards=config.gemini_pool_shards,
         )
 
     def generate_text(self, prompt: str) -> Completion:
@@ -166,6 +181,16 @@ class GeminiClient:
         first, rest = self.retry_policy.run(open_stream, label="gemini text stream")
         return TextStream(first, rest, self.model)
 
+    @property
+    def _transport(self):
+        """This thread's SDK transport: threads are dealt round the shards as they first call."""
+        try:
+            return self._thread_shard.transport
+        except AttributeError:
+            transport = self._transports[next(self._next_shard) % len(self._transports)]
+            self._thread_shard.transport = transport
+            return transport
+
     def _body(self, task: str, prompt: str) -> dict:
         """The generateContent request, as the REST API documents it and the SDK would send it."""
         return {"contents": [{"role": "user", "parts": [{"text": prompt}]}],
@@ -190,6 +215,12 @@ class GeminiClient:
         except Exception as exc:  # noqa: BLE001 - every provider failure is translated here
             raise translate_provider_error(exc) from exc
         return _completion_from(answer, self.model)
+
+
+def _tls_context() -> ssl.SSLContext:
+    """The context the SDK would build for itself (certifi, or SSL_CERT_FILE / SSL_CERT_DIR)."""
+    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE", certifi.where()),
+                                      capath=os.environ.get("SSL_CERT_DIR"))
 
 
 def _milliseconds(seconds: float) -> int:

@@ -46,7 +46,7 @@ def make_config(emulator, tmp_path):
     def build(**overrides) -> Config:
         settings = {"app_env": "testing", "google_api_key": TEST_KEY, "gemini_base_url": emulator.base_url,
                     "log_dir": tmp_path / "logs", "cost_ledger_path": tmp_path / "ledger.sqlite3",
-                    "log_console": False}
+                    "log_console": False, "gemini_pool_shards": 2}
         settings.update(overrides)
         return Config.load({}, **settings)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import threading
 import time
 
 import pytest
@@ -60,13 +61,22 @@ def test_chat_models_are_built_once_and_reused(make_config, clock, emulator):
 
     config = make_config()
     client = GeminiClient(api_key="k", model=config.gemini_model, base_url=config.gemini_base_url,
-                          chat_model_factory=counting_factory)
-    for _ in range(3):
-        client.generate_text("hi there")
-        client.classify_text("good", ["positive", "negative"])
-    assert len(built) == 1  # one model (and one SDK client and connection pool) for all tasks
-    assert built[0].max_retries == 1  # the SDK's own retries are off
-    assert emulator.request_count == 6
+                          pool_shards=4, chat_model_factory=counting_factory)
+    assert len(built) == 4  # one model (SDK client, connection pool) per shard, built up front
+
+    def calls():
+        for _ in range(3):
+            client.generate_text("hi there")
+            client.classify_text("good", ["positive", "negative"])
+
+    threads = [threading.Thread(target=calls) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 4  # no model built per call or per thread
+    assert all(model.max_retries == 1 for model in built)  # the SDK's own retries are off
+    assert emulator.request_count == 36
 
 
 def test_rate_limit_twice_then_success_retries_with_the_servers_delay(make_client, emulator, clock, caplog):
