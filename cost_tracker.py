@@ -205,10 +205,12 @@ class CostTracker:
         self._queue_lock = threading.Lock()
         self._queued: list[_Pending] = []
         self._db = sqlite3.connect(self.ledger_path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # Worker processes starting together race to create the file and switch it to WAL; SQLite
+        # answers "locked" to the losers at once rather than waiting, so they try again.
+        _while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         self._db.execute("PRAGMA synchronous=NORMAL")  # a commit reaches the OS before we answer
         with self._lock:
-            self._db.executescript(_SCHEMA)
+            _while_locked(lambda: self._db.executescript(_SCHEMA))
         # Checkpoints (copying the WAL into the file, with an fsync) happen on a background thread,
         # not inside some request's commit, where one took 24 ms.
         self._db.execute("PRAGMA wal_autocheckpoint=0")
@@ -299,17 +301,9 @@ class CostTracker:
             raise ValueError(f"export format must be .json or .csv, got {path.name!r}")
         return len(rows)
 
-    def _begin(self, patience: float = 30.0) -> None:
+    def _begin(self) -> None:
         """Start a write transaction, waiting (in short steps) while another process holds the lock."""
-        give_up_at = time.monotonic() + patience
-        while True:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > give_up_at:
-                    raise
-                time.sleep(0.0002)
+        _while_locked(lambda: self._db.execute("BEGIN IMMEDIATE"))
 
     def _checkpoint_regularly(self, every_seconds: float = 1.0) -> None:
         checkpoints = sqlite3.connect(self.ledger_path, timeout=30)
@@ -327,6 +321,19 @@ class CostTracker:
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._db.close()
+
+
+def _while_locked(statement: Callable[[], object], patience: float = 30.0) -> None:
+    """Run `statement`, trying again every 0.2 ms while another process holds the database lock."""
+    give_up_at = time.monotonic() + patience
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > give_up_at:
+                raise
+            time.sleep(0.0002)
 
 
 def _summarise(records: list[CostRecord]) -> dict:

@@ -130,3 +130,33 @@ def test_percentiles_by_nearest_rank():
     assert percentiles([]) == {"p50": None, "p95": None, "p99": None}
     values = list(range(1, 101))
     assert percentiles(values) == {"p50": 50, "p95": 95, "p99": 99}
+
+
+def test_several_processes_can_open_a_new_ledger_at_once(tmp_path):
+    """Worker processes start together; none may fail on SQLite's 'database is locked'."""
+    import subprocess
+    import sys
+    import time
+
+    ledger, go = tmp_path / "shared.sqlite3", tmp_path / "go"
+    code = (
+        "import sys, pathlib, time\n"
+        "from cost_tracker import CostTracker\n"
+        "from tests.test_cost_tracker import make_record\n"
+        "pathlib.Path(sys.argv[3]).touch()\n"  # ready
+        "go = pathlib.Path(sys.argv[4])\n"
+        "while not go.exists(): pass\n"  # all open the new file at the same moment
+        "t = CostTracker(sys.argv[1]); t.record(make_record(sys.argv[2])); t.close()\n"
+    )
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(ledger), f"p{i}", str(tmp_path / f"ready{i}"),
+                                   str(go)], stderr=subprocess.PIPE, text=True) for i in range(6)]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{i}").exists() for i in range(6)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    errors = [p.communicate(timeout=60)[1] for p in processes]
+    assert all(p.returncode == 0 for p in processes), errors
+    tracker = CostTracker(ledger)
+    assert sorted(r.request_id for r in tracker.records()) == [f"p{i}" for i in range(6)]
+    assert tracker.overall_cost == pytest.approx(6 * 0.00003)
+    tracker.close()
