@@ -42,7 +42,7 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 30.0) ->
     raise RuntimeError(f"{url} did not come up")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
     process.terminate()
     try:
         process.wait(timeout=10)
@@ -61,7 +61,7 @@ def emulator(delay: float = 0.0):
         wait_until_up(url + "/_emulator/stats", process)
         yield url
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @contextlib.contextmanager
@@ -82,7 +82,7 @@ def gateway(upstream_url: str, *, threads: int = 16, extra_env: dict | None = No
             wait_until_up(url + "/api/v1/health", process)
             yield url, process
         finally:
-            _stop(process)
+            stop_process(process)
 
 
 def median(values) -> float:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import requests
 
-from bench.harness import BENCH_KEY, ROOT, _stop, emulator, free_port, quantile, wait_until_up
+from bench.harness import BENCH_KEY, ROOT, emulator, free_port, quantile, stop_process, wait_until_up
 from bench.loadgen import build_post, run_concurrent, run_sequential, time_to_first_byte
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -168,7 +168,7 @@ def our_gateway(upstream: str, args):
         time.sleep(1.0 if args.workers > 1 else 0)  # let every worker finish starting
         yield url, [process.pid]
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @contextlib.contextmanager
@@ -182,7 +182,7 @@ def portkey(directory: str):
         wait_until_up(url + "/", process)
         yield url, [process.pid]
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 # --- the table ------------------------------------------------------------------------------------
