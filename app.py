@@ -121,8 +121,7 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         context = g._get_current_object()
         elapsed_ms = (time.perf_counter() - context.get("started", time.perf_counter())) * 1000
         headers = response.headers
-        if response.status_code not in (429, 503):
-            headers.pop("Retry-After", None)  # Flask-Limiter adds it to every response
+        _settle_retry_after(headers, context)
         headers[REQUEST_ID_HEADER] = routes.request_id()
         headers["X-Response-Time-ms"] = f"{elapsed_ms:.1f}"
         if context.get("streaming"):
@@ -134,6 +133,19 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         if outcome is not None:
             _add_cost_headers(response, outcome, overall)
         return response
+
+
+def _settle_retry_after(headers, context) -> None:
+    """Keep the Retry-After that belongs to this response.
+
+    Flask-Limiter writes its own window into every response (its hook runs before ours), which
+    would overwrite the provider's hint on an upstream 429; only the limiter's own 429 keeps it.
+    """
+    own_hint = context.get("retry_after")
+    if own_hint is not None:
+        headers["Retry-After"] = own_hint
+    elif context.get("error_code") != "rate_limited":
+        headers.pop("Retry-After", None)
 
 
 def _scan_request(gateway: Gateway) -> None:
@@ -201,7 +213,7 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
     if isinstance(exc, GatewayError):
         status, code, message, details = exc.status, exc.code, exc.message, exc.details
         if exc.retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            headers["Retry-After"] = g.retry_after = str(max(1, math.ceil(exc.retry_after)))
         log.warning("%s: %s", code, message, extra={"request_id": routes.request_id()})
     elif isinstance(exc, HTTPException):
         status, details = exc.code or 500, {}

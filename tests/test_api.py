@@ -133,6 +133,19 @@ def test_upstream_rate_limit_is_429_with_retry_after(client, emulator):
     assert response.headers["Retry-After"] == "7"
 
 
+def test_provider_retry_after_survives_the_rate_limiter(make_app, emulator):
+    # With limits on, Flask-Limiter writes its own window into Retry-After on every response.
+    client = make_app(ratelimit_task_limits="100 per minute").test_client()
+    emulator.set_steady_fault("rate_limit", retry_delay=7)
+    limited = client.post("/api/v1/generate/text", json={"prompt": "hello"})
+    assert_error(limited, 429, "upstream_rate_limited")
+    assert limited.headers["Retry-After"] == "7"
+    emulator.set_steady_fault("malformed")
+    failed = client.post("/api/v1/generate/text", json={"prompt": "hello"})
+    assert_error(failed, 502, "upstream_bad_answer")
+    assert "Retry-After" not in failed.headers
+
+
 def test_upstream_hang_is_504_within_the_deadline(make_app, emulator):
     emulator.set_steady_fault("hang", seconds=10)
     client = make_app(ratelimit_enabled=False, gemini_deadline_seconds=0.4,
