@@ -253,6 +253,12 @@ class TextStream:
             raise UpstreamBadAnswer("the provider closed the stream without an answer")
         self.completion = _completion_from(last, self._model, text="".join(parts))
 
+    def close(self) -> None:
+        """Release the provider's connection now, not when the garbage collector gets to it."""
+        close = getattr(self._rest, "close", None)
+        if close is not None:
+            close()
+
 
 def _text_of(answer: dict) -> str:
     candidates = answer.get("candidates") or []

@@ -118,22 +118,39 @@ def generate_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namesp
     return ns
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer was complete
+
+
 def _stream_events(gateway: Gateway, stream, prompt: str, open_ms: float):
-    """SSE events for one stream; the ledger record is written before the final event is sent."""
-    status, outcome = 200, None
+    """SSE events for one stream; the ledger record is written before the final event is sent.
+
+    A client that disconnects mid-stream closes this generator (GeneratorExit at a `yield`): the
+    request is still accounted for, as status 499, and the provider's stream is closed."""
+    accounted = False
     try:
-        for text in stream:
-            yield _sse("chunk", {"text": text})
-        outcome = gateway.service.stream_outcome(stream, prompt, open_ms)
-        final = ("done", _answer_fields(gateway, outcome))
-    except GatewayError as exc:
-        status, g.error_code = exc.status, exc.code
-        final = ("error", error_body(exc.message, exc.code, exc.details, request_id()))
+        status, outcome = 200, None
+        try:
+            for text in stream:
+                yield _sse("chunk", {"text": text})
+            outcome = gateway.service.stream_outcome(stream, prompt, open_ms)
+            final = ("done", _answer_fields(gateway, outcome))
+        except GatewayError as exc:
+            status, g.error_code = exc.status, exc.code
+            final = ("error", error_body(exc.message, exc.code, exc.details, request_id()))
+        overall = _account_stream(gateway, status, outcome)
+        accounted = True
+        if outcome is not None:
+            final[1]["cost"]["overall"] = round(overall, 10)
+        yield _sse(*final)
+    finally:
+        stream.close()
+        if not accounted:
+            _account_stream(gateway, CLIENT_CLOSED_REQUEST, None)
+
+
+def _account_stream(gateway: Gateway, status: int, outcome: TaskOutcome | None) -> float | None:
     elapsed_ms = (time.perf_counter() - g.started) * 1000
-    overall = gateway.finish_request(request_info(), status, elapsed_ms, outcome, is_task=True)
-    if outcome is not None:
-        final[1]["cost"]["overall"] = round(overall, 10)
-    yield _sse(*final)
+    return gateway.finish_request(request_info(), status, elapsed_ms, outcome, is_task=True)
 
 
 def _sse(event: str, data: dict) -> str:

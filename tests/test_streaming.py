@@ -64,3 +64,14 @@ def test_stream_arrives_in_pieces_through_waitress(make_app, emulator, serve):
                        timeout=10) as response:
         pieces = [line for line in response.iter_lines(decode_unicode=True) if line.startswith("event:")]
     assert pieces[0] == "event: chunk" and pieces[-1] == "event: done" and len(pieces) >= 3
+
+
+def test_stream_the_client_abandons_is_still_in_the_ledger(make_app, emulator):
+    app = make_app(ratelimit_enabled=False)
+    response = app.test_client().post(STREAM, json={"prompt": "one two three four five six"}, buffered=False)
+    chunks = iter(response.response)
+    assert next(chunks).startswith(b"event: chunk")
+    response.close()  # what the server does when the client disconnects: the generator is closed
+    records = app.extensions["gateway"].tracker.records()
+    assert [(r.endpoint, r.status, r.total_cost) for r in records] == [(STREAM, 499, 0.0)]
+    assert records[0].request_id == response.headers["X-Request-ID"]
