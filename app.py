@@ -19,6 +19,7 @@ import sys
 import time
 
 from flask import Flask, current_app, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -63,6 +64,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     gateway = build_gateway(config, retry_overrides=retry_overrides)
 
     app = GatewayFlask(__name__)
+    app.json = BodyJSONProvider(app)
     app.config.update(
         MAX_CONTENT_LENGTH=config.request_max_bytes,
         RESTX_MASK_SWAGGER=False,
@@ -164,14 +166,29 @@ def _scan_request(gateway: Gateway) -> None:
 
 
 def _strings_in(value) -> list[str]:
-    """The string values of a parsed JSON body (what a prompt injection or XSS would hide in)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [text for item in value.values() for text in _strings_in(item)]
-    if isinstance(value, list):
-        return [text for item in value for text in _strings_in(item)]
-    return []
+    """The string values of a parsed JSON body (what a prompt injection or XSS would hide in).
+
+    A walk with an explicit stack: a body nested hundreds of levels deep must not overflow ours."""
+    strings, pending = [], [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            strings.append(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return strings
+
+
+class BodyJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, except that a body nested past the parser's depth is invalid JSON (400), not a 500."""
+
+    def loads(self, s, **kwargs):
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("the JSON is nested too deeply") from None
 
 
 def _add_cost_headers(response, outcome: TaskOutcome, overall: float) -> None:
