@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -266,8 +267,10 @@ class CostTracker:
     def records(self, hours: float | None = None) -> list[CostRecord]:
         """Records of the last `hours` (all when None), oldest first."""
         since = 0.0 if hours is None else self._clock() - hours * 3600
-        with self._lock:
-            rows = self._db.execute(
+        # Its own connection: in WAL mode a reader sees the last commit and never blocks writers,
+        # so reading a large window for /stats does not hold up the requests being recorded.
+        with contextlib.closing(sqlite3.connect(self.ledger_path, timeout=30)) as reader:
+            rows = reader.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM cost_records WHERE timestamp >= ? ORDER BY id", (since,),
             ).fetchall()
         return [CostRecord(*row[:10], bool(row[10]), *row[11:]) for row in rows]

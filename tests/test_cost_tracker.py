@@ -89,6 +89,19 @@ def test_concurrent_records_are_neither_lost_nor_double_counted(tmp_path):
     assert tracker.get_usage_stats(hours=10_000_000)["cost"]["total"] == pytest.approx(0.2)
 
 
+def test_reading_stats_does_not_wait_for_a_commit_in_progress(tmp_path):
+    tracker = CostTracker(tmp_path / "l.sqlite3")
+    tracker.record(make_record("committed"))
+    seen = []
+    with tracker._lock:  # the writer's connection is busy, as during a long group commit
+        reader = threading.Thread(target=lambda: seen.extend(tracker.records()))
+        reader.start()
+        reader.join(timeout=5)
+        assert not reader.is_alive(), "records() waited for the writer's connection"
+    assert [record.request_id for record in seen] == ["committed"]
+    tracker.close()
+
+
 def test_usage_stats_by_endpoint_with_cache_savings(tmp_path):
     now = 2_000_000.0
     tracker = CostTracker(tmp_path / "l.sqlite3", clock=lambda: now)
