@@ -13,6 +13,7 @@ Standard library only; the clock is injectable so tests never sleep.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import threading
@@ -207,7 +208,7 @@ class ResponseCache:
             with self._lock:
                 self._coalesced[task] += 1
             if flight.error is not None:
-                raise flight.error
+                raise _own_copy(flight.error) from flight.error
             return flight.value, "coalesced"
 
         try:
@@ -258,3 +259,17 @@ class ResponseCache:
         """Drop every cached answer (counters are kept; computations in flight may still store theirs)."""
         for cache in self._caches.values():
             cache.clear()
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A follower's copy of the leader's error (same type, message and attributes).
+
+    Raising one exception object in many threads makes them all append to one shared
+    traceback, which grows with every follower and is mutated by several threads at once.
+    """
+    try:
+        duplicate = copy.copy(error)
+    except Exception:  # noqa: BLE001 - an exception type that cannot be copied: share a wrapper instead
+        return RuntimeError(f"the shared computation failed: {error!r}")
+    duplicate.__traceback__ = None
+    return duplicate

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from errors import UpstreamRateLimited
 from lru_cache import LRUCache, ResponseCache
 from tests.fakes import FakeClock
 
@@ -361,9 +362,24 @@ def test_leader_failure_is_shared_not_cached_and_not_wedged():
 
     results = run_concurrently(20, lambda: rc.get_or_compute("text", "k", failing))
     assert len(calls) == 1
-    assert all(result is boom for result in results)
+    assert sum(result is boom for result in results) == 1  # the leader's own
+    copies = [result for result in results if result is not boom]
+    assert all(type(c) is RuntimeError and c.args == boom.args and c.__cause__ is boom for c in copies)
+    assert len({id(c) for c in copies}) == 19  # each follower its own, so tracebacks are not shared
     assert rc.stats()["text"]["size"] == 0
     assert rc.get_or_compute("text", "k", lambda: "recovered") == ("recovered", "miss")
+
+
+def test_followers_get_gateway_errors_with_their_attributes():
+    rc = ObservedCache(expected=3)
+
+    def failing() -> str:
+        assert rc.all_waiting.wait(SAFETY), "followers never arrived"
+        raise UpstreamRateLimited("slow down", details={"quota": "rpm"}, retry_after=7)
+
+    results = run_concurrently(4, lambda: rc.get_or_compute("text", "k", failing))
+    assert all(isinstance(r, UpstreamRateLimited) and (r.message, r.details, r.retry_after) ==
+               ("slow down", {"quota": "rpm"}, 7) for r in results)
 
 
 def test_follower_computes_by_itself_after_wait_timeout_and_bypass_ignores_flight():
