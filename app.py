@@ -131,7 +131,7 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         outcome: TaskOutcome | None = context.get("outcome")
         info = routes.request_info()
         overall = gateway.finish_request(info, response.status_code, elapsed_ms, outcome,
-                                         is_task=info.path in routes.TASK_ENDPOINTS)
+                                         is_task=info.method == "POST" and info.path in routes.TASK_ENDPOINTS)
         if outcome is not None:
             _add_cost_headers(response, outcome, overall)
         return response

@@ -226,6 +226,18 @@ def test_cors_preflight_allows_the_documented_headers(client):
     assert "x-api-key" in response.headers["Access-Control-Allow-Headers"].lower()
 
 
+def test_only_task_posts_are_ledger_records(make_app):
+    app = make_app(ratelimit_enabled=False)
+    client = app.test_client()
+    client.options("/api/v1/generate/text", headers={"Origin": "http://example.test",
+                                                     "Access-Control-Request-Method": "POST"})
+    assert client.get("/api/v1/generate/code").status_code == 405
+    client.get("/api/v1/health")
+    client.post("/api/v1/classify/text", json={"text": "great", "categories": ["positive", "negative"]})
+    records = app.extensions["gateway"].tracker.records()
+    assert [(r.endpoint, r.status) for r in records] == [("/api/v1/classify/text", 200)]
+
+
 def test_cors_exposes_the_gateway_headers(client):
     response = client.get("/api/v1/health", headers={"Origin": "http://example.test"})
     exposed = response.headers["Access-Control-Expose-Headers"]
