@@ -44,3 +44,26 @@ def test_two_workers_share_one_port_and_one_ledger(tmp_path):
     served = sum(len((tmp_path / "logs" / w / "api_requests.log").read_text().splitlines())
                  for w in ("worker-0", "worker-1"))
     assert served >= 31  # 30 tasks + stats (+ health checks), split over the two workers
+
+
+def test_settings_come_from_the_dotenv_file_next_to_the_launcher(tmp_path):
+    import shutil
+    import subprocess
+
+    checkout = tmp_path / "gateway"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(".git", "logs", "*.sqlite3*", ".env",
+                                                                  "__pycache__", ".pytest_cache", "bench", "tests"))
+    port = free_port()
+    (checkout / ".env").write_text(f"HOST=127.0.0.1\nPORT={port}\nLOG_DIR={tmp_path / 'env-logs'}\n"
+                                   f"COST_LEDGER_PATH={tmp_path / 'ledger.sqlite3'}\n")
+    env = environment(LOG_CONSOLE="false")
+    for name in ("HOST", "PORT", "LOG_DIR", "COST_LEDGER_PATH", "WORKERS"):
+        env.pop(name, None)
+    server = subprocess.Popen([sys.executable, str(checkout / "serve.py")], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for_health(port, server)["status"] == "ok"
+    finally:
+        out, _ = stop(server)
+    assert f"http://127.0.0.1:{port}" in out
+    assert (tmp_path / "env-logs" / "api_requests.log").exists()
