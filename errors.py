@@ -9,15 +9,16 @@ so no SDK type leaks past the wrapper and retry decisions are made on our own ty
     ├── InvalidRequest                400 invalid_request     (details name the field)
     │   ├── ContentBlocked            400 content_blocked     (provider's safety filter)
     │   └── RequestBlocked            400 request_blocked     (our security checks, block mode)
-    ├── PayloadTooLarge               413 payload_too_large
     ├── UnsupportedMediaType          415 unsupported_media_type
-    ├── ProviderNotConfigured         503 provider_not_configured
     └── UpstreamError                 502 upstream_error      (provider failed; base class)
         ├── UpstreamRateLimited       429 upstream_rate_limited   retryable, has retry_after
         ├── UpstreamUnavailable       502 upstream_unavailable    retryable (5xx, dropped connection)
         ├── UpstreamTimeout           504 upstream_timeout        retryable per attempt; final on deadline
         ├── UpstreamRejected          502 upstream_rejected       (provider said 4xx to our call)
         └── UpstreamBadAnswer         502 upstream_bad_answer     (malformed or off-contract reply)
+
+404, 405, 413, 415 from Flask and the gateway's own 429 (Flask-Limiter) are HTTP exceptions,
+given the same shape by `app.error_payload`.
 """
 
 from __future__ import annotations
@@ -50,19 +51,9 @@ class RequestBlocked(InvalidRequest):
     code = "request_blocked"
 
 
-class PayloadTooLarge(GatewayError):
-    status = 413
-    code = "payload_too_large"
-
-
 class UnsupportedMediaType(GatewayError):
     status = 415
     code = "unsupported_media_type"
-
-
-class ProviderNotConfigured(GatewayError):
-    status = 503
-    code = "provider_not_configured"
 
 
 class UpstreamError(GatewayError):

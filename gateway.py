@@ -108,10 +108,7 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
         log.warning("%s; its requests are recorded at $0", message)
     metrics = GatewayMetrics()
     upstream = demo_mode.resolve_upstream(config)
-    client = GeminiClient.from_config(
-        config.replace(google_api_key=upstream.api_key), base_url=upstream.base_url,
-        on_retry=metrics.count_retry, **(retry_overrides or {}),
-    )
+    client = GeminiClient.for_upstream(config, upstream, on_retry=metrics.count_retry, **(retry_overrides or {}))
     logger = RequestLogger(
         config.log_dir, max_bytes=config.log_max_bytes, backup_count=config.log_backup_count,
         console=config.log_console, console_level=config.log_level,
@@ -126,8 +123,7 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
         enabled=config.cache_enabled,
     )
     tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record))
-    service = TaskService(client, cache, prices, TokenCounter(),
-                          max_output_tokens=config.gemini_max_output_tokens or None)
+    service = TaskService(client, cache, prices, TokenCounter())
     return Gateway(
         config=config, upstream=upstream, client=client, service=service, cache=cache, tracker=tracker,
         logger=logger, scanner=SecurityScanner(config.request_max_bytes), metrics=metrics,

@@ -1,17 +1,17 @@
 """The three LLM tasks over Google Gemini, through LangChain's `ChatGoogleGenerativeAI`.
 
 Why it looks the way it does:
-- One `ChatGoogleGenerativeAI` per configuration, built once and shared by every request and
-  thread: it builds and configures the google-genai SDK client (key, base URL, headers) and
-  its HTTP connection pool. Building one per call (as the original snippets did) costs a TLS
-  handshake and several milliseconds each time. Each task has a prebuilt generation config with
-  its temperature (text 0.7, code 0.2, classify 0.0); calls go through that SDK client's
-  transport (see `_call_once` for the measured reason).
-- No retries below ours: LangChain's default of 6 attempts, stacked under ours, turned one
-  request into up to 30 HTTP calls and ignored `Retry-After` (`max_retries=1`, and the SDK's
-  transport is called without retry options). Retrying is `retry_policy.RetryPolicy`'s job,
-  with a deadline over the whole call.
-- Every SDK, LangChain or transport exception is translated into the gateway's own types in
+- `GEMINI_POOL_SHARDS` `ChatGoogleGenerativeAI` instances, built once at start and shared by
+  every request: LangChain builds and configures the google-genai SDK client (key, base URL,
+  headers) and its HTTP connection pool. Building one per call (as the original snippets did)
+  costs a TLS handshake and several milliseconds each time. Each task has a prebuilt generation
+  config with its temperature (text 0.7, code 0.2, classify 0.0); calls go through the SDK
+  client's transport (see `_call_once` for the measured reason).
+- No retries below ours: the transport is called without retry options, so neither the SDK
+  nor LangChain (whose default of 6 attempts, stacked under ours, would turn one request into
+  up to 30 HTTP calls) retries. Retrying is `retry_policy.RetryPolicy`'s job, with a deadline
+  over the whole call.
+- Every SDK or transport exception is translated into the gateway's own types in
   `translate_provider_error`, the one place that knows what the provider's errors look like.
 
 The module-level `generate_text`, `generate_code` and `classify_text` are the functions the
@@ -34,9 +34,7 @@ from dataclasses import dataclass, replace
 
 import certifi
 import httpx
-import pydantic
 from google.genai import errors as genai_errors
-from langchain_core.exceptions import ContextOverflowError, ModelRateLimitError
 from langchain_google_genai import ChatGoogleGenerativeAI
 
 import task_prompts
@@ -44,7 +42,6 @@ from config import Config
 from errors import (
     ContentBlocked,
     GatewayError,
-    InvalidRequest,
     UpstreamBadAnswer,
     UpstreamError,
     UpstreamRateLimited,
@@ -84,13 +81,10 @@ class Completion:
     model: str
     input_tokens: int | None = None
     output_tokens: int | None = None
-    finish_reason: str | None = None
 
 
 class GeminiClient:
     """The task calls against one Gemini configuration (key, model, base URL, retry policy)."""
-
-    provider = "gemini"
 
     def __init__(
         self,
@@ -105,6 +99,7 @@ class GeminiClient:
         chat_model_factory: Callable[..., ChatGoogleGenerativeAI] = ChatGoogleGenerativeAI,
     ):
         self.model = model
+        self.max_output_tokens = max_output_tokens or None
         self.retry_policy = retry_policy or RetryPolicy()
         # One httpx pool serialises every request and response on one lock, and scans all its
         # connections under it: with 200 calls in flight, threads spent most of their time waiting
@@ -113,13 +108,11 @@ class GeminiClient:
         per_shard = max(1, math.ceil(max_connections / pool_shards))
         client_args = {"limits": httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
                        "verify": _tls_context()}
-        options = {"model": model, "google_api_key": api_key, "max_retries": 1, "client_args": client_args}
+        options = {"model": model, "google_api_key": api_key, "client_args": client_args}
         if base_url:
             options["base_url"] = base_url
-        if max_output_tokens:
-            options["max_output_tokens"] = max_output_tokens
-        # LangChain builds and configures the SDK clients (key, base URL, headers, SDK retries off);
-        # calls go through their transports (see `_call_once`).
+        # LangChain builds and configures the SDK clients (key, base URL, headers); calls go through
+        # their transports with our own generation configs and timeouts (see `_call_once`).
         self.chat_models = [chat_model_factory(**options) for _ in range(pool_shards)]
         self._transports = [chat_model.client._api_client for chat_model in self.chat_models]
         self._thread_shard = threading.local()
@@ -128,6 +121,12 @@ class GeminiClient:
             task: {"temperature": temperature, **({"maxOutputTokens": max_output_tokens} if max_output_tokens else {})}
             for task, temperature in TASK_TEMPERATURES.items()
         }
+
+    @classmethod
+    def for_upstream(cls, config: Config, upstream, **policy_overrides) -> GeminiClient:
+        """A client for `demo_mode.resolve_upstream(config)`: live Gemini, or the demo emulator and its key."""
+        return cls.from_config(config.replace(google_api_key=upstream.api_key), base_url=upstream.base_url,
+                               **policy_overrides)
 
     @classmethod
     def from_config(cls, config: Config, *, base_url: str | None = None, **policy_overrides) -> GeminiClient:
@@ -285,20 +284,17 @@ def _completion_from(answer: dict, model: str, text: str | None = None) -> Compl
         model=answer.get("modelVersion") or model,
         input_tokens=usage.get("promptTokenCount"),
         output_tokens=usage.get("candidatesTokenCount"),
-        finish_reason=finish_reason,
     )
 
 
 def translate_provider_error(exc: BaseException) -> GatewayError:
-    """Map any exception from the SDK, LangChain or the transport onto the gateway's errors."""
+    """Map any exception from the SDK or its transport onto the gateway's errors."""
     if isinstance(exc, GatewayError):
         return exc
     api_error = _api_error_of(exc)
     status = getattr(api_error, "code", None)
     provider = {"provider_status": status} if status else {}
-    if isinstance(exc, ContextOverflowError):
-        return InvalidRequest("the prompt is longer than the model accepts", details=provider)
-    if status == 429 or isinstance(exc, ModelRateLimitError) or _RATE_LIMIT_WORDS.search(str(exc)):
+    if status == 429 or _RATE_LIMIT_WORDS.search(str(exc)):
         return UpstreamRateLimited(
             "the provider is rate-limiting the gateway; try again later",
             details=provider, retry_after=_retry_delay(api_error),
@@ -315,14 +311,14 @@ def translate_provider_error(exc: BaseException) -> GatewayError:
         return UpstreamRejected(f"the provider rejected the call with HTTP {status}", details=provider)
     if isinstance(exc, _CONNECTION_ERRORS):
         return UpstreamUnavailable("the connection to the provider failed", details={"error": type(exc).__name__})
-    if isinstance(exc, (json.JSONDecodeError, pydantic.ValidationError)):
+    if isinstance(exc, json.JSONDecodeError):
         return UpstreamBadAnswer("the provider's reply could not be read", details={"error": type(exc).__name__})
     log.error("unexpected provider failure: %s", type(exc).__name__, exc_info=exc)
     return UpstreamError("the provider call failed unexpectedly", details={"error": type(exc).__name__})
 
 
 def _api_error_of(exc: BaseException) -> genai_errors.APIError | None:
-    """The SDK's APIError: the exception itself, or what LangChain wrapped (its __cause__)."""
+    """The SDK's APIError: the exception itself, or one it was raised from (its __cause__)."""
     seen = exc
     while seen is not None:
         if isinstance(seen, genai_errors.APIError):
@@ -356,8 +352,7 @@ def default_client() -> GeminiClient:
     import demo_mode
 
     config = Config.load()
-    upstream = demo_mode.resolve_upstream(config)
-    return GeminiClient.from_config(config.replace(google_api_key=upstream.api_key), base_url=upstream.base_url)
+    return GeminiClient.for_upstream(config, demo_mode.resolve_upstream(config))
 
 
 def generate_text(prompt: str) -> str:

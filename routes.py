@@ -55,7 +55,7 @@ def _task_responses(ns: Namespace, schemas: Schemas, success_model):
         413: ("Body too large", schemas.error), 415: ("Body is not JSON", schemas.error),
         429: ("Rate limited, by the gateway or the provider; see Retry-After", schemas.error),
         502: ("The provider failed or gave an unusable answer", schemas.error),
-        503: ("No provider configured", schemas.error), 504: ("The provider did not answer in time", schemas.error),
+        504: ("The provider did not answer in time", schemas.error),
     }
 
     def decorate(method):

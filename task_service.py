@@ -57,15 +57,13 @@ class TaskOutcome:
 class TaskService:
     """Runs tasks through the response cache and the provider, pricing each answer."""
 
-    def __init__(self, client: GeminiClient, cache: ResponseCache, prices: PriceTable, counter: TokenCounter,
-                 max_output_tokens: int | None = None):
+    def __init__(self, client: GeminiClient, cache: ResponseCache, prices: PriceTable, counter: TokenCounter):
         self.client = client
         # A request sharing another's call waits no longer than that call may take; then it calls itself.
         self._share_wait_seconds = client.retry_policy.deadline
         self.cache = cache
         self.prices = prices
         self.counter = counter
-        self._max_output_tokens = max_output_tokens
 
     def generate_text(self, prompt: str, control: CacheControl = CacheControl()) -> TaskOutcome:
         return self._run("text", {"prompt": prompt}, control,
@@ -90,7 +88,7 @@ class TaskService:
         """`call` asks the provider; `sent_prompt()` rebuilds the prompt, only to estimate tokens."""
         key = ResponseCache.make_key(
             task, model=self.client.model, temperature=TASK_TEMPERATURES[task],
-            max_output_tokens=self._max_output_tokens, **inputs,
+            max_output_tokens=self.client.max_output_tokens, **inputs,
         )
         upstream_ms: list[float] = []
 
