@@ -60,6 +60,7 @@ _CREDENTIAL_TEXT = [
     (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), REDACTED),
 ]
 _MEMO_MAX_LEN, _MEMO_ENTRIES = 64, 4096
+_PLAIN_TYPES = frozenset({int, float, bool, type(None)})
 # One cheap search first: most strings (ids, paths, model names) match none of the patterns above.
 # (Case-insensitive throughout: a superset of the patterns, which is all a pre-filter needs.)
 _MAYBE_CREDENTIAL = re.compile(
@@ -74,6 +75,50 @@ def _record(level: int, msg: str, **attrs: Any) -> logging.LogRecord:
     record = logging.LogRecord("enhanced_logging", level, "", 0, msg, None, None)
     record.__dict__.update(attrs)
     return record
+
+
+class _JsonLinesFile(logging.handlers.RotatingFileHandler):
+    """A size-rotated JSON-lines file that counts the bytes it writes.
+
+    The standard `shouldRollover` formats every record a second time and, since Python 3.11.7,
+    stats the file twice and seeks to its end for each line: most of the writer thread's time.
+    """
+
+    def __init__(self, path: Path, *, max_bytes: int, backup_count: int) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8",
+                         errors="backslashreplace", delay=False)
+        self._size = self.stream.tell()  # opened in append mode: the current size
+
+    def emit(self, record: logging.LogRecord) -> None:
+        size = len(record.msg.encode("utf-8", "backslashreplace")) + 1  # the line as written, with its newline
+        try:
+            if self._size and 0 < self.maxBytes < self._size + size:
+                self.doRollover()
+                self._size = 0
+        except Exception:  # noqa: BLE001 - as logging does: report, never raise into the writer thread
+            self.handleError(record)
+            return
+        logging.FileHandler.emit(self, record)
+        self._size += size
+
+
+class _ChannelRouter(logging.Handler):
+    """Hands each record to its channel's file: one dictionary lookup instead of a filter per file."""
+
+    def __init__(self, files: dict[str, logging.Handler]) -> None:
+        super().__init__()
+        self.files = files
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        target = self.files.get(getattr(record, "channel", None))
+        if target is not None:
+            target.handle(record)
+        return target is not None
+
+    def close(self) -> None:
+        for handler in self.files.values():
+            handler.close()
+        super().close()
 
 
 class _FlushSignal(logging.Handler):
@@ -96,16 +141,12 @@ class RequestLogger:
         self.log_full_prompts = log_full_prompts
         usable = sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True)
         self._secrets = re.compile("|".join(map(re.escape, usable))) if usable else None
-        self._clean_keys: dict[str, str] = {}
+        self._keys: dict[Any, tuple[Any, bool]] = {}  # field name -> (redacted name, is it sensitive)
         self._clean_short: dict[str, str] = {}
 
-        self._handlers: list[logging.Handler] = []
-        for channel, filename in LOG_FILES.items():
-            handler = logging.handlers.RotatingFileHandler(
-                self.log_dir / filename, maxBytes=max_bytes, backupCount=backup_count,
-                encoding="utf-8", errors="backslashreplace", delay=False)
-            handler.addFilter(lambda r, ch=channel: getattr(r, "channel", None) == ch)
-            self._handlers.append(handler)
+        files = {channel: _JsonLinesFile(self.log_dir / filename, max_bytes=max_bytes, backup_count=backup_count)
+                 for channel, filename in LOG_FILES.items()}
+        self._handlers: list[logging.Handler] = [_ChannelRouter(files)]
         if console:
             stream = logging.StreamHandler(sys.stderr)
             stream.setLevel(console_level.upper())
@@ -153,23 +194,36 @@ class RequestLogger:
 
     def redact(self, value: Any) -> Any:
         """A copy of `value` with secrets, sensitive keys and credential-looking text replaced."""
-        if isinstance(value, str):
+        kind = type(value)  # exact types first: this runs for every field of every line
+        if kind is str:
             return self._redact_text(value)
+        if kind in _PLAIN_TYPES:
+            return value
         if isinstance(value, Mapping):
-            return {self._redact_key(k): REDACTED if _is_sensitive_key(k) else self.redact(v) for k, v in value.items()}
+            return self._redact_mapping(value)
         if isinstance(value, list | tuple | set | frozenset):
             return [self.redact(v) for v in value]
-        if value is None or isinstance(value, bool | int | float):
+        if isinstance(value, str):
+            return self._redact_text(value)
+        if isinstance(value, bool | int | float):
             return value
         return self._redact_text(str(value))  # anything else would be str()-ed by json: redact that text
 
-    def _redact_key(self, key: Any) -> Any:
-        if not isinstance(key, str):
-            return key
-        clean = self._clean_keys.get(key)
-        if clean is None:  # field names repeat on every line: redact each distinct one once
-            clean = self._clean_keys[key] = self._redact_text(key) if len(self._clean_keys) < 1024 else key
+    def _redact_mapping(self, mapping: Mapping) -> dict:
+        clean = {}
+        for key, item in mapping.items():
+            known = self._keys.get(key)
+            if known is None:  # field names repeat on every line: judge each distinct one once
+                known = self._judge_key(key)
+            clean_key, sensitive = known
+            clean[clean_key] = REDACTED if sensitive else self.redact(item)
         return clean
+
+    def _judge_key(self, key: Any) -> tuple[Any, bool]:
+        judged = (self._redact_text(key) if isinstance(key, str) else key, _is_sensitive_key(key))
+        if len(self._keys) < 1024:
+            self._keys[key] = judged
+        return judged
 
     def _redact_text(self, text: str) -> str:
         if len(text) <= _MEMO_MAX_LEN:  # paths, methods, model names, clients repeat on every line
@@ -234,8 +288,10 @@ class RequestLogger:
 
     def _write(self, channel: str, event: str, fields: Mapping[str, Any], level: int, console: Any = None) -> None:
         clean = self.redact(dict(fields))
+        clean.pop("ts", None)  # the line's own fields come first and cannot be overridden
+        clean.pop("event", None)
         entry = {"ts": _utc_now(), "event": event}
-        entry.update((k, v) for k, v in clean.items() if k not in entry)
+        entry.update(clean)
         line = json.dumps(entry, default=str, ensure_ascii=False, separators=(",", ":"))
         console_text = console(clean) if console is not None else None
         record = _record(level, line, channel=channel, console_text=console_text)

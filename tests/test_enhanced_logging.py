@@ -126,6 +126,16 @@ def test_rotation_keeps_backup_count_files(log_dir):
     assert lines(log_dir / "api_requests.log")[-1]["request_id"] == "r99"
 
 
+def test_rotation_counts_bytes_across_restarts_and_multibyte_text(log_dir):
+    for start in (0, 30):  # the second logger opens a file that already holds lines
+        with RequestLogger(log_dir, max_bytes=1024, backup_count=30, console=False) as logger:
+            for i in range(start, start + 30):
+                logger.log_request(request_id=f"r{i}", payload="é€" * 30)  # 2 and 3 bytes a character
+    files = sorted(log_dir.glob("api_requests.log*"))
+    assert len(files) > 3 and all(path.stat().st_size <= 1024 for path in files)
+    assert sum(len(lines(path)) for path in files) == 60
+
+
 # --- secrets -----------------------------------------------------------------------------
 
 
