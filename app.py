@@ -182,13 +182,23 @@ def _strings_in(value) -> list[str]:
 
 
 class BodyJSONProvider(DefaultJSONProvider):
-    """Flask's JSON, except that a body nested past the parser's depth is invalid JSON (400), not a 500."""
+    """Flask's JSON, refusing (400, not a 500 later) what Python's parser accepts but nothing can use:
+    nesting past the parser's depth, and lone surrogate escapes such as "\\ud800", which are not
+    Unicode text and cannot be encoded for a cache key, a log line or the provider."""
 
     def loads(self, s, **kwargs):
         try:
-            return super().loads(s, **kwargs)
+            value = super().loads(s, **kwargs)
         except RecursionError:
             raise ValueError("the JSON is nested too deeply") from None
+        raw = s if isinstance(s, str) else s.decode("latin-1")
+        if "\\ud" in raw or "\\uD" in raw:  # only an escape can smuggle in a lone surrogate
+            for text in _strings_in(value):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff)") from None
+        return value
 
 
 def _add_cost_headers(response, outcome: TaskOutcome, overall: float) -> None:
@@ -240,6 +250,8 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
             details = {"limit": str(exc.description)}
         if status == 405 and exc.valid_methods:
             details = {"allowed_methods": sorted(exc.valid_methods)}
+        if status == 400 and isinstance(exc.__cause__, HTTPException) and exc.__cause__.description:
+            details = {"reason": exc.__cause__.description}  # the parser's words: a position, never the body
         headers = {key: value for key, value in exc.get_response().headers.items()
                    if key in ("Allow", "Retry-After")}
     else:

@@ -129,7 +129,7 @@ def text_reply(prompt: str) -> str:
     """A deterministic paragraph that echoes the prompt's first words."""
     words = prompt.split()
     head = " ".join(words[:8]) + (" ..." if len(words) > 8 else "") or "(empty prompt)"
-    ref = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
+    ref = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return (f"Demo reply to: {head}. This answer comes from the local Gemini emulator, "
             f"so it is deterministic and free. The prompt had {len(words)} words "
             f"(reference {ref}).")

@@ -86,7 +86,23 @@ def test_body_that_is_not_an_object_is_400(client):
 
 def test_malformed_json_is_400(client):
     response = client.post("/api/v1/generate/text", data="{not json", content_type="application/json")
-    assert_error(response, 400, "invalid_request")
+    body = assert_error(response, 400, "invalid_request")
+    assert "line 1 column 2" in body["details"]["reason"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/v1/generate/text", r'{"prompt": "a \ud800 b"}'),
+    ("/api/v1/generate/code", r'{"prompt": "x", "language": "\udfff"}'),
+    ("/api/v1/classify/text", r'{"text": "x", "categories": ["a", "\uD800"]}'),
+])
+def test_lone_surrogate_escapes_are_400(client, emulator, path, body):
+    body = assert_error(client.post(path, data=body, content_type="application/json"), 400, "invalid_request")
+    assert "surrogate" in body["details"]["reason"]
+    assert emulator.request_count == 0
+    # a proper pair (an emoji) is fine
+    pair = client.post("/api/v1/generate/text", data=r'{"prompt": "smile \ud83d\ude00"}',
+                       content_type="application/json")
+    assert pair.status_code == 200
 
 
 @pytest.mark.parametrize("depth", [600, 100_000])
