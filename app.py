@@ -191,13 +191,11 @@ class BodyJSONProvider(DefaultJSONProvider):
             value = super().loads(s, **kwargs)
         except RecursionError:
             raise ValueError("the JSON is nested too deeply") from None
-        raw = s if isinstance(s, str) else s.decode("latin-1")
-        if "\\ud" in raw or "\\uD" in raw:  # only an escape can smuggle in a lone surrogate
-            for text in _strings_in(value):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff)") from None
+        for text in _strings_in(value):  # microseconds for a request body; the body may be UTF-16 or -32
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff)") from None
         return value
 
 

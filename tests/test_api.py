@@ -103,6 +103,8 @@ def test_lone_surrogate_escapes_are_400(client, emulator, path, body):
     pair = client.post("/api/v1/generate/text", data=r'{"prompt": "smile \ud83d\ude00"}',
                        content_type="application/json")
     assert pair.status_code == 200
+    utf16 = client.post(path, data=body.encode("utf-16"), content_type="application/json")
+    assert_error(utf16, 400, "invalid_request")
 
 
 @pytest.mark.parametrize("depth", [600, 100_000])
