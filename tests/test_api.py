@@ -96,8 +96,8 @@ def test_malformed_json_is_400(client):
     ("/api/v1/classify/text", r'{"text": "x", "categories": ["a", "\uD800"]}'),
 ])
 def test_lone_surrogate_escapes_are_400(client, emulator, path, body):
-    body = assert_error(client.post(path, data=body, content_type="application/json"), 400, "invalid_request")
-    assert "surrogate" in body["details"]["reason"]
+    error = assert_error(client.post(path, data=body, content_type="application/json"), 400, "invalid_request")
+    assert "surrogate" in error["details"]["reason"]
     assert emulator.request_count == 0
     # a proper pair (an emoji) is fine
     pair = client.post("/api/v1/generate/text", data=r'{"prompt": "smile \ud83d\ude00"}',
