@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import re
 import sys
@@ -82,17 +83,20 @@ class _JsonLinesFile(logging.handlers.RotatingFileHandler):
 
     The standard `shouldRollover` formats every record a second time and, since Python 3.11.7,
     stats the file twice and seeks to its end for each line: most of the writer thread's time.
+    Like the standard handler, it never rotates what is not a regular file: a log path linked
+    to /dev/stdout, a pipe or /dev/null (as containers do) is written to and left in place.
     """
 
     def __init__(self, path: Path, *, max_bytes: int, backup_count: int) -> None:
         super().__init__(path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8",
                          errors="backslashreplace", delay=False)
-        self._size = self.stream.tell()  # opened in append mode: the current size
+        self._rotates = max_bytes > 0 and os.path.isfile(self.baseFilename)
+        self._size = self.stream.tell() if self._rotates else 0  # opened in append mode: the current size
 
     def emit(self, record: logging.LogRecord) -> None:
         size = len(record.msg.encode("utf-8", "backslashreplace")) + 1  # the line as written, with its newline
         try:
-            if self._size and 0 < self.maxBytes < self._size + size:
+            if self._rotates and self._size and self.maxBytes < self._size + size:
                 self.doRollover()
                 self._size = 0
         except Exception:  # noqa: BLE001 - as logging does: report, never raise into the writer thread

@@ -136,6 +136,25 @@ def test_rotation_counts_bytes_across_restarts_and_multibyte_text(log_dir):
     assert sum(len(lines(path)) for path in files) == 60
 
 
+def test_log_paths_linked_to_a_pipe_or_dev_null_are_written_not_rotated(log_dir):
+    import os
+
+    log_dir.mkdir(parents=True)
+    os.mkfifo(log_dir / "api_requests.log")  # what `ln -s /dev/stdout` gives a container: not seekable
+    (log_dir / "performance.log").symlink_to(os.devnull)
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(open(log_dir / "api_requests.log").readlines()))
+    reader.start()
+    with RequestLogger(log_dir, max_bytes=300, backup_count=2, console=False) as logger:
+        for i in range(20):
+            logger.log_request(request_id=f"r{i}", payload="z" * 60)
+            logger.log_performance(request_id=f"r{i}", total_ms=1.0, payload="z" * 60)
+    reader.join(timeout=10)
+    assert [json.loads(line)["request_id"] for line in received] == [f"r{i}" for i in range(20)]
+    assert (log_dir / "performance.log").is_symlink()
+    assert not (log_dir / "performance.log.1").exists() and not (log_dir / "api_requests.log.1").exists()
+
+
 # --- secrets -----------------------------------------------------------------------------
 
 
