@@ -266,18 +266,27 @@ class CostTracker:
 
     def records(self, hours: float | None = None) -> list[CostRecord]:
         """Records of the last `hours` (all when None), oldest first."""
+        return self._read(hours)[0]
+
+    def _read(self, hours: float | None) -> tuple[list[CostRecord], float]:
+        """The window's records and the all-time total, from one snapshot of the ledger.
+
+        Its own connection: in WAL mode a reader sees the last commit and neither waits for nor
+        blocks the writer, so reading a large window for /stats does not hold up requests.
+        """
         since = 0.0 if hours is None else self._clock() - hours * 3600
-        # Its own connection: in WAL mode a reader sees the last commit and never blocks writers,
-        # so reading a large window for /stats does not hold up the requests being recorded.
         with contextlib.closing(sqlite3.connect(self.ledger_path, timeout=30)) as reader:
+            reader.execute("BEGIN")  # one read transaction: the records and the total agree
             rows = reader.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM cost_records WHERE timestamp >= ? ORDER BY id", (since,),
             ).fetchall()
-        return [CostRecord(*row[:10], bool(row[10]), *row[11:]) for row in rows]
+            overall = reader.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
+            reader.execute("COMMIT")
+        return [CostRecord(*row[:10], bool(row[10]), *row[11:]) for row in rows], overall
 
     def get_usage_stats(self, hours: float = 24) -> dict:
         """Requests, tokens, costs, cache savings and latency percentiles over the last `hours`."""
-        records = self.records(hours)
+        records, overall = self._read(hours)
         by_endpoint: dict[str, list[CostRecord]] = {}
         for record in records:
             by_endpoint.setdefault(record.endpoint, []).append(record)
@@ -286,7 +295,7 @@ class CostTracker:
             "window_hours": hours,
             **totals,
             "by_endpoint": {endpoint: _summarise(group) for endpoint, group in sorted(by_endpoint.items())},
-            "overall_cost": round(self.overall_cost, 10),
+            "overall_cost": round(overall, 10),
         }
 
     def export_records(self, path: Path | str, hours: float | None = None) -> int:

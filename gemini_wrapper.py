@@ -231,26 +231,34 @@ class TextStream:
 
     def __init__(self, first, rest: Iterator, model: str):
         self._first, self._rest, self._model = first, rest, model
+        self._parts: list[str] = []
+        self._last: dict | None = None  # the latest chunk: Gemini reports cumulative usage in each
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
-        parts, last = [], None
         try:
             chunk = self._first
             while chunk is not None:
-                last = json.loads(chunk.body)
-                text = _text_of(last)
+                self._last = json.loads(chunk.body)
+                text = _text_of(self._last)
                 if text:
-                    parts.append(text)
+                    self._parts.append(text)
                     yield text
                 chunk = next(self._rest, None)
         except GatewayError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failure mid-stream is translated like any other
             raise translate_provider_error(exc) from exc
-        if last is None:
+        if self._last is None:
             raise UpstreamBadAnswer("the provider closed the stream without an answer")
-        self.completion = _completion_from(last, self._model, text="".join(parts))
+        self.completion = _completion_from(self._last, self._model, text="".join(self._parts))
+
+    def received(self) -> Completion:
+        """What arrived before the stream was cut short, with the usage the provider reported so far."""
+        last = self._last or {}
+        usage = last.get("usageMetadata") or {}
+        return Completion(text="".join(self._parts), model=last.get("modelVersion") or self._model,
+                          input_tokens=usage.get("promptTokenCount"), output_tokens=usage.get("candidatesTokenCount"))
 
     def close(self) -> None:
         """Release the provider's connection now, not when the garbage collector gets to it."""

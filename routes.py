@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 import uuid
 
@@ -24,6 +25,7 @@ __version__ = "1.0.0"
 TASK_ENDPOINTS = frozenset({"/api/v1/generate/text", "/api/v1/generate/code", "/api/v1/classify/text",
                             "/api/v1/generate/text/stream"})
 MAX_STATS_HOURS = 24 * 366
+log = logging.getLogger("gateway.http")
 
 
 def health_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
@@ -125,7 +127,8 @@ def _stream_events(gateway: Gateway, stream, prompt: str, open_ms: float):
     """SSE events for one stream; the ledger record is written before the final event is sent.
 
     A client that disconnects mid-stream closes this generator (GeneratorExit at a `yield`): the
-    request is still accounted for, as status 499, and the provider's stream is closed."""
+    request is still recorded, as status 499 and priced for what the provider sent until then,
+    and the provider's stream is closed."""
     accounted = False
     try:
         status, outcome = 200, None
@@ -137,15 +140,23 @@ def _stream_events(gateway: Gateway, stream, prompt: str, open_ms: float):
         except GatewayError as exc:
             status, g.error_code = exc.status, exc.code
             final = ("error", error_body(exc.message, exc.code, exc.details, request_id()))
+        except Exception as exc:  # noqa: BLE001 - a fault of ours after the 200 went out: say so in the stream
+            status, g.error_code = 500, "internal_error"
+            log.error("stream failed", exc_info=exc, extra={"request_id": request_id()})
+            gateway.logger.log_error(exc, request_id=request_id(), status=500, code="internal_error", path=request.path)
+            final = ("error", error_body("The gateway failed unexpectedly", "internal_error", {}, request_id()))
+        accounted = True  # before recording: a failure inside it must not add a second, 499 record
         overall = _account_stream(gateway, status, outcome)
-        accounted = True
         if outcome is not None:
             final[1]["cost"]["overall"] = round(overall, 10)
         yield _sse(*final)
+    except GeneratorExit:
+        if not accounted:
+            _account_stream(gateway, CLIENT_CLOSED_REQUEST,
+                            gateway.service.stream_outcome(stream, prompt, open_ms, cut_short=True))
+        raise
     finally:
         stream.close()
-        if not accounted:
-            _account_stream(gateway, CLIENT_CLOSED_REQUEST, None)
 
 
 def _account_stream(gateway: Gateway, status: int, outcome: TaskOutcome | None) -> float | None:

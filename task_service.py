@@ -109,9 +109,12 @@ class TaskService:
         """Start streaming a text answer (retries until the first chunk). Streams bypass the cache."""
         return self.client.stream_text(prompt)
 
-    def stream_outcome(self, stream: TextStream, prompt: str, upstream_ms: float) -> TaskOutcome:
-        """Price a finished stream like any other upstream answer."""
-        answer = self._priced_answer(stream.completion, lambda: task_prompts.text_prompt(prompt))
+    def stream_outcome(self, stream: TextStream, prompt: str, upstream_ms: float, *,
+                       cut_short: bool = False) -> TaskOutcome:
+        """Price a finished stream like any other upstream answer; a stream the client left is
+        priced for what the provider sent until then (its prompt was billed all the same)."""
+        completion = stream.received() if cut_short else stream.completion
+        answer = self._priced_answer(completion, lambda: task_prompts.text_prompt(prompt))
         return self._outcome(answer, "miss", upstream_ms, 0.0)
 
     def _outcome(self, answer: Answer, status: str, upstream_ms: float | None, lookup_ms: float) -> TaskOutcome:

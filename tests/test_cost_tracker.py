@@ -92,13 +92,15 @@ def test_concurrent_records_are_neither_lost_nor_double_counted(tmp_path):
 def test_reading_stats_does_not_wait_for_a_commit_in_progress(tmp_path):
     tracker = CostTracker(tmp_path / "l.sqlite3")
     tracker.record(make_record("committed"))
-    seen = []
+    seen, stats = [], []
     with tracker._lock:  # the writer's connection is busy, as during a long group commit
-        reader = threading.Thread(target=lambda: seen.extend(tracker.records()))
+        reader = threading.Thread(target=lambda: (seen.extend(tracker.records()),
+                                                  stats.append(tracker.get_usage_stats(hours=10_000_000))))
         reader.start()
         reader.join(timeout=5)
-        assert not reader.is_alive(), "records() waited for the writer's connection"
+        assert not reader.is_alive(), "reading waited for the writer's connection"
     assert [record.request_id for record in seen] == ["committed"]
+    assert stats[0]["requests"] == 1 and stats[0]["overall_cost"] == pytest.approx(0.00003)
     tracker.close()
 
 

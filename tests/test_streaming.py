@@ -66,12 +66,25 @@ def test_stream_arrives_in_pieces_through_waitress(make_app, emulator, serve):
     assert pieces[0] == "event: chunk" and pieces[-1] == "event: done" and len(pieces) >= 3
 
 
-def test_stream_the_client_abandons_is_still_in_the_ledger(make_app, emulator):
+def test_stream_the_client_abandons_is_recorded_priced_and_released(make_app, emulator):
     app = make_app(ratelimit_enabled=False)
     response = app.test_client().post(STREAM, json={"prompt": "one two three four five six"}, buffered=False)
     chunks = iter(response.response)
-    assert next(chunks).startswith(b"event: chunk")
+    first = next(chunks)
+    assert first.startswith(b"event: chunk")
+    gateway = app.extensions["gateway"]
+    pools = [transport._httpx_client._transport._pool for transport in gateway.client._transports]
+    assert sum(len(pool._requests) for pool in pools) == 1  # the provider's stream is open
     response.close()  # what the server does when the client disconnects: the generator is closed
-    records = app.extensions["gateway"].tracker.records()
-    assert [(r.endpoint, r.status, r.total_cost) for r in records] == [(STREAM, 499, 0.0)]
-    assert records[0].request_id == response.headers["X-Request-ID"]
+    records = gateway.tracker.records()
+    assert [(r.endpoint, r.status, r.token_source) for r in records] == [(STREAM, 499, "provider")]
+    record = records[0]
+    assert record.request_id == response.headers["X-Request-ID"]
+    # billed for the prompt and the first chunk, as the provider reported them in that chunk
+    whole = app.test_client().post("/api/v1/generate/text", json={"prompt": "one two three four five six"},
+                                   headers={"Cache-Control": "no-store"}).get_json()
+    assert record.input_tokens == whole["usage"]["input_tokens"]
+    assert 0 < record.output_tokens < whole["usage"]["output_tokens"]
+    assert 0 < record.total_cost < whole["cost"]["total"]
+    # the provider's stream was closed (no request left open on any shard)
+    assert sum(len(pool._requests) for pool in pools) == 0
