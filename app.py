@@ -13,24 +13,22 @@ is built on first access, so importing `create_app` (tests, tools) starts nothin
 from __future__ import annotations
 
 import logging
-import math
 import re
 import sys
 import time
 
-from flask import Flask, current_app, g, jsonify, request
+from flask import Flask, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_restx import Api
-from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import routes
 from api_schema import register_models
 from config import Config, ConfigError
-from errors import GatewayError, RequestBlocked, error_body
+from errors import GatewayError, RequestBlocked
 from gateway import Gateway, build_gateway
 from task_service import TaskOutcome
 
@@ -50,7 +48,7 @@ ALLOWED_HEADERS = ["Content-Type", "Authorization", "X-Requested-With", "X-API-K
 
 
 class GatewayFlask(Flask):
-    """Flask that leaves our own errors to `error_payload`'s logging (no traceback per 502)."""
+    """Flask that leaves our own errors to `routes.error_payload`'s logging (no traceback per 502)."""
 
     def log_exception(self, exc_info) -> None:
         if not isinstance(exc_info[1], GatewayError):
@@ -223,53 +221,13 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
     @api.errorhandler(Exception)
     def api_error(exc):
         """Any failure: JSON {error, code, details, request_id} with the matching status."""
-        body, status, headers = error_payload(exc)
+        body, status, headers = routes.error_payload(exc)
         return body, status, headers
 
     @app.errorhandler(Exception)
     def flask_error(exc):
-        body, status, headers = error_payload(exc)
+        body, status, headers = routes.error_payload(exc)
         return jsonify(body), status, headers
-
-
-def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
-    """(body, status, headers) for any exception; failures that are not the client's go to api_errors.log."""
-    headers = {}
-    if isinstance(exc, GatewayError):
-        status, code, message, details = exc.status, exc.code, exc.message, exc.details
-        if exc.retry_after is not None:
-            headers["Retry-After"] = g.retry_after = str(max(1, math.ceil(exc.retry_after)))
-        log.warning("%s: %s", code, message, extra={"request_id": routes.request_id()})
-    elif isinstance(exc, HTTPException):
-        status, details = exc.code or 500, {}
-        code, message = _HTTP_ERRORS.get(status, ("http_error", exc.description or exc.name))
-        if status == 429:
-            message = f"Rate limit exceeded ({exc.description}); retry after the time in Retry-After"
-            details = {"limit": str(exc.description)}
-        if status == 405 and exc.valid_methods:
-            details = {"allowed_methods": sorted(exc.valid_methods)}
-        if status == 400 and isinstance(exc.__cause__, HTTPException) and exc.__cause__.description:
-            details = {"reason": exc.__cause__.description}  # the parser's words: a position, never the body
-        headers = {key: value for key, value in exc.get_response().headers.items()
-                   if key in ("Allow", "Retry-After")}
-    else:
-        status, code, message, details = 500, "internal_error", "The gateway failed unexpectedly", {}
-        log.error("unhandled error", exc_info=exc, extra={"request_id": routes.request_id()})
-    g.error_code = code
-    if status >= 500 or code == "upstream_rate_limited":
-        current_app.extensions["gateway"].logger.log_error(
-            exc, request_id=routes.request_id(), status=status, code=code, path=request.path)
-    return error_body(message, code, details, routes.request_id()), status, headers
-
-
-_HTTP_ERRORS = {
-    400: ("invalid_request", "The request body is not valid JSON"),
-    404: ("not_found", "No such endpoint; see /swagger/ for the API"),
-    405: ("method_not_allowed", "This endpoint does not accept that HTTP method"),
-    413: ("payload_too_large", "The request body is larger than the gateway accepts"),
-    415: ("unsupported_media_type", "Send the body as JSON with 'Content-Type: application/json'"),
-    429: ("rate_limited", "Rate limit exceeded"),
-}
 
 
 def _configure_logging(config: Config) -> None:

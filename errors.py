@@ -18,7 +18,7 @@ so no SDK type leaks past the wrapper and retry decisions are made on our own ty
         └── UpstreamBadAnswer         502 upstream_bad_answer     (malformed or off-contract reply)
 
 404, 405 and 413 from Flask and the gateway's own 429 (Flask-Limiter) are HTTP exceptions,
-given the same shape by `app.error_payload`.
+given the same shape by `routes.error_payload`.
 """
 
 from __future__ import annotations

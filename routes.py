@@ -3,6 +3,9 @@
 Each resource validates its body against its RESTX model, hands the task to the gateway's
 `TaskService`, and leaves the outcome in `g.outcome` for the after-request hook in `app.py`,
 which turns it into cost headers, the ledger record and the summary log line.
+
+`error_payload` is the one mapping from any exception to the JSON error shape, its status and
+its log lines: `app.py`'s error handlers use it, and so does a stream that fails after its 200.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 import uuid
 
-from flask import Response, g, request, stream_with_context
+from flask import Response, current_app, g, request, stream_with_context
 from flask_restx import Namespace, Resource
+from werkzeug.exceptions import HTTPException
 
 from api_schema import Schemas, check_distinct_categories
 from errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body
@@ -135,16 +140,11 @@ def _stream_events(gateway: Gateway, stream, prompt: str, open_ms: float):
         try:
             for text in stream:
                 yield _sse("chunk", {"text": text})
-            outcome = gateway.service.stream_outcome(stream, prompt, open_ms)
+            outcome = gateway.service.stream_outcome(stream.completion, prompt, open_ms)
             final = ("done", _answer_fields(gateway, outcome))
-        except GatewayError as exc:
-            status, g.error_code = exc.status, exc.code
-            final = ("error", error_body(exc.message, exc.code, exc.details, request_id()))
-        except Exception as exc:  # noqa: BLE001 - a fault of ours after the 200 went out: say so in the stream
-            status, g.error_code = 500, "internal_error"
-            log.error("stream failed", exc_info=exc, extra={"request_id": request_id()})
-            gateway.logger.log_error(exc, request_id=request_id(), status=500, code="internal_error", path=request.path)
-            final = ("error", error_body("The gateway failed unexpectedly", "internal_error", {}, request_id()))
+        except Exception as exc:  # noqa: BLE001 - the 200 already went out: the failure becomes the last event
+            body, status, _ = error_payload(exc)
+            final = ("error", body)
         accounted = True  # before recording: a failure inside it must not add a second, 499 record
         overall = _account_stream(gateway, status, outcome)
         if outcome is not None:
@@ -153,7 +153,7 @@ def _stream_events(gateway: Gateway, stream, prompt: str, open_ms: float):
     except GeneratorExit:
         if not accounted:
             _account_stream(gateway, CLIENT_CLOSED_REQUEST,
-                            gateway.service.stream_outcome(stream, prompt, open_ms, cut_short=True))
+                            gateway.service.stream_outcome(stream.received(), prompt, open_ms))
         raise
     finally:
         stream.close()
@@ -282,3 +282,45 @@ def _answer_fields(gateway: Gateway, outcome: TaskOutcome) -> dict:
                  "total": round(outcome.cost.total, 10), "saved": round(outcome.saved.total, 10)},
         "request_id": request_id(),
     }
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
+    """(body, status, headers) for any exception; failures that are not the client's go to api_errors.log."""
+    headers = {}
+    if isinstance(exc, GatewayError):
+        status, code, message, details = exc.status, exc.code, exc.message, exc.details
+        if exc.retry_after is not None:
+            headers["Retry-After"] = g.retry_after = str(max(1, math.ceil(exc.retry_after)))
+        log.warning("%s: %s", code, message, extra={"request_id": request_id()})
+    elif isinstance(exc, HTTPException):
+        status, details = exc.code or 500, {}
+        code, message = _HTTP_ERRORS.get(status, ("http_error", exc.description or exc.name))
+        if status == 429:
+            message = f"Rate limit exceeded ({exc.description}); retry after the time in Retry-After"
+            details = {"limit": str(exc.description)}
+        if status == 405 and exc.valid_methods:
+            details = {"allowed_methods": sorted(exc.valid_methods)}
+        if status == 400 and isinstance(exc.__cause__, HTTPException) and exc.__cause__.description:
+            details = {"reason": exc.__cause__.description}  # the parser's words: a position, never the body
+        headers = {key: value for key, value in exc.get_response().headers.items()
+                   if key in ("Allow", "Retry-After")}
+    else:
+        status, code, message, details = 500, "internal_error", "The gateway failed unexpectedly", {}
+        log.error("unhandled error", exc_info=exc, extra={"request_id": request_id()})
+    g.error_code = code
+    if status >= 500 or code == "upstream_rate_limited":
+        current_app.extensions["gateway"].logger.log_error(
+            exc, request_id=request_id(), status=status, code=code, path=request.path)
+    return error_body(message, code, details, request_id()), status, headers
+
+
+_HTTP_ERRORS = {
+    400: ("invalid_request", "The request body is not valid JSON"),
+    404: ("not_found", "No such endpoint; see /swagger/ for the API"),
+    405: ("method_not_allowed", "This endpoint does not accept that HTTP method"),
+    413: ("payload_too_large", "The request body is larger than the gateway accepts"),
+    415: ("unsupported_media_type", "Send the body as JSON with 'Content-Type: application/json'"),
+    429: ("rate_limited", "Rate limit exceeded"),
+}

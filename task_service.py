@@ -109,11 +109,9 @@ class TaskService:
         """Start streaming a text answer (retries until the first chunk). Streams bypass the cache."""
         return self.client.stream_text(prompt)
 
-    def stream_outcome(self, stream: TextStream, prompt: str, upstream_ms: float, *,
-                       cut_short: bool = False) -> TaskOutcome:
-        """Price a finished stream like any other upstream answer; a stream the client left is
-        priced for what the provider sent until then (its prompt was billed all the same)."""
-        completion = stream.received() if cut_short else stream.completion
+    def stream_outcome(self, completion: Completion, prompt: str, upstream_ms: float) -> TaskOutcome:
+        """Price a stream's answer like any other upstream answer: the whole `completion` of a finished
+        stream, or what `received()` holds of one the client left (its prompt was billed all the same)."""
         answer = self._priced_answer(completion, lambda: task_prompts.text_prompt(prompt))
         return self._outcome(answer, "miss", upstream_ms, 0.0)
 
