@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -48,6 +52,76 @@ def stop_process(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait(timeout=10)
+
+
+# --- process trees (Linux /proc; elsewhere they are just the launched process) -------------------
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks: with the pid, it names one process (pids are reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()[19]
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, parents first: a launcher may serve itself or supervise workers that do."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(int(entry.name))
+    tree, queue = [], [pid]
+    while queue and len(tree) < 1000:
+        current = queue.pop(0)
+        tree.append(current)
+        queue.extend(sorted(parents.get(current, [])))
+    return tree
+
+
+def memory_kb(pid: int, field: str = "VmHWM") -> int | None:
+    """A memory figure of /proc/PID/status in kB (VmHWM: peak resident; VmRSS: resident now)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith(field + ":")), None)
+
+
+def tree_memory_mb(pid: int, field: str = "VmHWM") -> dict[int, float]:
+    """{pid: MB} of `field` for each live process of the tree rooted at `pid`."""
+    figures = {p: memory_kb(p, field) for p in process_tree(pid)}
+    return {p: round(kb / 1024, 1) for p, kb in figures.items() if kb is not None}
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """The same process (pid and start time) still runs (a zombie does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[19] == started and fields[0] != "Z"
+
+
+def stop_tree(process: subprocess.Popen) -> None:
+    """Stop a launched server and every process it started, even workers its death would orphan."""
+    descendants = [(pid, _start_time(pid)) for pid in process_tree(process.pid)[1:]]
+    stop_process(process)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        alive = [pid for pid, started in descendants if _alive(pid, started)]
+        for pid in alive:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + 5
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [pid for pid, started in descendants if _alive(pid, started)]
 
 
 @contextlib.contextmanager
@@ -83,6 +157,50 @@ def gateway(upstream_url: str, *, threads: int = 16, extra_env: dict | None = No
             yield url, process
         finally:
             stop_process(process)
+
+
+@dataclass
+class Launched:
+    """A running serve.py: its URL, the launched process and the folder holding its ledger and logs."""
+
+    url: str
+    process: subprocess.Popen
+    workdir: Path
+
+    def pids(self) -> list[int]:
+        return process_tree(self.process.pid)
+
+
+@contextlib.contextmanager
+def launcher(upstream: str, *, workers: int, threads: int, prepare=None, extra_env: dict | None = None,
+             settle: float | None = None):
+    """serve.py with production settings, pointed at `upstream`; yields a `Launched`.
+
+    `prepare(workdir)` runs before the server starts (to prefill its ledger, say); the folder is
+    removed afterwards, ledger included.
+    """
+    port = free_port()
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"gateway-bench-{uuid.uuid4().hex[:8]}"
+    (workdir / "tmp").mkdir(parents=True)
+    env = {**os.environ, "APP_ENV": "production", "GOOGLE_API_KEY": BENCH_KEY, "GEMINI_BASE_URL": upstream,
+           "RATELIMIT_TASK_LIMITS": "100000000 per minute", "LOG_CONSOLE": "false", "LOG_DIR": str(workdir / "logs"),
+           "COST_LEDGER_PATH": str(workdir / "ledger.sqlite3"), "PYTHONPATH": str(ROOT),
+           "TMPDIR": str(workdir / "tmp"), **(extra_env or {})}  # its own TMPDIR: spooled bodies can be seen
+    command = [sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", str(workers), "--threads", str(threads)]
+    try:
+        if prepare is not None:
+            prepare(workdir)
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_up(url + "/api/v1/health", process)
+            time.sleep((1.0 if workers > 1 else 0.0) if settle is None else settle)  # every worker started
+            yield Launched(url, process, workdir)
+        finally:
+            stop_tree(process)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def median(values) -> float:

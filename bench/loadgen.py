@@ -18,10 +18,17 @@ from urllib.parse import urlsplit
 
 
 def build_post(url: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    return build_request("POST", url, body, {"Content-Type": "application/json", **(headers or {})})
+
+
+def build_request(method: str, url: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    """The bytes of one HTTP/1.1 request; the URL's path is sent as it is (no re-encoding)."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    lines = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json",
-             f"Content-Length: {len(body)}", "Connection: keep-alive"]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}"]
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: keep-alive")
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
@@ -34,6 +41,7 @@ class Connection:
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = b""
+        self.headers: dict[str, str] = {}  # of the last response, names in lower case
 
     def close(self) -> None:
         self.sock.close()
@@ -63,6 +71,7 @@ class Connection:
         status = int(head.split(" ", 2)[1])
         headers = {line.split(":", 1)[0].strip().lower(): line.split(":", 1)[1].strip()
                    for line in head.split("\r\n")[1:] if ":" in line}
+        self.headers = headers
         if "content-length" in headers:
             if on_first_body_byte and int(headers["content-length"]):
                 if not self.buffer:

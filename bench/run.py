@@ -4,6 +4,7 @@
     python -m bench.run --portkey DIR         # also Portkey (npm @portkey-ai/gateway installed in DIR)
     python -m bench.run --target URL          # load an already running gateway of this API instead
     python -m bench.run --quick               # shorter runs, for a smoke check
+    python -m bench.run --only hostile        # just the pathological inputs (also: python -m bench.hostile)
 
 Scenarios, each figure the median of --runs runs, after a warm-up:
 1. floor: direct calls to the emulator (what no gateway can beat);
@@ -11,7 +12,9 @@ Scenarios, each figure the median of --runs runs, after a warm-up:
 3. hit: one prompt repeated (served from the cache);
 4. slow: emulator delay 1 s, 200 concurrent clients for --slow-seconds: requests/s against the
    ideal (clients / delay), p99, errors and the server's peak RSS;
-5. stream: time to first byte through the gateway's stream endpoint minus direct to the emulator.
+5. stream: time to first byte through the gateway's stream endpoint minus direct to the emulator;
+6. hostile: the pathological inputs of issue 8 (bench/hostile.py), each against a fresh gateway:
+   time per request, /health latency meanwhile, and peak RSS of /stats over a 1,000,000-row ledger.
 For 1-3: sequential median and p99 latency; requests/s, median and p99 with 16 clients.
 Everything binds to 127.0.0.1; every loop is bounded in count or time.
 """
@@ -25,14 +28,23 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import requests
 
-from bench.harness import BENCH_KEY, ROOT, emulator, free_port, quantile, stop_process, wait_until_up
+from bench import hostile
+from bench.harness import (
+    BENCH_KEY,
+    emulator,
+    free_port,
+    launcher,
+    quantile,
+    stop_process,
+    tree_memory_mb,
+    wait_until_up,
+)
 from bench.loadgen import build_post, run_concurrent, run_sequential, time_to_first_byte
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -122,21 +134,8 @@ def ttfb_ms(request, args) -> float:
 
 def peak_rss_mb(pids: list[int]) -> float | None:
     """Sum of the peak resident memory (VmHWM) of the server's processes and their children (Linux)."""
-    total, seen = 0, set()
-    queue = list(pids)
-    while queue:
-        pid = queue.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            return None
-        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        queue.extend(int(child) for child in children)
-    return round(total / 1024, 1)
+    figures = [tree_memory_mb(pid) for pid in pids]
+    return round(sum(sum(tree.values()) for tree in figures), 1) if figures and all(figures) else None
 
 
 def _median(values):
@@ -153,22 +152,8 @@ def set_delay(upstream: str, seconds: float) -> None:
 @contextlib.contextmanager
 def our_gateway(upstream: str, args):
     """serve.py with production settings, pointed at the emulator; yields (url, [pid])."""
-    port = free_port()
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"gateway-bench-{uuid.uuid4().hex[:8]}"
-    workdir.mkdir(parents=True)
-    env = {**os.environ, "APP_ENV": "production", "GOOGLE_API_KEY": BENCH_KEY, "GEMINI_BASE_URL": upstream,
-           "RATELIMIT_TASK_LIMITS": "100000000 per minute", "LOG_CONSOLE": "false", "LOG_DIR": str(workdir / "logs"),
-           "COST_LEDGER_PATH": str(workdir / "ledger.sqlite3"), "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", str(args.workers), "--threads", str(args.threads)]
-    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url + "/api/v1/health", process)
-        time.sleep(1.0 if args.workers > 1 else 0)  # let every worker finish starting
-        yield url, [process.pid]
-    finally:
-        stop_process(process)
+    with launcher(upstream, workers=args.workers, threads=args.threads) as server:
+        yield server.url, [server.process.pid]
 
 
 @contextlib.contextmanager
@@ -191,13 +176,16 @@ def measure(args) -> dict:
     results: dict = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                                  "platform": platform.platform()},
                      "settings": {key: value for key, value in vars(args).items() if key != "target"}}
-    wanted = set(args.only.split(",")) if args.only else {"floor", "miss", "hit", "stream", "slow"}
+    wanted = set(args.only.split(",")) if args.only else {"floor", "miss", "hit", "stream", "slow", "hostile"}
     with emulator() as upstream:
         if "floor" in wanted:
             results["floor"] = latency_figures(emulator_request(upstream), args)
         if "stream" in wanted:
             results["stream_ttfb_direct_ms"] = ttfb_ms(emulator_request(upstream, stream=True), args)
-        gateway_context = contextlib.nullcontext((args.target, [])) if args.target else our_gateway(upstream, args)
+        if args.target or not wanted & {"miss", "hit", "stream", "slow"}:
+            gateway_context = contextlib.nullcontext((args.target, []))
+        else:
+            gateway_context = our_gateway(upstream, args)
         with gateway_context as (url, pids):
             if "miss" in wanted:
                 results["miss"] = latency_figures(gateway_request(url), args)
@@ -211,6 +199,10 @@ def measure(args) -> dict:
                     results["slow"] = slow_figures(gateway_request(url), args, pids, args.slow_delay)
                 finally:
                     set_delay(upstream, 0.0)
+        if "hostile" in wanted and args.target:
+            print("hostile: skipped with --target (it starts its own gateways, one with a prefilled ledger)")
+        elif "hostile" in wanted:
+            results["hostile"] = hostile.measure(upstream, args)
         if args.portkey:
             with portkey(args.portkey) as (url, pids):
                 results["portkey_miss"] = latency_figures(portkey_request(url, upstream), args)
@@ -237,18 +229,20 @@ def table(results: dict) -> str:
                       ("portkey miss", "portkey_miss")):
         if key in results:
             latency_row(name, results[key])
-    lines = [_format(rows), ""]
+    lines = [_format(rows), ""] if len(rows) > 1 else []
     slow_rows = [("slow upstream (1 s, 200 clients)", "rps", "of ideal", "p99 ms", "errors", "peak RSS MB")]
     for name, key in (("gateway", "slow"), ("portkey", "portkey_slow")):
         if key in results:
             s = results[key]
             slow_rows.append((name, f"{s['rps']:.1f}", f"{s['share_of_ideal']:.1%}", f"{s['p99_ms']:.0f}",
                               f"{s['errors']:.0f}", str(s["peak_rss_mb"])))
-    lines += [_format(slow_rows), ""]
+    lines += [_format(slow_rows), ""] if len(slow_rows) > 1 else []
     if "stream_ttfb_gateway_ms" in results:
         direct, through = results["stream_ttfb_direct_ms"], results["stream_ttfb_gateway_ms"]
         lines.append(f"stream time to first byte: direct {direct:.2f} ms, through the gateway {through:.2f} ms, "
                      f"added {through - direct:.2f} ms")
+    if "hostile" in results:
+        lines += [hostile.table(results["hostile"]), ""]
     machine = results["machine"]
     lines.append(f"machine: {machine['cores']} cores, Python {machine['python']}; "
                  f"each figure the median of {results['settings']['runs']} runs")
@@ -277,10 +271,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slow-seconds", type=float, default=20.0)
     parser.add_argument("--slow-runs", type=int, default=2)
     parser.add_argument("--slow-delay", type=float, default=1.0)
-    parser.add_argument("--only", help="comma-separated scenarios: floor,miss,hit,stream,slow")
+    parser.add_argument("--only", help="comma-separated scenarios: floor,miss,hit,stream,slow,hostile")
     parser.add_argument("--quick", action="store_true", help="1 run, short loops: a smoke check, not figures")
+    hostile.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
+        hostile.quick(args)
         args.runs, args.slow_runs, args.seconds, args.sequential, args.slow_seconds = 1, 1, 1.5, 100, 4.0
         args.warmup, args.stream_requests = 30, 30
     if args.target and args.target.endswith("/"):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
-from bench.loadgen import Connection, build_post, run_concurrent, run_sequential, time_to_first_byte
+from bench.loadgen import (
+    Connection,
+    build_post,
+    build_request,
+    run_concurrent,
+    run_sequential,
+    time_to_first_byte,
+)
 
 
 def gemini_request(emulator, stream: bool = False):
@@ -47,3 +54,15 @@ def test_sequential_and_concurrent_runs_count_answers_and_errors(emulator):
     emulator.set_steady_fault("server_error")
     failing = run_sequential(url, make, 5)
     assert failing.errors == 5 and not failing.latencies_ms
+
+
+def test_requests_of_any_method_send_the_path_as_given_and_keep_the_answers_headers(make_app, serve):
+    server = serve(make_app(ratelimit_enabled=False))
+    connection = Connection(server.url)
+    try:
+        status, body = connection.exchange(build_request("GET", server.url + "/api/v1/health"))
+        assert status == 200 and json.loads(body)["status"] and connection.headers["x-request-id"]
+        status, body = connection.exchange(build_request("GET", server.url + "/no%20such%2Fpath"))
+        assert status == 404 and json.loads(body)["code"] == "not_found"
+    finally:
+        connection.close()
