@@ -244,8 +244,10 @@ def table(results: dict) -> str:
     if "hostile" in results:
         lines += [hostile.table(results["hostile"]), ""]
     machine = results["machine"]
-    lines.append(f"machine: {machine['cores']} cores, Python {machine['python']}; "
-                 f"each figure the median of {results['settings']['runs']} runs")
+    medians = any(key in results for key in ("floor", "miss", "hit", "slow", "stream_ttfb_gateway_ms"))
+    lines.append(f"machine: {machine['cores']} cores, Python {machine['python']}"
+                 + (f"; each figure the median of {results['settings']['runs']} runs" if medians else "")
+                 + ("; hostile inputs: one run each" if "hostile" in results else ""))
     return "\n".join(lines)
 
 
