@@ -25,111 +25,25 @@ that times out is reported as "timeout". Loopback only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import select
-import socket
-import sqlite3
 import statistics
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from bench.harness import ROOT, emulator, launcher, memory_kb, quantile, tree_memory_mb
-from bench.loadgen import Connection, build_post, build_request
+from bench.harness import ROOT, emulator, launcher, memory_kb, tree_memory_mb
+from bench.ledger_prefill import TASK_PATHS, prefill_ledger
+from bench.loadgen import build_post, build_request
+from bench.probes import HealthProbe, round_ms, slow_upload, spooled_bytes, timed_exchange
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("spaces", "json_body", "big_upload", "paths_404", "stats_1m")
-HEALTH = "/api/v1/health"
-TASK_PATHS = ("/api/v1/generate/text", "/api/v1/generate/code", "/api/v1/classify/text")
 MB = 1024 * 1024
 
 
-# --- /health from another thread ----------------------------------------------------------------
-
-class HealthProbe:
-    """GET /health from its own thread, one fresh connection per probe, until the `with` block ends.
-
-    A probe still waiting 1 s after the block ends is cut short and counted with the time it had
-    waited (a lower bound), so a frozen server cannot hide behind the end of the case.
-    """
-
-    def __init__(self, url: str, timeout: float, interval: float = 0.05, max_probes: int = 100_000):
-        self.url, self.timeout, self.interval, self.max_probes = url + HEALTH, timeout, interval, max_probes
-        self.latencies_ms: list[float] = []
-        self.failed = self.unfinished = 0
-        self._stop = threading.Event()
-        self._current: Connection | None = None
-        self._thread = threading.Thread(target=self._run, name="health-probe", daemon=True)
-
-    def __enter__(self) -> HealthProbe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        self._thread.join(1.0)  # a probe in flight on a healthy server finishes well within this
-        current = self._current
-        if current is not None:
-            with contextlib.suppress(OSError):
-                current.sock.shutdown(socket.SHUT_RDWR)
-        self._thread.join(self.timeout + 5)
-
-    def _run(self) -> None:
-        request = build_request("GET", self.url)
-        for _ in range(self.max_probes):
-            if self._stop.is_set():
-                return
-            sent = time.perf_counter()
-            try:
-                self._current = Connection(self.url, self.timeout)
-                status, _ = self._current.exchange(request)
-            except OSError:
-                status = None
-            finally:
-                if self._current is not None:
-                    self._current.close()
-                self._current = None
-            waited = (time.perf_counter() - sent) * 1000
-            if status == 200:
-                self.latencies_ms.append(waited)
-            elif self._stop.is_set():
-                self.unfinished += 1
-                self.latencies_ms.append(waited)
-            else:
-                self.failed += 1
-            self._stop.wait(self.interval)
-
-    def summary(self) -> dict:
-        values = self.latencies_ms
-        return {"probes": len(values) + self.failed, "p50_ms": _round(statistics.median(values)) if values else None,
-                "p99_ms": _round(quantile(values, 0.99)) if values else None,
-                "max_ms": _round(max(values)) if values else None,
-                "failed": self.failed, "unfinished": self.unfinished}
-
-
-# --- one request, timed --------------------------------------------------------------------------
-
-def timed_exchange(url: str, request: bytes, timeout: float) -> dict:
-    """Send `request` on a fresh connection: {"status": code | "timeout" | "closed", "seconds", "body_bytes"}."""
-    started = time.perf_counter()
-    connection = None
-    try:
-        connection = Connection(url, timeout)
-        status, body = connection.exchange(request)
-        outcome = {"status": status, "body_bytes": len(body),
-                   "server_ms": _float(connection.headers.get("x-response-time-ms"))}
-    except TimeoutError:
-        outcome = {"status": "timeout"}
-    except OSError:
-        outcome = {"status": "closed"}
-    finally:
-        if connection is not None:
-            connection.close()
-    return {**outcome, "seconds": round(time.perf_counter() - started, 3)}
-
+# --- the cases -----------------------------------------------------------------------------------
 
 def _timings(outcomes: list[dict]) -> dict:
     seconds = [outcome["seconds"] for outcome in outcomes]
@@ -138,8 +52,6 @@ def _timings(outcomes: list[dict]) -> dict:
             "seconds_max": round(max(seconds), 3) if seconds else None}
 
 
-# --- the cases -----------------------------------------------------------------------------------
-
 def case_spaces(server, args) -> dict:
     """a. A long run of encoded spaces in the path (issue 8, item 1)."""
     url = server.url
@@ -147,7 +59,8 @@ def case_spaces(server, args) -> dict:
     with HealthProbe(url, args.timeout) as probe:
         time.sleep(0.3)
         outcomes = [timed_exchange(url, request, args.timeout) for _ in range(args.spaces_requests)]
-    return {**_timings(outcomes), "request_bytes": len(request), "outcomes": outcomes, "health": probe.summary()}
+    return {**_timings(outcomes), "spaces": args.spaces, "request_bytes": len(request), "outcomes": outcomes,
+            "health": probe.summary()}
 
 
 def json_body(size: int) -> bytes:
@@ -179,93 +92,14 @@ def case_json_body(server, args) -> dict:
             thread.join(args.timeout * args.json_requests + 10)
     server_ms = [o["server_ms"] for o in outcomes if o.get("server_ms") is not None]
     return {**_timings(outcomes), "body_bytes": len(body), "clients": args.json_clients,
-            "server_ms_p50": _round(statistics.median(server_ms)) if server_ms else None, "health": probe.summary()}
-
-
-def spooled_bytes(pids: list[int], directory: Path) -> int:
-    """Bytes in the files under `directory` that the processes hold open (deleted temp files included)."""
-    total, prefix = 0, str(directory)
-    for pid in pids:
-        try:
-            descriptors = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in descriptors:
-            path = f"/proc/{pid}/fd/{fd}"
-            try:
-                if os.readlink(path).startswith(prefix):
-                    total += os.stat(path).st_size
-            except OSError:
-                continue
-    return total
-
-
-def slow_upload(url: str, *, announced: int, max_bytes: int, rate: float, max_seconds: float, answer_wait: float,
-                sample=lambda: 0) -> dict:
-    """POST announcing `announced` bytes; send at most `max_bytes` at about `rate` bytes/s for at most
-    `max_seconds`, watching for an answer before each chunk, then wait `answer_wait` s for one.
-
-    `sample()` is called now and then (the server's spooled bytes); its largest value is reported.
-    """
-    host_url = url + TASK_PATHS[0]
-    head = build_request("POST", host_url, headers={"Content-Type": "application/json"})
-    head = head.replace(b"Content-Length: 0", f"Content-Length: {announced}".encode())
-    chunk = b"[" + b"1," * 32767 + b"1"  # 64 KiB of valid-looking JSON
-    sent, answer, answered_at, peak, started = 0, None, None, 0, time.perf_counter()
-    sock = socket.create_connection(_address(url), timeout=5)
-    try:
-        sock.sendall(head)
-        last_sample = 0.0
-        while sent < max_bytes and time.perf_counter() - started < max_seconds:
-            if select.select([sock], [], [], 0)[0]:
-                answer, answered_at = _read_answer(sock), time.perf_counter()
-                break
-            piece = chunk[:max_bytes - sent]
-            try:
-                sock.sendall(piece)
-            except TimeoutError:
-                break  # the server stopped reading: see whether it answers
-            except OSError:
-                answer, answered_at = "closed", time.perf_counter()
-                break
-            sent += len(piece)
-            if time.perf_counter() - last_sample > 0.2:
-                peak, last_sample = max(peak, sample()), time.perf_counter()
-            time.sleep(max(0.0, started + sent / rate - time.perf_counter()))
-        sending_done = time.perf_counter()
-        if answer is None:
-            peak = max(peak, sample())
-            if select.select([sock], [], [], answer_wait)[0]:
-                answer, answered_at = _read_answer(sock), time.perf_counter()
-        peak = max(peak, sample())
-    finally:
-        sock.close()
-    return {"announced_bytes": announced, "body_bytes_sent": sent, "answer": answer or "no answer",
-            "answered_after_s": None if answered_at is None else round(answered_at - started, 3),
-            "sending_seconds": round(sending_done - started, 3), "peak_spooled_bytes": peak}
-
-
-def _read_answer(sock: socket.socket) -> str:
-    try:
-        data = sock.recv(4096)
-    except OSError:
-        return "closed"
-    if not data:
-        return "closed"
-    first = data.split(b"\r\n", 1)[0].decode("latin-1").split()
-    return first[1] if len(first) > 1 else "closed"
-
-
-def _address(url: str) -> tuple[str, int]:
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    return host, int(port)
+            "server_ms_p50": round_ms(statistics.median(server_ms)) if server_ms else None, "health": probe.summary()}
 
 
 def case_big_upload(server, args) -> dict:
     """c. A body announced far above the limit, sent slowly and partly (issue 8, item 4)."""
     tmp = server.workdir / "tmp"
     with HealthProbe(server.url, args.timeout) as probe:
-        figures = slow_upload(server.url, announced=300_000_000, max_bytes=int(args.upload_mb * MB),
+        figures = slow_upload(server.url + TASK_PATHS[0], announced=300_000_000, max_bytes=int(args.upload_mb * MB),
                               rate=args.upload_rate_mb * MB, max_seconds=args.upload_seconds, answer_wait=5.0,
                               sample=lambda: spooled_bytes(server.pids(), tmp))
     left_in_dir = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
@@ -323,59 +157,6 @@ def _rss_mb(server) -> float | None:
     return round(sum(figures) / 1024, 1) if figures and None not in figures else None
 
 
-# --- the ledger prefill --------------------------------------------------------------------------
-
-def prefill_ledger(path: Path, rows: int, *, now: float | None = None, window_hours: float = 23.0) -> int:
-    """Write `rows` plausible ledger rows, spread over the last `window_hours`, in one transaction.
-
-    The schema is the gateway's own (made by `CostTracker`) and the columns are read from it, so
-    this keeps working when the ledger gains columns: a known column gets a plausible value, an
-    unknown NOT NULL one without a default a unique text or a zero, any other is left to its default.
-    """
-    from cost_tracker import CostTracker
-
-    CostTracker(path).close()
-    now = time.time() if now is None else now
-    start, step = now - window_hours * 3600, window_hours * 3600 / max(rows, 1)
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        info = db.execute("PRAGMA table_info(cost_records)").fetchall()  # cid, name, type, notnull, default, pk
-        columns = [(name, (kind or "").upper(), notnull, default) for _, name, kind, notnull, default, pk in info
-                   if not pk]
-        known = set(_row(0, 0.0))
-        fillers = {}
-        for name, kind, notnull, default in columns:
-            if name not in known and notnull and default is None:
-                text = not kind or any(word in kind for word in ("CHAR", "TEXT", "CLOB"))
-                fillers[name] = (lambda i, n=name: f"bench-{n}-{i}") if text else (lambda i: 0)
-        names = [name for name, *_ in columns if name in known or name in fillers]
-
-        def generate():
-            for i in range(rows):
-                row = _row(i, start + i * step)
-                yield tuple(row[name] if name in row else fillers[name](i) for name in names)
-
-        db.execute("BEGIN")
-        db.executemany(f"INSERT INTO cost_records ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                       generate())
-        db.execute("COMMIT")
-    return rows
-
-
-def _row(i: int, timestamp: float) -> dict:
-    """One ledger row: mostly answered task requests, some cached, one in ten a 429 with no upstream call."""
-    limited, cached = i % 10 == 9, i % 5 == 0
-    input_tokens, output_tokens = (0, 0) if limited else (20 + i % 200, 50 + i % 400)
-    input_cost, output_cost = input_tokens * 0.1e-6, output_tokens * 0.4e-6
-    spent = 0.0 if cached else input_cost + output_cost
-    return {"request_id": f"bench-{i:08d}", "timestamp": timestamp, "endpoint": TASK_PATHS[i % 7 % 3],
-            "client": f"127.0.0.{1 + i % 50}", "model": "gemini-2.0-flash", "input_tokens": input_tokens,
-            "output_tokens": output_tokens, "input_cost": 0.0 if cached else input_cost,
-            "output_cost": 0.0 if cached else output_cost, "total_cost": spent, "cached": int(cached and not limited),
-            "saved_cost": input_cost + output_cost if cached else 0.0,
-            "token_source": "none" if limited else "provider", "latency_ms": 5.0 + i % 900,
-            "status": 429 if limited else 200}
-
-
 # --- running and printing -------------------------------------------------------------------------
 
 def measure(upstream: str, args) -> dict:
@@ -412,7 +193,7 @@ def table(results: dict) -> str:
                  f"{idle['probes']} probes"))
     if "spaces" in results:
         r = results["spaces"]
-        row("a. GET /key+%20x60000", r, r, f"request {r['request_bytes'] / 1000:.0f} KB")
+        row(f"a. GET /key+%20x{r['spaces']}+x", r, r, f"request {r['request_bytes'] / 1000:.0f} KB")
     if "json_body" in results:
         r = results["json_body"]
         row(f"b. {r['body_bytes'] / 1e6:.1f} MB JSON x{r['requests']}", r, r,
@@ -420,7 +201,7 @@ def table(results: dict) -> str:
     if "big_upload" in results:
         r = results["big_upload"]
         answered = f"answer {r['answer']} after {r['answered_after_s']} s" if r["answered_after_s"] is not None \
-            else f"no answer in {r['sending_seconds']} s + 5 s"
+            else f"no answer in {r['sending_seconds']:.1f} s + 5 s"
         timings = {"requests": 1, "statuses": {r["answer"]: 1}, "seconds_p50": r["answered_after_s"],
                    "seconds_max": r["answered_after_s"]}
         row("c. POST Content-Length 300 MB", r, timings,
@@ -456,17 +237,6 @@ def _cell(value) -> str:
     if value is None:
         return "-"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
-
-
-def _round(value: float) -> float:
-    return round(value, 1)
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

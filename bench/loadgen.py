@@ -24,7 +24,7 @@ def build_post(url: str, body: bytes, headers: dict[str, str] | None = None) -> 
 def build_request(method: str, url: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
     """The bytes of one HTTP/1.1 request; the URL's path is sent as it is (no re-encoding)."""
     parts = urlsplit(url)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}"]
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body)}")

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from bench.harness import process_tree, stop_tree
-from bench.hostile import HealthProbe, json_body, prefill_ledger, slow_upload, spooled_bytes
+from bench.hostile import json_body
+from bench.ledger_prefill import prefill_ledger
+from bench.probes import HealthProbe, slow_upload, spooled_bytes
 from cost_tracker import CostTracker
 
 NOW = 1_800_000_000.0
@@ -108,8 +110,8 @@ def waitress_server():
 def _upload(url: str, cap: int) -> dict:
     spool_dir = Path(tempfile.gettempdir())
     before = spooled_bytes([os.getpid()], spool_dir)
-    return slow_upload(url, announced=300_000_000, max_bytes=cap, rate=1e12, max_seconds=30, answer_wait=0.5,
-                       sample=lambda: spooled_bytes([os.getpid()], spool_dir) - before)
+    return slow_upload(url + "/upload", announced=300_000_000, max_bytes=cap, rate=1e12, max_seconds=30,
+                       answer_wait=0.5, sample=lambda: spooled_bytes([os.getpid()], spool_dir) - before)
 
 
 @linux_only
