@@ -154,8 +154,8 @@ class SecurityScanner:
         url_hits = [(where, text) for where, text in url.items() if text and _search(_ANY_URL_FINDING, text)]
         body_hit = bool(body) and _search(_ANY_BODY_FINDING, body) is not None
         for kind, description, url_pattern, body_pattern in _CHECKS:
-            for location, text in url_hits if url_pattern is not None else ():
-                if match := _search(url_pattern, text):
+            for location, text in url_hits:
+                if url_pattern is not None and (match := _search(url_pattern, text)):
                     events.append(_finding(kind, "high", location, description, match))
             if body_hit and (match := _search(body_pattern, body)):
                 events.append(_finding(kind, "medium", "body", description, match))
