@@ -28,6 +28,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import routes
 from api_schema import register_models
 from config import Config, ConfigError
+from enhanced_logging import redact_log_handlers
 from errors import GatewayError, RequestBlocked
 from gateway import Gateway, build_gateway
 from task_service import TaskOutcome
@@ -149,34 +150,42 @@ def _settle_retry_after(headers, context) -> None:
 
 
 def _scan_request(gateway: Gateway) -> None:
-    """Log each security finding; in block mode refuse high-severity ones with 400."""
+    """Log each security finding; in block mode refuse high-severity ones with 400.
+
+    The scanner reads the body's strings lazily and stops at its per-location cap, so a large
+    body costs a bounded scan."""
     body = request.get_json(silent=True) if request.is_json else None
-    events = gateway.scanner.scan(
+    result = gateway.scanner.scan(
         path=request.path, query=request.query_string.decode("latin-1"), headers=request.headers,
-        body_texts=_strings_in(body), body_size=request.content_length or 0,
+        body_texts=_iter_strings(body), body_size=request.content_length or 0,
     )
-    for event in events:
+    for event in result.events:
         gateway.metrics.count_security_event(event.type)
         gateway.logger.log_security_event(event, request_id=routes.request_id(), client=request.remote_addr or "")
-    if gateway.scanner.should_block(events, gateway.config.security_mode):
+    if gateway.scanner.should_block(result.events, gateway.config.security_mode):
         raise RequestBlocked("The request was refused by the gateway's security checks",
-                             details={"findings": sorted({event.type for event in events if event.severity == "high"})})
+                             details={"findings": sorted({event.type for event in result.events
+                                                          if event.severity == "high"})})
 
 
 def _strings_in(value) -> list[str]:
-    """The string values of a parsed JSON body (what a prompt injection or XSS would hide in).
+    """The string values of a parsed JSON body (what a prompt injection or XSS would hide in)."""
+    return list(_iter_strings(value))
+
+
+def _iter_strings(value):
+    """The string values of a parsed JSON body in document order, one at a time.
 
     A walk with an explicit stack: a body nested hundreds of levels deep must not overflow ours."""
-    strings, pending = [], [value]
+    pending = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            strings.append(item)
+            yield item
         elif isinstance(item, dict):
-            pending.extend(item.values())
+            pending.extend(reversed(item.values()))
         elif isinstance(item, list):
-            pending.extend(item)
-    return strings
+            pending.extend(reversed(item))
 
 
 class BodyJSONProvider(DefaultJSONProvider):
@@ -231,12 +240,15 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
 
 
 def _configure_logging(config: Config) -> None:
+    """Python logging to stderr, every handler of it redacted like the JSON logs (the key included):
+    a traceback or a library's record can carry what an upstream echoed back."""
     logging.basicConfig(
         level=config.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for chatty in ("httpx", "httpx2", "google_genai", "google_genai.models"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    redact_log_handlers([config.google_api_key])
 
 
 # --- entry points -----------------------------------------------------------------------------

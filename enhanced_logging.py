@@ -1,4 +1,4 @@
-"""The gateway's JSON-lines logs under `logs/` and the per-request security checks.
+"""The gateway's JSON-lines logs under `logs/`, and the redaction every log sink goes through.
 
 Why it looks like this:
 
@@ -9,13 +9,15 @@ Why it looks like this:
   channel's rotating file. `flush()` waits for what is queued so far; `close()` drains and closes.
 - Secrets never reach a file or the console: configured secret values, sensitive keys
   (Authorization, api keys, passwords...) and credential-looking text are replaced by "[REDACTED]".
+  One `Redactor` does it for the JSON lines and, through `RedactingFormatter` (installed on the
+  process's logging handlers by `redact_log_handlers`), for stderr: Python logging's own records,
+  waitress's and werkzeug's, tracebacks included.
+- The credential patterns run on RE2 (`google-re2`): linear time, whatever the text (Python's `re`
+  backtracked quadratically over a long run of spaces after "key").
 - It takes plain data (strings, dicts), never Flask objects, so it is testable and reusable.
 - Instances share nothing (no `logging.getLogger` names), so many apps can live in one process.
 
-`SecurityScanner` flags SQL injection, XSS, path traversal, scanner user agents, prompt injection
-and oversized bodies. Findings in the URL are "high"; in the body they are "medium", because a
-code prompt may legitimately say `SELECT * FROM users` or `<script>`. In the default "log" mode
-findings are only logged; "block" mode refuses "high" ones; "off" means the caller does not scan.
+The security scan lives in `security_scanner.py`; its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -27,16 +29,21 @@ import logging
 import logging.handlers
 import os
 import queue
-import re
 import sys
 import threading
 import traceback
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, unquote_plus
+
+import re2
+
+from security_scanner import SCAN_MAX_CHARS, ScanResult, SecurityEvent, SecurityScanner
+
+__all__ = ["LOG_FILES", "REDACTED", "SCAN_MAX_CHARS", "RedactingFormatter", "Redactor", "RequestLogger",
+           "ScanResult", "SecurityEvent", "SecurityScanner", "redact_log_handlers"]
 
 LOG_FILES: dict[str, str] = {
     "requests": "api_requests.log",
@@ -53,19 +60,22 @@ _SENSITIVE_KEYS = frozenset({
 })
 _SENSITIVE_SUFFIXES = ("_key", "-key", "_token", "-token", "password", "_secret")
 _MIN_SECRET_LEN = 4
+_WS = r"\s\v\x1c-\x1f\x85\p{Z}"  # what Python's str.isspace() calls whitespace (RE2's \s is ASCII)
 # Credentials inside free text (exception messages, URLs, headers dumped into a string).
 _CREDENTIAL_TEXT = [
-    (re.compile(r"(?i)((?:proxy-)?authorization|x-(?:goog-)?api-key|api[_-]?key|password|passwd|secret|token|\bkey)"
-                r"(\s*[\"']?\s*[:=]\s*[\"']?)(?:bearer\s+|basic\s+)?[^\s\"',;&}]+"), rf"\1\2{REDACTED}"),
-    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]{12,}=*"), f"Bearer {REDACTED}"),
-    (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), REDACTED),
+    (rf"((?:proxy-)?authorization|x-(?:goog-)?api-key|api[_-]?key|password|passwd|secret|token|\bkey)"
+     rf"([{_WS}]*[\"']?[{_WS}]*[:=][{_WS}]*[\"']?)(?:bearer[{_WS}]+|basic[{_WS}]+)?[^{_WS}\"',;&}}]+",
+     rf"\1\2{REDACTED}", True),
+    (r"\bbearer[" + _WS + r"]+[A-Za-z0-9._~+/\-]{12,}=*", f"Bearer {REDACTED}", True),
+    (r"\bAIza[0-9A-Za-z_\-]{30,}", REDACTED, False),
 ]
-_MEMO_MAX_LEN, _MEMO_ENTRIES = 64, 4096
-_PLAIN_TYPES = frozenset({int, float, bool, type(None)})
+_CREDENTIAL_PATTERNS = [(re2.compile(f"(?i){pattern}" if fold else pattern), replacement)
+                        for pattern, replacement, fold in _CREDENTIAL_TEXT]
 # One cheap search first: most strings (ids, paths, model names) match none of the patterns above.
 # (Case-insensitive throughout: a superset of the patterns, which is all a pre-filter needs.)
-_MAYBE_CREDENTIAL = re.compile(
-    "|".join(f"(?:{pattern.pattern.removeprefix('(?i)')})" for pattern, _ in _CREDENTIAL_TEXT), re.IGNORECASE)
+_MAYBE_CREDENTIAL = re2.compile("(?i)" + "|".join(f"(?:{pattern})" for pattern, _, _ in _CREDENTIAL_TEXT))
+_MEMO_MAX_LEN, _MEMO_ENTRIES = 64, 4096
+_PLAIN_TYPES = frozenset({int, float, bool, type(None)})
 
 
 def _utc_now() -> str:
@@ -134,6 +144,116 @@ class _FlushSignal(logging.Handler):
             event.set()
 
 
+class Redactor:
+    """Replaces configured secret values, sensitive keys' values and credential-looking text by "[REDACTED]".
+
+    One instance serves many threads: its memos are plain dicts whose single operations are atomic.
+    Every pattern is RE2, so redacting a text costs time linear in its length."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        usable = {s for s in secrets if isinstance(s, str) and len(s) >= _MIN_SECRET_LEN}
+        self.secrets: tuple[str, ...] = tuple(sorted(usable, key=len, reverse=True))  # longest first
+        self._keys: dict[Any, tuple[Any, bool]] = {}  # field name -> (redacted name, is it sensitive)
+        self._clean_short: dict[str, str] = {}
+
+    def with_secrets(self, secrets: Iterable[str]) -> Redactor:
+        """A redactor for these secrets as well as this one's (this one, if it already has them all)."""
+        extra = set(Redactor(secrets).secrets) - set(self.secrets)
+        return Redactor((*self.secrets, *extra)) if extra else self
+
+    def redact(self, value: Any) -> Any:
+        """A copy of `value` with secrets, sensitive keys and credential-looking text replaced."""
+        kind = type(value)  # exact types first: this runs for every field of every line
+        if kind is str:
+            return self.redact_text(value)
+        if kind in _PLAIN_TYPES:
+            return value
+        if isinstance(value, Mapping):
+            return self._redact_mapping(value)
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self.redact(v) for v in value]
+        if isinstance(value, str):
+            return self.redact_text(value)
+        if isinstance(value, bool | int | float):
+            return value
+        return self.redact_text(str(value))  # anything else would be str()-ed by json: redact that text
+
+    def redact_text(self, text: str) -> str:
+        """`text` with secrets and credential-looking parts replaced."""
+        if len(text) <= _MEMO_MAX_LEN:  # paths, methods, model names, clients repeat on every line
+            clean = self._clean_short.get(text)
+            if clean is None:
+                if len(self._clean_short) >= _MEMO_ENTRIES:
+                    self._clean_short.clear()
+                clean = self._clean_short[text] = self._redact_uncached(text)
+            return clean
+        return self._redact_uncached(text)
+
+    def _redact_mapping(self, mapping: Mapping) -> dict:
+        clean = {}
+        for key, item in mapping.items():
+            known = self._keys.get(key)
+            if known is None:  # field names repeat on every line: judge each distinct one once
+                known = self._judge_key(key)
+            clean_key, sensitive = known
+            clean[clean_key] = REDACTED if sensitive else self.redact(item)
+        return clean
+
+    def _judge_key(self, key: Any) -> tuple[Any, bool]:
+        judged = (self.redact_text(key) if isinstance(key, str) else key, _is_sensitive_key(key))
+        if len(self._keys) < 1024:
+            self._keys[key] = judged
+        return judged
+
+    def _redact_uncached(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        try:
+            suspect = _MAYBE_CREDENTIAL.search(text)
+        except UnicodeEncodeError:  # a lone surrogate: RE2 takes UTF-8 only (files show it escaped anyway)
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+            suspect = _MAYBE_CREDENTIAL.search(text)
+        if suspect:
+            for pattern, replacement in _CREDENTIAL_PATTERNS:
+                text = pattern.sub(replacement, text)
+        return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats a record with the handler's own formatter, then redacts the whole text.
+
+    The whole text, so the message, its arguments, `extra` fields, the traceback (`exc_text`) and
+    `stack_info` are all covered, whatever the inner format string shows."""
+
+    def __init__(self, inner: logging.Formatter | None, redactor: Redactor) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redactor.redact_text(self.inner.format(record))
+
+
+def redact_log_handlers(secrets: Iterable[str]) -> int:
+    """Send every handler of this process's loggers (the root's stderr handler, waitress's, werkzeug's...)
+    through a `Redactor` that knows `secrets`, besides the secrets it already knew. Returns how many
+    handlers it covered. Idempotent: a handler is wrapped once, and only new secrets are added."""
+    redactor = Redactor(secrets)
+    loggers = [logging.getLogger(), *(item for item in list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(item, logging.Logger))]
+    covered = 0
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            formatter = handler.formatter
+            if isinstance(formatter, RedactingFormatter):
+                formatter.redactor = formatter.redactor.with_secrets(redactor.secrets)
+            else:
+                handler.setFormatter(RedactingFormatter(formatter, redactor))
+            covered += 1
+    return covered
+
+
 class RequestLogger:
     """Writes the gateway's JSON-lines logs from a background thread; safe to call from any thread."""
 
@@ -143,10 +263,7 @@ class RequestLogger:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_full_prompts = log_full_prompts
-        usable = sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True)
-        self._secrets = re.compile("|".join(map(re.escape, usable))) if usable else None
-        self._keys: dict[Any, tuple[Any, bool]] = {}  # field name -> (redacted name, is it sensitive)
-        self._clean_short: dict[str, str] = {}
+        self.redactor = Redactor(secrets)
 
         files = {channel: _JsonLinesFile(self.log_dir / filename, max_bytes=max_bytes, backup_count=backup_count)
                  for channel, filename in LOG_FILES.items()}
@@ -198,54 +315,7 @@ class RequestLogger:
 
     def redact(self, value: Any) -> Any:
         """A copy of `value` with secrets, sensitive keys and credential-looking text replaced."""
-        kind = type(value)  # exact types first: this runs for every field of every line
-        if kind is str:
-            return self._redact_text(value)
-        if kind in _PLAIN_TYPES:
-            return value
-        if isinstance(value, Mapping):
-            return self._redact_mapping(value)
-        if isinstance(value, list | tuple | set | frozenset):
-            return [self.redact(v) for v in value]
-        if isinstance(value, str):
-            return self._redact_text(value)
-        if isinstance(value, bool | int | float):
-            return value
-        return self._redact_text(str(value))  # anything else would be str()-ed by json: redact that text
-
-    def _redact_mapping(self, mapping: Mapping) -> dict:
-        clean = {}
-        for key, item in mapping.items():
-            known = self._keys.get(key)
-            if known is None:  # field names repeat on every line: judge each distinct one once
-                known = self._judge_key(key)
-            clean_key, sensitive = known
-            clean[clean_key] = REDACTED if sensitive else self.redact(item)
-        return clean
-
-    def _judge_key(self, key: Any) -> tuple[Any, bool]:
-        judged = (self._redact_text(key) if isinstance(key, str) else key, _is_sensitive_key(key))
-        if len(self._keys) < 1024:
-            self._keys[key] = judged
-        return judged
-
-    def _redact_text(self, text: str) -> str:
-        if len(text) <= _MEMO_MAX_LEN:  # paths, methods, model names, clients repeat on every line
-            clean = self._clean_short.get(text)
-            if clean is None:
-                if len(self._clean_short) >= _MEMO_ENTRIES:
-                    self._clean_short.clear()
-                clean = self._clean_short[text] = self._redact_uncached(text)
-            return clean
-        return self._redact_uncached(text)
-
-    def _redact_uncached(self, text: str) -> str:
-        if self._secrets is not None:
-            text = self._secrets.sub(REDACTED, text)
-        if _MAYBE_CREDENTIAL.search(text):
-            for pattern, replacement in _CREDENTIAL_TEXT:
-                text = pattern.sub(replacement, text)
-        return text
+        return self.redactor.redact(value)
 
     # --- channels --------------------------------------------------------------------------
 
@@ -341,96 +411,3 @@ def _request_summary(fields: Mapping[str, Any]) -> str:
 
 def _error_summary(fields: Mapping[str, Any]) -> str:
     return f"error request_id={fields.get('request_id')} {fields.get('error_type')}: {_one_line(fields.get('message'))}"
-
-
-# --- security checks -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SecurityEvent:
-    """One finding: what (type), how bad (low/medium/high), where (path, query, body, header:...), why."""
-
-    type: str
-    severity: str
-    location: str
-    detail: str
-
-
-_SQL_COMMON = (
-    r"['\"][\s)]*\b(?:or|and)\b\s+\S{1,20}?\s*=\s*\S"  # ' OR 1=1, " or ''='
-    r"|\bunion\b(?:\s+all)?\s+select\b"
-    r"|;\s*(?:drop|truncate|alter)\s+(?:table|database)\b"
-    r"|;\s*(?:delete\s+from|insert\s+into|exec(?:ute)?\s)"
-    r"|['\"][\s)]*(?:--|/\*)"  # a quote closed, then the rest of the query commented out
-)
-_XSS_COMMON = r"<script\b|<iframe\b|\bon(?:error|load)\s*="
-_TRAVERSAL = r"(?:\.|%2e){2}(?:/|\\|%2f|%5c)|/etc/(?:passwd|shadow)\b|\bwin\.ini\b"
-_PROMPT_PHRASES = (
-    r"ignore (?:all )?(?:the )?(?:previous|prior|above) instructions",
-    r"disregard (?:all )?(?:of )?the above",
-    r"you are now (?-i:DAN)\b",
-    r"reveal (?:your|the) system prompt",
-    r"pretend (?:that )?you have no (?:restrictions|rules|limits)",
-)
-
-# (type, description, pattern for path/query, pattern for body). The URL of a JSON API has no
-# business holding SQL at all; a body may be a prompt about SQL or HTML, so its patterns are
-# narrower ("select the best one from this list" is English, `SELECT * FROM users` is not).
-_CHECKS: list[tuple[str, str, re.Pattern[str] | None, re.Pattern[str]]] = [
-    ("sql_injection", "SQL injection pattern",
-     re.compile(_SQL_COMMON + r"|\bselect\b[\s\S]{1,100}?\bfrom\b", re.I),
-     re.compile(_SQL_COMMON + r"|\bselect\s+\*\s+from\b|(?-i:\bSELECT\b)[\s\S]{1,100}?(?-i:\bFROM\b)", re.I)),
-    ("xss", "script injection pattern",
-     re.compile(_XSS_COMMON + r"|javascript\s*:", re.I),
-     re.compile(_XSS_COMMON + r"|javascript:(?=\S)", re.I)),
-    ("path_traversal", "path traversal pattern", re.compile(_TRAVERSAL, re.I), re.compile(_TRAVERSAL, re.I)),
-    ("prompt_injection", "prompt injection phrase", None,
-     re.compile("|".join(p.replace(" ", r"\s+") for p in _PROMPT_PHRASES), re.I)),
-]
-# Most requests are clean: one search with every pattern of a location rules a text out at once.
-_ANY_URL_FINDING = re.compile("|".join(f"(?:{url.pattern})" for _, _, url, _ in _CHECKS if url is not None), re.I)
-_ANY_BODY_FINDING = re.compile("|".join(f"(?:{body.pattern})" for _, _, _, body in _CHECKS), re.I)
-_SCANNER_UA = re.compile(
-    r"\b(?:sqlmap|nikto|nmap|masscan|zgrab|acunetix|nessus|wpscan|dirbuster|gobuster|nuclei)\b", re.I)
-_DETAIL_SNIPPET = 80
-
-
-def _detail(description: str, match: re.Match[str]) -> str:
-    return f"{description}: {match.group(0)[:_DETAIL_SNIPPET]}"
-
-
-class SecurityScanner:
-    """Looks at one request's plain data and says what is suspicious; logging and blocking are the caller's."""
-
-    def __init__(self, max_body_bytes: int) -> None:
-        self.max_body_bytes = max_body_bytes
-
-    def scan(self, *, path: str, query: str, headers: Mapping[str, str], body_texts: Iterable[str],
-             body_size: int) -> list[SecurityEvent]:
-        """At most one event per (type, location); URL findings are high, body findings medium."""
-        events: list[SecurityEvent] = []
-        decoded = (("path", unquote(path or "")), ("query", unquote_plus(query or "")))
-        url_parts = [(where, text) for where, text in decoded if text and _ANY_URL_FINDING.search(text)]
-        texts = [t for t in body_texts if t and _ANY_BODY_FINDING.search(t)]
-        for kind, description, url_pattern, body_pattern in _CHECKS:
-            if url_pattern is not None:
-                for location, text in url_parts:
-                    if text and (match := url_pattern.search(text)):
-                        events.append(SecurityEvent(kind, "high", location, _detail(description, match)))
-            for text in texts:
-                if match := body_pattern.search(text):
-                    events.append(SecurityEvent(kind, "medium", "body", _detail(description, match)))
-                    break
-        user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), "")
-        if user_agent and (match := _SCANNER_UA.search(user_agent)):
-            events.append(SecurityEvent("scanner_user_agent", "medium", "header:User-Agent",
-                                        _detail("known scanner user agent", match)))
-        if body_size > self.max_body_bytes:
-            events.append(SecurityEvent("oversized_payload", "high", "body",
-                                        f"body is {body_size} bytes, limit {self.max_body_bytes}"))
-        return events
-
-    @staticmethod
-    def should_block(events: Iterable[SecurityEvent], mode: str) -> bool:
-        """Refuse the request only in "block" mode and only for a high finding ("log"/"off" never block)."""
-        return mode == "block" and any(e.severity == "high" for e in events)

@@ -1,0 +1,154 @@
+"""Every log sink is redacted, stderr included (issue 8, item 15a).
+
+An upstream that echoed the key in a malformed stream chunk put the key on stderr: the SDK's
+exception quoted the raw chunk, and its traceback went out through Python logging's root handler.
+The end-to-end test runs the gateway under waitress in a subprocess, as production does, against
+a fake upstream on loopback that does exactly that; the in-process tests cover the loggers one by one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from enhanced_logging import REDACTED, RedactingFormatter, redact_log_handlers
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "live-key-ECHOED-0123456789abcdef"  # not shaped like a Google key: only the configured secret rule can catch it
+
+
+class EchoingUpstream(BaseHTTPRequestHandler):
+    """A Gemini stand-in whose stream sends one good chunk, then a malformed one quoting the key."""
+
+    def log_message(self, format, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        good = {"candidates": [{"content": {"parts": [{"text": "hi"}], "role": "model"}}]}
+        if "streamGenerateContent" in self.path:
+            body = f"data: {json.dumps(good)}\n\ndata: {{\"echo\": {KEY}\n\n".encode()
+            content_type = "text/event-stream"
+        else:
+            body, content_type = f'{{"echo": {KEY}'.encode(), "application/json"
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def upstream():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoingUpstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The gateway as `waitress-serve app:app` builds it, plus one forced record on waitress's logger
+# whose message, arguments and traceback all hold the key.
+SERVER = """
+import logging, os, sys
+from waitress import serve
+import app
+application = app.app
+try:
+    raise ConnectionError("upstream said: key " + os.environ["GOOGLE_API_KEY"] + " rejected")
+except ConnectionError:
+    logging.getLogger("waitress").exception("forced failure for %s", os.environ["GOOGLE_API_KEY"])
+serve(application, host="127.0.0.1", port=int(sys.argv[1]))
+"""
+
+
+def test_an_upstream_echoing_the_key_never_puts_it_on_stderr(tmp_path, upstream):
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GEMINI_", "RATELIMIT_", "LOG_"))}
+    env.update(GOOGLE_API_KEY=KEY, GEMINI_BASE_URL=upstream, APP_ENV="development", PYTHONPATH=str(ROOT),
+               LOG_DIR=str(tmp_path / "logs"), COST_LEDGER_PATH=str(tmp_path / "ledger.sqlite3"),
+               LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        for path in ("/api/v1/generate/text/stream", "/api/v1/generate/text"):
+            answer = requests.post(f"http://127.0.0.1:{port}{path}", json={"prompt": "hi"}, timeout=30)
+            assert KEY not in answer.text
+    finally:
+        process.terminate()
+        try:
+            _, err = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+    assert "forced failure for" in err and "Traceback" in err and "ConnectionError: upstream said" in err
+    assert KEY not in err
+    assert err.count(REDACTED) >= 3  # the forced record's message, its argument and its traceback
+    logs = "".join(path.read_text(encoding="utf-8") for path in (tmp_path / "logs").iterdir())
+    assert KEY not in logs
+
+
+@pytest.fixture
+def captured():
+    """A stream handler on the root logger and one on waitress's, as `logging.basicConfig` or an
+    operator's setup would leave them before the app is built."""
+    stream = io.StringIO()
+    handlers = [(logging.getLogger(), logging.StreamHandler(stream)),
+                (logging.getLogger("waitress"), logging.StreamHandler(stream))]
+    for logger, handler in handlers:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    yield stream
+    for logger, handler in handlers:
+        logger.removeHandler(handler)
+
+
+def test_create_app_redacts_every_logging_handler(make_app, captured):
+    make_app(google_api_key=KEY)
+    for name in ("waitress", "werkzeug", "gateway.http", "app"):
+        try:
+            raise RuntimeError(f"chunk was {{'echo': {KEY}}} and Authorization: Bearer abcdefghijklmnop")
+        except RuntimeError:
+            logging.getLogger(name).exception("%s saw %s", name, KEY, stack_info=True)
+    text = captured.getvalue()
+    assert text.count("RuntimeError: chunk was") >= 4 and "Stack (most recent call last)" in text
+    assert KEY not in text and "abcdefghijklmnop" not in text
+    assert text.count(REDACTED) >= 4 * 3
+
+
+def test_redact_log_handlers_wraps_once_and_learns_new_secrets(captured):
+    handler = logging.getLogger().handlers[-1]
+    redact_log_handlers(["first-secret-value"])
+    redact_log_handlers(["first-secret-value", "second-secret-value"])
+    assert isinstance(handler.formatter, RedactingFormatter)
+    assert not isinstance(handler.formatter.inner, RedactingFormatter)
+    logging.getLogger("tests.redaction").error("first-secret-value then second-secret-value")
+    assert captured.getvalue().strip().endswith(f"{REDACTED} then {REDACTED}")
