@@ -75,7 +75,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     app.extensions["gateway"] = gateway
     if config.ratelimit_trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.ratelimit_trusted_proxies)
-    if config.cors_origins:
+    if config.cors_origins:  # "*" only in demo mode unless set; a live key gets no origin until CORS_ORIGINS names it
         CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
              allow_headers=ALLOWED_HEADERS, expose_headers=EXPOSED_HEADERS, max_age=600)
 
@@ -99,6 +99,8 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     api.add_namespace(routes.classify_namespace(gateway, schemas, task_limit), path="/classify")
     api.add_namespace(routes.stats_namespace(gateway, schemas), path="/stats")
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
+    for warning in config.exposure_warnings():  # a live key strangers could spend: say so at every start
+        log.warning(warning)
     return app
 
 

@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException
 from api_schema import Schemas, check_distinct_categories
 from errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body
 from gateway import Gateway, RequestInfo
+from metrics import UNROUTED
 from task_service import CacheControl, TaskOutcome
 
 __version__ = "1.0.0"
@@ -229,9 +230,9 @@ def _hours_argument() -> float:
 def request_info() -> RequestInfo:
     """The current request as plain data for the gateway's accounting."""
     current, context = request._get_current_object(), g._get_current_object()
-    return RequestInfo(request_id=request_id(), method=current.method, path=current.path,
+    return RequestInfo(request_id=request_id(), method=current.method, path=clip_path(current.path),
                        client=current.remote_addr or "", prompt=context.get("prompt"),
-                       error_code=context.get("error_code"))
+                       error_code=context.get("error_code"), route=_route(current))
 
 
 def request_id() -> str:
@@ -312,7 +313,7 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
     g.error_code = code
     if status >= 500 or code == "upstream_rate_limited":
         current_app.extensions["gateway"].logger.log_error(
-            exc, request_id=request_id(), status=status, code=code, path=request.path)
+            exc, request_id=request_id(), status=status, code=code, path=clip_path(request.path))
     return error_body(message, code, details, request_id()), status, headers
 
 
@@ -324,3 +325,20 @@ _HTTP_ERRORS = {
     415: ("unsupported_media_type", "Send the body as JSON with 'Content-Type: application/json'"),
     429: ("rate_limited", "Rate limit exceeded"),
 }
+
+
+# --- bounded request facts ----------------------------------------------------------------------
+
+MAX_LOGGED_PATH_CHARS = 1024
+
+
+def clip_path(path: str) -> str:
+    """The path as logged: at most MAX_LOGGED_PATH_CHARS, with a marker saying how much was cut."""
+    if len(path) <= MAX_LOGGED_PATH_CHARS:
+        return path
+    return f"{path[:MAX_LOGGED_PATH_CHARS]}...[{len(path) - MAX_LOGGED_PATH_CHARS} more chars]"
+
+
+def _route(current) -> str:
+    """The URL rule the request matched (`/api/v1/generate/text`), or one bucket for every unrouted path."""
+    return current.url_rule.rule if current.url_rule is not None else UNROUTED
