@@ -12,6 +12,7 @@ is built on first access, so importing `create_app` (tests, tools) starts nothin
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -26,7 +27,7 @@ from flask_restx import Api
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import routes
-from api_schema import register_models
+from api_schema import InvalidBody, bounded_int, register_models
 from config import Config, ConfigError
 from errors import GatewayError, RequestBlocked
 from gateway import Gateway, build_gateway
@@ -183,19 +184,30 @@ def _strings_in(value) -> list[str]:
 
 class BodyJSONProvider(DefaultJSONProvider):
     """Flask's JSON, refusing (400, not a 500 later) what Python's parser accepts but nothing can use:
-    nesting past the parser's depth, and lone surrogate escapes such as "\\ud800", which are not
-    Unicode text and cannot be encoded for a cache key, a log line or the provider."""
+    nesting past the parser's depth, numbers of more than MAX_NUMBER_DIGITS digits, and lone
+    surrogate escapes such as "\\ud800", which are not Unicode text and cannot be encoded for a cache
+    key, a log line or the provider. Every failure is an `InvalidBody` in our own words (a position at
+    most): the parser's messages name Python internals such as `sys.set_int_max_str_digits()`."""
 
     def loads(self, s, **kwargs):
+        kwargs.setdefault("parse_int", bounded_int)
         try:
             value = super().loads(s, **kwargs)
+        except InvalidBody:
+            raise
         except RecursionError:
-            raise ValueError("the JSON is nested too deeply") from None
+            raise InvalidBody("the JSON is nested too deeply") from None
+        except json.JSONDecodeError as exc:
+            raise InvalidBody(f"not valid JSON at line {exc.lineno} column {exc.colno}") from None
+        except UnicodeDecodeError as exc:
+            raise InvalidBody(f"not valid UTF-8, UTF-16 or UTF-32 text at byte {exc.start}") from None
+        except ValueError:
+            raise InvalidBody("not valid JSON") from None
         for text in _strings_in(value):  # microseconds for a request body; the body may be UTF-16 or -32
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff)") from None
+                raise InvalidBody("a string holds a lone surrogate escape (\\ud800-\\udfff)") from None
         return value
 
 

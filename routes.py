@@ -21,7 +21,7 @@ from flask import Response, current_app, g, request, stream_with_context
 from flask_restx import Namespace, Resource
 from werkzeug.exceptions import HTTPException
 
-from api_schema import Schemas, check_distinct_categories
+from api_schema import InvalidBody, Schemas, check_distinct_categories
 from errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body
 from gateway import Gateway, RequestInfo
 from metrics import UNROUTED
@@ -55,10 +55,17 @@ def health_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
     return ns
 
 
-def _task_responses(ns: Namespace, schemas: Schemas, success_model):
-    """The documented responses every task endpoint shares."""
+STREAM_200 = ("A text/event-stream, not JSON: `event: chunk` with data {\"text\"} for each piece as Gemini "
+              "produces it, then one `event: done` with data {model, provider, cached, usage, cost, request_id} "
+              "or one `event: error` with data {error, code, details, request_id}. Errors before the stream "
+              "starts are plain JSON with the statuses below.")
+
+
+def _task_responses(ns: Namespace, schemas: Schemas, success_model,
+                    success="Answer; cost headers X-Cost-*, X-Tokens-*, X-Cached"):
+    """The documented responses every task endpoint shares (`success_model` None: the 200 is not JSON)."""
     codes = {
-        200: ("Answer; cost headers X-Cost-*, X-Tokens-*, X-Cached", success_model),
+        200: (success, success_model),
         400: ("Invalid input", schemas.error),
         413: ("Body too large", schemas.error), 415: ("Body is not JSON", schemas.error),
         429: ("Rate limited, by the gateway or the provider; see Retry-After", schemas.error),
@@ -108,8 +115,8 @@ def generate_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namesp
     @ns.route("/text/stream")
     class TextGenerationStream(Resource):
         @ns.expect(schemas.text_request.model)
-        @ns.produces(["text/event-stream"])
-        @_task_responses(ns, schemas, schemas.text_response)
+        @ns.produces(["text/event-stream", "application/json"])
+        @_task_responses(ns, schemas, None, STREAM_200)
         @task_limit
         def post(self):
             """Generate text as it is produced: server-sent events `chunk` ({text}), then `done` (model,
@@ -297,14 +304,14 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
         log.warning("%s: %s", code, message, extra={"request_id": request_id()})
     elif isinstance(exc, HTTPException):
         status, details = exc.code or 500, {}
-        code, message = _HTTP_ERRORS.get(status, ("http_error", exc.description or exc.name))
+        code, message = _HTTP_ERRORS.get(status, HTTP_ERROR_FALLBACK)  # never werkzeug's description
         if status == 429:
             message = f"Rate limit exceeded ({exc.description}); retry after the time in Retry-After"
             details = {"limit": str(exc.description)}
         if status == 405 and exc.valid_methods:
             details = {"allowed_methods": sorted(exc.valid_methods)}
-        if status == 400 and isinstance(exc.__cause__, HTTPException) and exc.__cause__.description:
-            details = {"reason": exc.__cause__.description}  # the parser's words: a position, never the body
+        if status == 400 and (reason := _body_problem(exc)) is not None:
+            details = {"reason": reason}  # our words from BodyJSONProvider: a position at most, never the body
         headers = {key: value for key, value in exc.get_response().headers.items()
                    if key in ("Allow", "Retry-After")}
     else:
@@ -317,14 +324,29 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
     return error_body(message, code, details, request_id()), status, headers
 
 
-_HTTP_ERRORS = {
-    400: ("invalid_request", "The request body is not valid JSON"),
+def _body_problem(exc: BaseException) -> str | None:
+    """The text of the `InvalidBody` behind a 400, if any (Flask wraps it in two BadRequests);
+    only our own words, so a parser's message never reaches the client."""
+    seen = exc
+    for _ in range(4):  # BadRequest -> BadRequest (cause) -> InvalidBody (context): a short, bounded walk
+        seen = seen.__cause__ or seen.__context__
+        if seen is None:
+            return None
+        if isinstance(seen, InvalidBody):
+            return str(seen)
+    return None
+
+
+_HTTP_ERRORS = {  # every status Flask, Werkzeug or Flask-Limiter raises here: (code, our own message)
+    400: ("invalid_request", "The request body could not be read as JSON (see details.reason)"),
     404: ("not_found", "No such endpoint; see /swagger/ for the API"),
     405: ("method_not_allowed", "This endpoint does not accept that HTTP method"),
     413: ("payload_too_large", "The request body is larger than the gateway accepts"),
     415: ("unsupported_media_type", "Send the body as JSON with 'Content-Type: application/json'"),
+    416: ("range_not_satisfiable", "The requested byte range is outside the file"),
     429: ("rate_limited", "Rate limit exceeded"),
 }
+HTTP_ERROR_FALLBACK = ("http_error", "The gateway could not serve this request")  # any other HTTP status
 
 
 # --- bounded request facts ----------------------------------------------------------------------
