@@ -14,7 +14,6 @@ import re
 import secrets
 from pathlib import Path
 
-import pytest
 import requests
 
 import errors
