@@ -16,10 +16,23 @@ from jsonschema import Draft4Validator
 from errors import InvalidRequest
 from task_prompts import normalise_label
 
+MAX_NUMBER_DIGITS = 100  # no field takes a number; a longer one is refused before int() spends time on it
 MAX_CATEGORIES = 50
 MAX_CATEGORY_CHARS = 100
 MAX_LANGUAGE_CHARS = 40
 NOT_BLANK = r"\S"
+
+
+class InvalidBody(ValueError):
+    """A request body the gateway cannot use, worded by us: `routes.error_payload` shows this text as
+    the 400's `reason`, and only this text (a parser's own messages name library internals)."""
+
+
+def bounded_int(digits: str) -> int:
+    """JSON's `parse_int`: refuse absurdly long numbers in our words, not Python's int-limit text."""
+    if len(digits.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise InvalidBody(f"a number has more than {MAX_NUMBER_DIGITS} digits")
+    return int(digits)
 
 
 @dataclass(frozen=True)

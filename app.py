@@ -12,6 +12,7 @@ is built on first access, so importing `create_app` (tests, tools) starts nothin
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -26,7 +27,7 @@ from flask_restx import Api
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import routes
-from api_schema import register_models
+from api_schema import InvalidBody, bounded_int, register_models
 from config import Config, ConfigError
 from enhanced_logging import redact_log_handlers
 from errors import GatewayError, RequestBlocked
@@ -76,7 +77,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     app.extensions["gateway"] = gateway
     if config.ratelimit_trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.ratelimit_trusted_proxies)
-    if config.cors_origins:
+    if config.cors_origins:  # "*" only in demo mode unless set; a live key gets no origin until CORS_ORIGINS names it
         CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
              allow_headers=ALLOWED_HEADERS, expose_headers=EXPOSED_HEADERS, max_age=600)
 
@@ -100,6 +101,8 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     api.add_namespace(routes.classify_namespace(gateway, schemas, task_limit), path="/classify")
     api.add_namespace(routes.stats_namespace(gateway, schemas), path="/stats")
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
+    for warning in config.exposure_warnings():  # a live key strangers could spend: say so at every start
+        log.warning(warning)
     return app
 
 
@@ -190,19 +193,30 @@ def _iter_strings(value):
 
 class BodyJSONProvider(DefaultJSONProvider):
     """Flask's JSON, refusing (400, not a 500 later) what Python's parser accepts but nothing can use:
-    nesting past the parser's depth, and lone surrogate escapes such as "\\ud800", which are not
-    Unicode text and cannot be encoded for a cache key, a log line or the provider."""
+    nesting past the parser's depth, numbers of more than MAX_NUMBER_DIGITS digits, and lone
+    surrogate escapes such as "\\ud800", which are not Unicode text and cannot be encoded for a cache
+    key, a log line or the provider. Every failure is an `InvalidBody` in our own words (a position at
+    most): the parser's messages name Python internals such as `sys.set_int_max_str_digits()`."""
 
     def loads(self, s, **kwargs):
+        kwargs.setdefault("parse_int", bounded_int)
         try:
             value = super().loads(s, **kwargs)
+        except InvalidBody:
+            raise
         except RecursionError:
-            raise ValueError("the JSON is nested too deeply") from None
+            raise InvalidBody("the JSON is nested too deeply") from None
+        except json.JSONDecodeError as exc:
+            raise InvalidBody(f"not valid JSON at line {exc.lineno} column {exc.colno}") from None
+        except UnicodeDecodeError as exc:
+            raise InvalidBody(f"not valid UTF-8, UTF-16 or UTF-32 text at byte {exc.start}") from None
+        except ValueError:
+            raise InvalidBody("not valid JSON") from None
         for text in _strings_in(value):  # microseconds for a request body; the body may be UTF-16 or -32
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff)") from None
+                raise InvalidBody("a string holds a lone surrogate escape (\\ud800-\\udfff)") from None
         return value
 
 

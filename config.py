@@ -18,6 +18,7 @@ from pathlib import Path
 ENVIRONMENTS = ("development", "testing", "production")
 SECURITY_MODES = ("log", "block", "off")
 GOOGLE_KEY_PREFIX = "AIza"
+ALL_INTERFACES = ("0.0.0.0", "::", "[::]", "*", "")  # wildcard bind addresses: reachable from other machines
 
 
 class ConfigError(ValueError):
@@ -119,8 +120,8 @@ class Config:
             values[spec.name] = _parse(meta, raw)
         if overrides:
             raise ConfigError(f"unknown settings: {', '.join(sorted(overrides))}")
-        if not values["cors_origins"] and values["app_env"] != "production":
-            values["cors_origins"] = ("*",)
+        if not values["cors_origins"] and not values["google_api_key"] and values["app_env"] != "production":
+            values["cors_origins"] = ("*",)  # demo mode only: with a live key, no origin until CORS_ORIGINS names it
         config = cls(**values)
         config.validate()
         return config
@@ -138,6 +139,9 @@ class Config:
                 raise ConfigError("APP_ENV=production needs GOOGLE_API_KEY (demo mode is for development only)")
             if not self.ratelimit_enabled:
                 raise ConfigError("APP_ENV=production refuses RATELIMIT_ENABLED=false")
+            if "*" in self.cors_origins:
+                raise ConfigError("APP_ENV=production refuses CORS_ORIGINS=*: name the origins of your web apps "
+                                  "(any page a browser visits could otherwise spend the key)")
 
     @property
     def is_production(self) -> bool:
@@ -147,6 +151,26 @@ class Config:
     def demo_mode(self) -> bool:
         """No key outside production: answer from the built-in emulator instead of Gemini."""
         return not self.google_api_key and not self.is_production
+
+    def exposure_warnings(self, host: str | None = None) -> list[str]:
+        """Start-up warnings for a live key that strangers could spend (nothing authenticates clients yet).
+
+        `host` is the address actually served (default HOST, what `python app.py` and serve.py use)."""
+        if self.demo_mode:
+            return []
+        host = self.host if host is None else host
+        warnings = []
+        if host in ALL_INTERFACES:
+            warnings.append(
+                f"SECURITY WARNING: a live GOOGLE_API_KEY is served on all interfaces (host {host or '(empty)'!r}, "
+                f"port {self.port}) and the gateway does not authenticate clients yet: anyone who can reach this "
+                "port can spend the key. Set HOST=127.0.0.1, or keep the port behind a firewall or an "
+                "authenticating proxy (client API keys come in a later release).")
+        if "*" in self.cors_origins:
+            warnings.append(
+                "SECURITY WARNING: CORS_ORIGINS=* with a live GOOGLE_API_KEY: any web page a visitor's browser "
+                "opens can call this gateway and spend the key. Name your web apps' origins instead.")
+        return warnings
 
     @property
     def key_looks_like_google(self) -> bool:

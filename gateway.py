@@ -18,7 +18,7 @@ from cost_tracker import CostRecord, CostTracker, PriceTable, TokenCounter
 from enhanced_logging import RequestLogger, SecurityScanner
 from gemini_wrapper import GeminiClient
 from lru_cache import ResponseCache
-from metrics import GatewayMetrics
+from metrics import UNROUTED, GatewayMetrics
 from task_service import TaskOutcome, TaskService
 
 log = logging.getLogger("gateway")
@@ -34,6 +34,7 @@ class RequestInfo:
     client: str
     prompt: str | None = None
     error_code: str | None = None
+    route: str = UNROUTED  # the URL rule that matched: what the counters are keyed by, never the raw path
 
 
 def _cost_record(request: RequestInfo, status: int, elapsed_ms: float, outcome: TaskOutcome | None,
@@ -84,7 +85,7 @@ class Gateway:
             )
         if request.prompt is not None:
             summary["prompt"] = self.logger.describe_prompt(request.prompt)  # length + hash unless LOG_FULL_PROMPTS
-        self.metrics.count_request(request.path, status, request.error_code)
+        self.metrics.count_request(request.route, status, request.error_code)
         self.logger.log_request(request_id=request.request_id, method=request.method, path=request.path,
                                 status=status, latency_ms=round(elapsed_ms, 2), client=request.client, **summary)
         return overall

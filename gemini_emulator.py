@@ -8,9 +8,10 @@ the wire protocol on loopback: ``POST [prefix]/v1beta/models/{model}:generateCon
 
 Replies are deterministic and fit each task when prompts use the markers below:
 
-* Classification: a line ``Categories: a | b | c`` and a line ``Text: ...`` (the text
-  runs to the end of the prompt, so put it last). Reply: exactly one category as written
-  (sentiment lexicon, else the first category named in the text, else a stable hash).
+* Classification: a line ``Categories (JSON array): ["a", "b | c"]`` (the first such line)
+  and, after it, a line ``Text: ...`` (the text runs to the end of the prompt, so put it
+  last). Reply: exactly one category as written (sentiment lexicon, else the first category
+  named in the text, else a stable hash).
 * Code: a line ``Task: generate code``, optionally ``Language: python`` and
   ``Request: ...`` (runs to the end, so last). Reply: one fenced block; for Python a
   valid function with a docstring, named after the request.
@@ -143,12 +144,33 @@ def reply_for_prompt(prompt: str, user_text: str | None = None) -> str:
             request = re.sub(rf"^[ \t]*({re.escape(CODE_MARKER)}|{LANGUAGE_PREFIX}.*)$", "",
                              prompt, flags=re.MULTILINE)
         return generate_code(request.strip(), _field(prompt, LANGUAGE_PREFIX) or "python")
-    raw_categories = _field(prompt, CATEGORIES_PREFIX)
-    categories = [c.strip() for c in (raw_categories or "").split("|") if c.strip()]
+    categories, text = _classification(prompt)
     if categories:
-        text = _field(prompt, TEXT_PREFIX, to_end=True)
         return classify(prompt if text is None else text, categories)
     return text_reply(prompt if user_text is None else user_text)
+
+
+_CATEGORIES_LINE = re.compile(rf"^[ \t]*{re.escape(CATEGORIES_PREFIX)}[ \t]*(.*)$", re.MULTILINE)
+
+
+def _classification(prompt: str) -> tuple[list[str], str | None]:
+    """(categories, text) of a classification prompt, or ([], None).
+
+    The first categories line holds a JSON array; the text is what follows the first ``Text:``
+    line after it, so a text that itself contains marker lines cannot change the categories."""
+    found = _CATEGORIES_LINE.search(prompt)
+    if found is None:
+        return [], None
+    try:
+        categories = json.loads(found.group(1))
+    except ValueError:
+        return [], None
+    if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
+        return [], None
+    categories = [c for c in categories if c.strip()]
+    rest = prompt[found.end():]
+    text = re.search(rf"^[ \t]*{re.escape(TEXT_PREFIX)}[ \t]*", rest, re.MULTILINE)
+    return categories, None if text is None else rest[text.end():].strip()
 
 
 def _texts(content: Any) -> list[str]:

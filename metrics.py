@@ -3,12 +3,22 @@
 Costs, tokens and latencies come from the ledger (`cost_tracker`), which survives restarts;
 these are the events that are not ledger records: every request by endpoint and status
 (health and Swagger included), upstream retries, rate-limit rejections, security events.
+
+Requests are counted by the route that matched (its URL rule, such as `/api/v1/generate/text`),
+never by the raw path: a stranger can send any number of distinct paths, and each would
+otherwise stay in memory and in `/stats` for the life of the process. Paths that match no route
+share one bucket, `<unrouted>`, and the table has a hard cap besides, so its size is fixed by
+the app's routes and the HTTP status codes whatever arrives.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+
+UNROUTED = "<unrouted>"  # every path that matched no route (404s, and 405s before routing found a rule)
+OTHER = "<other>"  # past MAX_COUNTER_KEYS: a guard in case a caller passes unbounded names
+MAX_COUNTER_KEYS = 1024  # (endpoint, status) pairs; the app has about 20 routes and a few statuses each
 
 
 class GatewayMetrics:
@@ -22,8 +32,12 @@ class GatewayMetrics:
         self._rate_limited = 0
 
     def count_request(self, endpoint: str, status: int, error_code: str | None = None) -> None:
+        """Count one request under its route template (or `UNROUTED`), never its raw path."""
+        key = (endpoint, status)
         with self._lock:
-            self._requests[(endpoint, status)] += 1
+            if key not in self._requests and len(self._requests) >= MAX_COUNTER_KEYS:
+                key = (OTHER, status)
+            self._requests[key] += 1
             if error_code == "rate_limited":  # the gateway's own limiter, not the provider's 429
                 self._rate_limited += 1
 

@@ -21,9 +21,10 @@ from flask import Response, current_app, g, request, stream_with_context
 from flask_restx import Namespace, Resource
 from werkzeug.exceptions import HTTPException
 
-from api_schema import Schemas, check_distinct_categories
+from api_schema import InvalidBody, Schemas, check_distinct_categories
 from errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body
 from gateway import Gateway, RequestInfo
+from metrics import UNROUTED
 from task_service import CacheControl, TaskOutcome
 
 __version__ = "1.0.0"
@@ -54,10 +55,17 @@ def health_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
     return ns
 
 
-def _task_responses(ns: Namespace, schemas: Schemas, success_model):
-    """The documented responses every task endpoint shares."""
+STREAM_200 = ("A text/event-stream, not JSON: `event: chunk` with data {\"text\"} for each piece as Gemini "
+              "produces it, then one `event: done` with data {model, provider, cached, usage, cost, request_id} "
+              "or one `event: error` with data {error, code, details, request_id}. Errors before the stream "
+              "starts are plain JSON with the statuses below.")
+
+
+def _task_responses(ns: Namespace, schemas: Schemas, success_model,
+                    success="Answer; cost headers X-Cost-*, X-Tokens-*, X-Cached"):
+    """The documented responses every task endpoint shares (`success_model` None: the 200 is not JSON)."""
     codes = {
-        200: ("Answer; cost headers X-Cost-*, X-Tokens-*, X-Cached", success_model),
+        200: (success, success_model),
         400: ("Invalid input", schemas.error),
         413: ("Body too large", schemas.error), 415: ("Body is not JSON", schemas.error),
         429: ("Rate limited, by the gateway or the provider; see Retry-After", schemas.error),
@@ -107,8 +115,8 @@ def generate_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namesp
     @ns.route("/text/stream")
     class TextGenerationStream(Resource):
         @ns.expect(schemas.text_request.model)
-        @ns.produces(["text/event-stream"])
-        @_task_responses(ns, schemas, schemas.text_response)
+        @ns.produces(["text/event-stream", "application/json"])
+        @_task_responses(ns, schemas, None, STREAM_200)
         @task_limit
         def post(self):
             """Generate text as it is produced: server-sent events `chunk` ({text}), then `done` (model,
@@ -229,9 +237,9 @@ def _hours_argument() -> float:
 def request_info() -> RequestInfo:
     """The current request as plain data for the gateway's accounting."""
     current, context = request._get_current_object(), g._get_current_object()
-    return RequestInfo(request_id=request_id(), method=current.method, path=current.path,
+    return RequestInfo(request_id=request_id(), method=current.method, path=clip_path(current.path),
                        client=current.remote_addr or "", prompt=context.get("prompt"),
-                       error_code=context.get("error_code"))
+                       error_code=context.get("error_code"), route=_route(current))
 
 
 def request_id() -> str:
@@ -296,14 +304,14 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
         log.warning("%s: %s", code, message, extra={"request_id": request_id()})
     elif isinstance(exc, HTTPException):
         status, details = exc.code or 500, {}
-        code, message = _HTTP_ERRORS.get(status, ("http_error", exc.description or exc.name))
+        code, message = _HTTP_ERRORS.get(status, HTTP_ERROR_FALLBACK)  # never werkzeug's description
         if status == 429:
             message = f"Rate limit exceeded ({exc.description}); retry after the time in Retry-After"
             details = {"limit": str(exc.description)}
         if status == 405 and exc.valid_methods:
             details = {"allowed_methods": sorted(exc.valid_methods)}
-        if status == 400 and isinstance(exc.__cause__, HTTPException) and exc.__cause__.description:
-            details = {"reason": exc.__cause__.description}  # the parser's words: a position, never the body
+        if status == 400 and (reason := _body_problem(exc)) is not None:
+            details = {"reason": reason}  # our words from BodyJSONProvider: a position at most, never the body
         headers = {key: value for key, value in exc.get_response().headers.items()
                    if key in ("Allow", "Retry-After")}
     else:
@@ -312,15 +320,47 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
     g.error_code = code
     if status >= 500 or code == "upstream_rate_limited":
         current_app.extensions["gateway"].logger.log_error(
-            exc, request_id=request_id(), status=status, code=code, path=request.path)
+            exc, request_id=request_id(), status=status, code=code, path=clip_path(request.path))
     return error_body(message, code, details, request_id()), status, headers
 
 
-_HTTP_ERRORS = {
-    400: ("invalid_request", "The request body is not valid JSON"),
+def _body_problem(exc: BaseException) -> str | None:
+    """The text of the `InvalidBody` behind a 400, if any (Flask wraps it in two BadRequests);
+    only our own words, so a parser's message never reaches the client."""
+    seen = exc
+    for _ in range(4):  # BadRequest -> BadRequest (cause) -> InvalidBody (context): a short, bounded walk
+        seen = seen.__cause__ or seen.__context__
+        if seen is None:
+            return None
+        if isinstance(seen, InvalidBody):
+            return str(seen)
+    return None
+
+
+_HTTP_ERRORS = {  # every status Flask, Werkzeug or Flask-Limiter raises here: (code, our own message)
+    400: ("invalid_request", "The request body could not be read as JSON (see details.reason)"),
     404: ("not_found", "No such endpoint; see /swagger/ for the API"),
     405: ("method_not_allowed", "This endpoint does not accept that HTTP method"),
     413: ("payload_too_large", "The request body is larger than the gateway accepts"),
     415: ("unsupported_media_type", "Send the body as JSON with 'Content-Type: application/json'"),
+    416: ("range_not_satisfiable", "The requested byte range is outside the file"),
     429: ("rate_limited", "Rate limit exceeded"),
 }
+HTTP_ERROR_FALLBACK = ("http_error", "The gateway could not serve this request")  # any other HTTP status
+
+
+# --- bounded request facts ----------------------------------------------------------------------
+
+MAX_LOGGED_PATH_CHARS = 1024
+
+
+def clip_path(path: str) -> str:
+    """The path as logged: at most MAX_LOGGED_PATH_CHARS, with a marker saying how much was cut."""
+    if len(path) <= MAX_LOGGED_PATH_CHARS:
+        return path
+    return f"{path[:MAX_LOGGED_PATH_CHARS]}...[{len(path) - MAX_LOGGED_PATH_CHARS} more chars]"
+
+
+def _route(current) -> str:
+    """The URL rule the request matched (`/api/v1/generate/text`), or one bucket for every unrouted path."""
+    return current.url_rule.rule if current.url_rule is not None else UNROUTED

@@ -3,12 +3,18 @@
 Prompt building and answer parsing live together here so the contract of each task is in one
 place: a code answer is the code without markdown fences, a classification is always exactly
 one of the caller's categories (or an `UpstreamBadAnswer`, never a label outside the list).
-The marker lines (`Task:`, `Language:`, `Categories:`, `Text:`) are also what the Gemini
-emulator recognises, so demo mode and tests give answers that fit each task.
+The marker lines (`Task:`, `Language:`, `Categories (JSON array):`, `Text:`) are also what
+the Gemini emulator recognises, so demo mode and tests give answers that fit each task.
+
+Categories are caller text, so they go into the prompt as one JSON array on one line: a
+category holding ` | `, quotes, a newline or a Unicode line separator stays one string inside
+the array (escaped by JSON) and cannot add a category, a line or an instruction. Refusing such
+categories instead would turn away honest labels like "billing | refunds".
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 from errors import UpstreamBadAnswer
@@ -16,12 +22,13 @@ from errors import UpstreamBadAnswer
 CODE_MARKER = "Task: generate code"
 LANGUAGE_PREFIX = "Language:"
 REQUEST_PREFIX = "Request:"
-CATEGORIES_PREFIX = "Categories:"
-CATEGORY_SEPARATOR = " | "
+CATEGORIES_PREFIX = "Categories (JSON array):"
 TEXT_PREFIX = "Text:"
 
 _FENCED_BLOCK = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL)
 _EDGE_NOISE = "\"'`*.,;:!?()[]{}<> \t\r\n"
+# Line breaks that JSON leaves unescaped with ensure_ascii=False (it escapes U+0000-U+001F itself).
+_RAW_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def text_prompt(prompt: str) -> str:
@@ -38,11 +45,16 @@ def code_prompt(prompt: str, language: str) -> str:
     )
 
 
+def categories_line(categories: list[str]) -> str:
+    """The categories as one JSON array on one line, whatever characters they hold."""
+    return json.dumps(list(categories), ensure_ascii=False).translate(_RAW_LINE_BREAKS)
+
+
 def classification_prompt(text: str, categories: list[str]) -> str:
     return (
         "Task: classify the text into exactly one of the categories.\n"
-        f"{CATEGORIES_PREFIX} {CATEGORY_SEPARATOR.join(categories)}\n"
-        "Answer with the category name only, exactly as written above.\n"
+        f"{CATEGORIES_PREFIX} {categories_line(categories)}\n"
+        "Answer with one category only, exactly as written in that array, without quotes.\n"
         f"{TEXT_PREFIX} {text}"
     )
 

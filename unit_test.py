@@ -39,6 +39,7 @@ class TestMultiTaskLLMAPI(unittest.TestCase):
         cls.config = Config.load(
             {}, app_env="testing", google_api_key=TEST_KEY, gemini_base_url=cls.emulator.base_url,
             ratelimit_task_limits=f"200 per day;50 per hour;{TASK_LIMIT_PER_MINUTE} per minute",
+            cors_origins=("http://localhost:3000",),  # a live key: browsers get only the origins named
         )
         # As in production behind a proxy: waitress itself trusts the proxy's X-Forwarded-For.
         cls.server = create_server(

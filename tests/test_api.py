@@ -233,7 +233,8 @@ def test_limit_key_ignores_forwarded_for_unless_proxies_are_trusted(make_app):
     assert statuses == [200, 200]  # behind one trusted proxy, each client has its own budget
 
 
-def test_cors_preflight_allows_the_documented_headers(client):
+def test_cors_preflight_allows_the_documented_headers(make_app):
+    client = make_app(ratelimit_enabled=False, cors_origins=("http://example.test",)).test_client()
     response = client.options("/api/v1/generate/text", headers={
         "Origin": "http://example.test", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "Content-Type, X-API-Key",
@@ -256,7 +257,8 @@ def test_only_task_posts_are_ledger_records(make_app):
     assert [(r.endpoint, r.status) for r in records] == [("/api/v1/classify/text", 200)]
 
 
-def test_cors_exposes_the_gateway_headers(client):
+def test_cors_exposes_the_gateway_headers(make_app):
+    client = make_app(ratelimit_enabled=False, cors_origins=("http://example.test",)).test_client()
     response = client.get("/api/v1/health", headers={"Origin": "http://example.test"})
     exposed = response.headers["Access-Control-Expose-Headers"]
     assert "X-Request-ID" in exposed and "Retry-After" in exposed

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from config import Config, ConfigError, settings_table
+from config import ALL_INTERFACES, Config, ConfigError, settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,3 +82,27 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for variable, _ in settings_table():
         assert f"| `{variable}` |" in readme, f"{variable} missing from the README's configuration table"
+
+
+def test_cors_is_open_to_every_origin_only_in_demo_mode():
+    assert Config.load({}).cors_origins == ("*",)  # demo mode: no key to spend
+    assert Config.load({"GOOGLE_API_KEY": "AIzaX"}).cors_origins == ()  # a live key: no origin until named
+    assert Config.load({"APP_ENV": "testing", "GOOGLE_API_KEY": "AIzaX"}).cors_origins == ()
+    named = Config.load({"GOOGLE_API_KEY": "AIzaX", "CORS_ORIGINS": "http://localhost:3000"})
+    assert named.cors_origins == ("http://localhost:3000",)
+    assert named.exposure_warnings(host="127.0.0.1") == []
+
+
+def test_exposure_warnings_take_the_address_actually_served():
+    config = Config.load({"GOOGLE_API_KEY": "AIzaX", "HOST": "127.0.0.1"})
+    assert config.exposure_warnings() == []
+    assert all(config.exposure_warnings(host) for host in ALL_INTERFACES)
+
+
+def test_production_refuses_cors_for_every_origin():
+    with pytest.raises(ConfigError, match=r"refuses CORS_ORIGINS=\*"):
+        Config.load({"APP_ENV": "production", "GOOGLE_API_KEY": "AIzaX", "CORS_ORIGINS": "https://a.example, *"})
+    star = Config.load({"GOOGLE_API_KEY": "AIzaX", "HOST": "127.0.0.1", "CORS_ORIGINS": "*"})
+    [warning] = star.exposure_warnings()  # allowed outside production, but said out loud
+    assert "CORS_ORIGINS=*" in warning
+    assert Config.load({"HOST": "0.0.0.0"}).exposure_warnings() == []  # demo mode: nothing to spend

@@ -27,12 +27,10 @@ from langchain_google_genai import ChatGoogleGenerativeAI
 
 from gemini_emulator import FAULTS, GeminiEmulator, classify
 from task_prompts import (
-    CATEGORIES_PREFIX,
-    CATEGORY_SEPARATOR,
     CODE_MARKER,
     LANGUAGE_PREFIX,
     REQUEST_PREFIX,
-    TEXT_PREFIX,
+    classification_prompt,  # the gateway's own prompt, so the emulator and the gateway cannot drift
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,14 +66,6 @@ def client(emu):
 
 def generate(client, contents, **kwargs):
     return client.models.generate_content(model=MODEL, contents=contents, **kwargs)
-
-
-def classification_prompt(text: str, categories: list[str]) -> str:
-    """The shape the gateway uses: instructions, categories, then the text last."""
-    return ("Task: classify the text into exactly one of the categories.\n"
-            f"{CATEGORIES_PREFIX} {CATEGORY_SEPARATOR.join(categories)}\n"
-            "Answer with the category name only, exactly as written above.\n"
-            f"{TEXT_PREFIX} {text}")
 
 
 def code_prompt(request: str, language: str = "python") -> str:
