@@ -249,7 +249,8 @@ class CostTracker:
     """
 
     def __init__(self, ledger_path: Path | str, *, on_record: Callable[[dict], None] | None = None,
-                 clock: Callable[[], float] = time.time, write_timeout: float = 2.0):
+                 clock: Callable[[], float] = time.time, write_timeout: float = 2.0,
+                 maintenance_interval: float = 1.0):
         self.ledger_path = Path(ledger_path)
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
         self._on_record = on_record
@@ -278,7 +279,8 @@ class CostTracker:
         self._last_overall = self._committed_total()
         self.replay_spool()  # what processes that are gone (an earlier run of this one too) left spooled
         self._stopping = threading.Event()
-        self._maintainer = threading.Thread(target=self._maintain, name="ledger-maintenance", daemon=True)
+        self._maintainer = threading.Thread(target=self._maintain, args=(maintenance_interval,),
+                                            name="ledger-maintenance", daemon=True)
         self._maintainer.start()
 
     @property

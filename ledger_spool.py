@@ -18,6 +18,7 @@ and delete a spool file only when it can take that file's lock: its owner is gon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -89,27 +90,30 @@ class LedgerSpool:
 
     def replay_orphans(self, insert: Insert) -> int:
         """Replay and delete the spool files of processes that are gone (their lock is free)."""
+        if not self.directory.is_dir():
+            return 0
         replayed = 0
-        for path in sorted(self.directory.glob("*.jsonl")) if self.directory.is_dir() else []:
-            if path == self.path:
-                continue
-            orphan_lock = FileLock(path.with_suffix(".lock"), timeout=0, thread_local=False)
+        owners = {path.stem for path in self.directory.glob("*.jsonl")} | {
+            path.stem for path in self.directory.glob("*.lock")}
+        for token in sorted(owners - {self.path.stem}):
+            path, lock = self.directory / f"{token}.jsonl", FileLock(self.directory / f"{token}.lock", timeout=0,
+                                                                     thread_local=False)
             try:
-                orphan_lock.acquire()
+                lock.acquire()
             except Timeout:
                 continue  # its process is alive and replays its own file
             try:
-                if not path.exists():
-                    continue  # another process replayed it between our glob and our lock
-                count = 0
-                for chunk in _chunks(_read_records(path)):
-                    insert(chunk)
-                    count += len(chunk)
-                path.unlink()  # after the commits: a crash before this replays it again, ignored
-                replayed += count
-                log.info("replayed %d spooled ledger records from %s", count, path.name)
+                if path.exists():
+                    count = 0
+                    for chunk in _chunks(_read_records(path)):
+                        insert(chunk)
+                        count += len(chunk)
+                    path.unlink()  # after the commits: a crash before this replays it again, ignored
+                    replayed += count
+                    log.info("replayed %d spooled ledger records from %s", count, path.name)
+                _remove(lock)
             finally:
-                orphan_lock.release()
+                lock.release()
         return replayed
 
     def close(self) -> None:
@@ -121,7 +125,14 @@ class LedgerSpool:
             self._file = None
             if not self._count:
                 self.path.unlink(missing_ok=True)
+                _remove(self._owner_lock)
             self._owner_lock.release()
+
+
+def _remove(lock: FileLock) -> None:
+    """Delete a held lock's file once its spool is gone (the token is never used again); Windows keeps it."""
+    with contextlib.suppress(OSError):
+        Path(lock.lock_file).unlink()
 
 
 def _chunks(records: Iterator[dict], size: int = REPLAY_CHUNK) -> Iterator[list[dict]]:
