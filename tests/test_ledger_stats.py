@@ -18,8 +18,7 @@ import tracemalloc
 import pytest
 import requests
 
-from cost_tracker import CostRecord, CostTracker
-from ledger_stats import percentiles
+from cost_tracker import CostRecord, CostTracker, percentiles
 from tests.test_cost_tracker import make_record
 
 TEXT = "/api/v1/generate/text"
