@@ -260,7 +260,7 @@ class CostTracker:
         self._write_lock = threading.Lock()  # one committer at a time
         self._queue_lock = threading.Lock()
         self._queued: list[_Pending] = []
-        self._stats_lock = threading.Lock()  # one /stats computation at a time per process
+        self._stats_calls = ledger_stats.SharedCalls()  # identical concurrent /stats share one computation
         self._rows = ledger_stats.RowCounter()
         self._spool = LedgerSpool(self.ledger_path)
         self._db = sqlite3.connect(self.ledger_path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -405,9 +405,12 @@ class CostTracker:
         """Requests, tokens, costs, cache savings and latency percentiles over the last `hours`.
 
         Computed by SQLite (ledger_stats.py): the rows fetched into Python do not grow with the
-        ledger. One computation at a time per process; the window and the records agree with the
-        all-time total, all read from one snapshot."""
-        with self._stats_lock, self._snapshot() as reader:
+        ledger, and concurrent calls for the same window share one computation. The window's
+        figures and the all-time total are read from one snapshot."""
+        return self._stats_calls.run(hours, lambda: self._usage_stats(hours))
+
+    def _usage_stats(self, hours: float) -> dict:
+        with self._snapshot() as reader:
             totals, by_endpoint = ledger_stats.usage_stats(reader, self._since(hours), self._rows)
             overall = self._rows.fetchall(reader.execute("SELECT total_cost FROM ledger_total"))[0][0]
         return {"window_hours": hours, **totals, "by_endpoint": by_endpoint, "overall_cost": round(overall, 10)}

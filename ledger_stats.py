@@ -14,14 +14,20 @@ number of rows that does not depend on the ledger's size:
   reads); when the window is a small part of a big ledger it sorts just the window's rows
   (found by time) inside SQLite, whose sorter spills to a temporary file instead of growing.
 
-SQLite releases the GIL while it works, so other requests are served meanwhile.
+SQLite releases the GIL while it works, so other requests are served meanwhile, and
+concurrent calls for the same window share one computation (`SharedCalls`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Hashable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 PERCENTILES = (50, 95, 99)
 
@@ -31,6 +37,40 @@ SELECT endpoint, status, token_source, cached, COUNT(*), SUM(input_tokens), SUM(
 FROM cost_records WHERE timestamp >= ?
 GROUP BY endpoint, status, token_source, cached
 """
+
+
+class SharedCalls:
+    """Concurrent calls with the same key share one computation: four identical /stats calls at once
+    cost one scan, and the other three wait for its result instead of scanning the ledger again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[Hashable, _Flight] = {}
+
+    def run(self, key: Hashable, compute: Callable[[], T]) -> T:
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            flight.done.wait()
+            return copy.deepcopy(flight.result) if flight.ok else compute()  # a failed leader: try ourselves
+        try:
+            flight.result = compute()
+            flight.ok = True
+            return flight.result
+        finally:
+            with self._lock:
+                del self._flights[key]
+            flight.done.set()
+
+
+class _Flight:
+    __slots__ = ("done", "ok", "result")
+
+    def __init__(self) -> None:
+        self.done, self.ok, self.result = threading.Event(), False, None
 
 
 class RowCounter:
