@@ -263,6 +263,8 @@ class CostTracker:
         self._stats_calls = ledger_stats.SharedCalls()  # identical concurrent /stats share one computation
         self._rows = ledger_stats.RowCounter()
         self._spool = LedgerSpool(self.ledger_path)
+        self._replay_lock = threading.Lock()  # one replay at a time, on its own connection
+        self._replayer: sqlite3.Connection | None = None
         self._db = sqlite3.connect(self.ledger_path, check_same_thread=False, isolation_level=None, timeout=30)
         # Worker processes starting together race to create the file and switch it to WAL; SQLite
         # answers "locked" to the losers at once rather than waiting, so they try again.
@@ -359,13 +361,24 @@ class CostTracker:
         return self._last_overall
 
     def replay_spool(self) -> int:
-        """Move spooled records into the ledger: ours, and those of processes that are gone. Returns how many."""
+        """Move spooled records into the ledger: ours, and those of processes that are gone. Returns how many.
+
+        On its own connection, so waiting for the write lock here never holds up a request."""
         replayed = 0
-        try:
-            replayed += self._spool.replay(self._insert)
-            replayed += self._spool.replay_orphans(self._insert)
-        except (sqlite3.Error, OSError) as exc:
-            log.info("spooled ledger records wait: %s", exc)
+        if not self._spool.has_work():
+            return 0
+        with self._replay_lock:
+            try:
+                if self._replayer is None:
+                    self._replayer = sqlite3.connect(self.ledger_path, isolation_level=None, timeout=0)
+                # Wait for the write lock before sealing our file for replay: during a long outage
+                # the background tries would otherwise start a new spool file every second.
+                self._begin_replay()
+                self._replayer.execute("ROLLBACK")
+                replayed += self._spool.replay(self._insert)
+                replayed += self._spool.replay_orphans(self._insert)
+            except (sqlite3.Error, OSError) as exc:
+                log.info("spooled ledger records wait: %s", exc)
         return replayed
 
     def _insert(self, records: list[dict]) -> None:
@@ -376,14 +389,17 @@ class CostTracker:
                 rows.append(tuple(record[column] for column in _COLUMNS[:-1]) + (record.get("client_request_id"),))
             except KeyError:
                 log.warning("spooled ledger record %s lacks fields; skipped", record.get("request_id"))
-        with self._lock:
-            self._begin()
-            try:
-                self._db.executemany(_INSERT, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        db = self._replayer
+        self._begin_replay()
+        try:
+            db.executemany(_INSERT, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _begin_replay(self) -> None:
+        _while_locked(lambda: self._replayer.execute("BEGIN IMMEDIATE"), patience=self._write_timeout)
 
     def records(self, hours: float | None = None) -> list[CostRecord]:
         """Records of the last `hours` (all when None), oldest first (tests and tools: this loads them all)."""
@@ -480,6 +496,9 @@ class CostTracker:
         self._maintainer.join(timeout=5)
         self.replay_spool()
         self._spool.close()
+        with self._replay_lock:
+            if self._replayer is not None:
+                self._replayer.close()
         with self._lock:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")

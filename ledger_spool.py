@@ -7,13 +7,17 @@ background thread (and every start-up) replays spooled lines into the ledger.
 
 Exactly once: each record carries its unique `request_id` and replay uses `INSERT OR IGNORE`
 against the ledger's unique index on it, so a line replayed twice (a crash between the
-ledger's commit and the spool's truncation) is ignored the second time, and the ledger_total
-trigger does not fire for an ignored row.
+ledger's commit and the removal of the spool file) is ignored the second time, and the
+ledger_total trigger does not fire for an ignored row.
 
-Several processes: each process appends only to its own file, `<ledger>.spool/<token>.jsonl`,
+Appends never wait for a replay: a replay first seals the file being appended to (later
+records go to the next file, `<token>-<n+1>.jsonl`), then commits the sealed files and deletes
+each one after its records are in the ledger.
+
+Several processes: each process appends only to its own files, `<ledger>.spool/<token>-<n>.jsonl`,
 and holds an OS file lock on `<token>.lock` (filelock: flock on POSIX, msvcrt on Windows) for as
-long as it lives. The lock is released when the process dies, so another process may replay
-and delete a spool file only when it can take that file's lock: its owner is gone.
+long as it lives. The OS releases it when the process dies, so another process may replay and
+delete a token's files only when it can take that token's lock: their owner is gone.
 """
 
 from __future__ import annotations
@@ -37,17 +41,19 @@ Insert = Callable[[list[dict]], None]  # commits the records to the ledger, or r
 
 
 class LedgerSpool:
-    """This process's spool file beside the ledger, and the replay of any file whose owner is gone."""
+    """This process's spool files beside the ledger, and the replay of any files whose owner is gone."""
 
     def __init__(self, ledger_path: Path):
         self.directory = ledger_path.parent / f"{ledger_path.name}.spool"
-        token = uuid.uuid4().hex
-        self.path = self.directory / f"{token}.jsonl"
-        self._owner_lock = FileLock(self.directory / f"{token}.lock", timeout=0, thread_local=False)
-        self._lock = threading.Lock()  # appends, replays and truncation of our file, one at a time
-        self._file = None  # opened on the first append: most processes never spool
-        self._count = 0
-        self._cost = 0.0
+        self.token = uuid.uuid4().hex
+        self._owner_lock = _lock_of(self.directory, self.token)
+        self._lock = threading.Lock()  # the open file and the counts
+        self._replay_lock = threading.Lock()  # one replay of our files at a time
+        self._file = None  # opened on the first append after a seal: most processes never spool
+        self._sequence = 0
+        self._open = (0, 0.0)  # records and cost in the open file
+        self._sealed: list[tuple[Path, int, float]] = []  # closed files waiting for replay
+        self._count, self._cost = 0, 0.0
 
     @property
     def pending(self) -> int:
@@ -58,80 +64,108 @@ class LedgerSpool:
     def pending_cost(self) -> float:
         return self._cost
 
+    def has_work(self) -> bool:
+        """Our records wait, or the spool folder holds another process's files (maybe an orphan's)."""
+        if self._count:
+            return True
+        if not self.directory.is_dir():
+            return False
+        return any(not path.name.startswith(self.token) for path in self.directory.iterdir())
+
     def append(self, records: list[dict]) -> None:
         """Write `records` durably (append + fsync) before returning; raises OSError if it cannot."""
         data = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records).encode("utf-8")
+        cost = math.fsum(record["total_cost"] for record in records)
         with self._lock:
             if self._file is None:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                self._owner_lock.acquire()  # before the file exists, so no one takes it for an orphan
-                self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the process's life
+                if not self._owner_lock.is_locked:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    self._owner_lock.acquire()  # before any file exists, so no one takes ours for an orphan
+                self._sequence += 1
+                self._file = open(self._path(self._sequence), "ab")  # noqa: SIM115 - closed when sealed
             self._file.write(data)
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._count += len(records)
-            self._cost += math.fsum(record["total_cost"] for record in records)
+            self._open = (self._open[0] + len(records), self._open[1] + cost)
+            self._count, self._cost = self._count + len(records), self._cost + cost
 
     def replay(self, insert: Insert) -> int:
-        """Move this process's spooled records into the ledger; returns how many were replayed.
-
-        The spool's lock is held from reading to truncation, so a record appended meanwhile is
-        neither lost nor truncated before it is in the ledger. If `insert` raises, nothing changes."""
-        with self._lock:
-            if self._file is None or not self._count:
-                return 0
-            for chunk in _chunks(_read_records(self.path)):
-                insert(chunk)
-            self._file.truncate(0)  # only after the ledger committed: a crash before this replays again, ignored
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            replayed, self._count, self._cost = self._count, 0, 0.0
+        """Move this process's spooled records into the ledger; returns how many. If `insert` raises,
+        the files not yet committed stay for the next try (those committed are gone, or ignored)."""
+        with self._replay_lock:
+            self._seal()
+            replayed = 0
+            while self._sealed:
+                path, count, cost = self._sealed[0]
+                _replay_file(path, insert)
+                with self._lock:
+                    self._sealed.pop(0)
+                    self._count, self._cost = self._count - count, self._cost - cost
+                replayed += count
             return replayed
 
     def replay_orphans(self, insert: Insert) -> int:
         """Replay and delete the spool files of processes that are gone (their lock is free)."""
         if not self.directory.is_dir():
             return 0
+        files: dict[str, list[Path]] = {}
+        for path in self.directory.glob("*.jsonl"):
+            files.setdefault(path.stem.split("-")[0], []).append(path)
+        tokens = set(files) | {path.stem for path in self.directory.glob("*.lock")}
         replayed = 0
-        owners = {path.stem for path in self.directory.glob("*.jsonl")} | {
-            path.stem for path in self.directory.glob("*.lock")}
-        for token in sorted(owners - {self.path.stem}):
-            path, lock = self.directory / f"{token}.jsonl", FileLock(self.directory / f"{token}.lock", timeout=0,
-                                                                     thread_local=False)
+        for token in sorted(tokens - {self.token}):
+            lock = _lock_of(self.directory, token)
             try:
                 lock.acquire()
             except Timeout:
-                continue  # its process is alive and replays its own file
+                continue  # its process is alive and replays its own files
             try:
-                if path.exists():
-                    count = 0
-                    for chunk in _chunks(_read_records(path)):
-                        insert(chunk)
-                        count += len(chunk)
-                    path.unlink()  # after the commits: a crash before this replays it again, ignored
-                    replayed += count
-                    log.info("replayed %d spooled ledger records from %s", count, path.name)
+                for path in sorted(files.get(token, [])):
+                    if path.exists():  # another process may have replayed it since our glob
+                        replayed += _replay_file(path, insert)
                 _remove(lock)
             finally:
                 lock.release()
         return replayed
 
     def close(self) -> None:
-        """Close our file; remove it if empty and give up its lock (a non-empty one is an orphan now)."""
-        with self._lock:
-            if self._file is None:
-                return
-            self._file.close()
-            self._file = None
+        """Seal our file and give up our lock; files not replayed stay for the next start (orphans now)."""
+        self._seal()
+        if self._owner_lock.is_locked:
             if not self._count:
-                self.path.unlink(missing_ok=True)
                 _remove(self._owner_lock)
             self._owner_lock.release()
 
+    def _seal(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+                self._sealed.append((self._path(self._sequence), *self._open))
+                self._open = (0, 0.0)
+
+    def _path(self, sequence: int) -> Path:
+        return self.directory / f"{self.token}-{sequence:06d}.jsonl"
+
+
+def _lock_of(directory: Path, token: str) -> FileLock:
+    return FileLock(directory / f"{token}.lock", timeout=0, thread_local=False)
+
+
+def _replay_file(path: Path, insert: Insert) -> int:
+    """Commit one spool file's records, then delete it (a crash in between replays it again: ignored)."""
+    count = 0
+    for chunk in _chunks(_read_records(path)):
+        insert(chunk)
+        count += len(chunk)
+    path.unlink()
+    log.info("replayed %d spooled ledger records from %s", count, path.name)
+    return count
+
 
 def _remove(lock: FileLock) -> None:
-    """Delete a held lock's file once its spool is gone (the token is never used again); Windows keeps it."""
-    with contextlib.suppress(OSError):
+    """Delete a held lock's file once its spool files are gone (the token is never used again)."""
+    with contextlib.suppress(OSError):  # Windows cannot delete an open file: it stays, harmless
         Path(lock.lock_file).unlink()
 
 
@@ -148,7 +182,7 @@ def _chunks(records: Iterator[dict], size: int = REPLAY_CHUNK) -> Iterator[list[
 
 
 def _read_records(path: Path) -> Iterator[dict]:
-    """The spool's records; a torn last line (a crash mid-append, never acknowledged) is skipped."""
+    """The file's records; a torn last line (a crash mid-append, never acknowledged) is skipped."""
     with path.open("rb") as handle:
         for number, line in enumerate(handle, 1):
             try:
