@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
-import dataclasses
 import functools
 import hashlib
 import json
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ledger_stats
+from ledger_schema import COLUMNS, INSERT, SELECT, CostRecord, migrate, record_of
 from ledger_spool import LedgerSpool
 from ledger_stats import percentiles  # noqa: F401 - part of this module's interface
 
@@ -143,87 +143,6 @@ class PriceTable:
                     output_tokens * price.output_per_million / 1_000_000)
 
 
-@dataclass(frozen=True)
-class CostRecord:
-    """One task request, as written to the ledger."""
-
-    request_id: str  # the gateway's own: unique (a unique index) and random, never the client's
-    timestamp: float
-    endpoint: str
-    client: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-    input_cost: float
-    output_cost: float
-    total_cost: float
-    cached: bool
-    saved_cost: float
-    token_source: str  # "provider", "estimate", or "none" (no upstream answer)
-    latency_ms: float
-    status: int
-    client_request_id: str | None = None  # the client's X-Request-ID, if it sent a valid one
-
-
-_COLUMNS = [field.name for field in dataclasses.fields(CostRecord)]
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM cost_records"
-# OR IGNORE: a record already in the ledger (a spool replayed twice) is skipped, and its cost is
-# not added to ledger_total again (the trigger fires only for rows actually inserted).
-_INSERT = f"INSERT OR IGNORE INTO cost_records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-_TABLE = """
-CREATE TABLE IF NOT EXISTS cost_records (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL, timestamp REAL NOT NULL, endpoint TEXT NOT NULL, client TEXT NOT NULL,
-    model TEXT NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
-    input_cost REAL NOT NULL, output_cost REAL NOT NULL, total_cost REAL NOT NULL,
-    cached INTEGER NOT NULL, saved_cost REAL NOT NULL, token_source TEXT NOT NULL,
-    latency_ms REAL NOT NULL, status INTEGER NOT NULL, client_request_id TEXT
-)"""
-_SCHEMA = [
-    "CREATE INDEX IF NOT EXISTS cost_records_by_time ON cost_records (timestamp)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS cost_records_by_request_id ON cost_records (request_id)",
-    "CREATE INDEX IF NOT EXISTS cost_records_by_client_request_id ON cost_records (client_request_id) "
-    "WHERE client_request_id IS NOT NULL",
-    # covering index for the latency percentiles of /stats (see ledger_stats.py)
-    "CREATE INDEX IF NOT EXISTS cost_records_by_latency ON cost_records (latency_ms, endpoint, timestamp)",
-    "CREATE TABLE IF NOT EXISTS ledger_total (id INTEGER PRIMARY KEY CHECK (id = 1), total_cost REAL NOT NULL)",
-    "INSERT OR IGNORE INTO ledger_total (id, total_cost) SELECT 1, COALESCE(SUM(total_cost), 0) FROM cost_records",
-    "CREATE TRIGGER IF NOT EXISTS ledger_total_after_insert AFTER INSERT ON cost_records "
-    "BEGIN UPDATE ledger_total SET total_cost = total_cost + NEW.total_cost WHERE id = 1; END",
-]
-# Ledgers written before request ids were unique used a client's X-Request-ID as the request id, so
-# one id can name several rows. They all keep their data: the id becomes their client_request_id,
-# and every row after the first of a group gets "~<row id>" appended so the unique index can exist.
-_SEPARATE_DUPLICATE_IDS = [
-    "UPDATE cost_records SET client_request_id = request_id WHERE client_request_id IS NULL AND request_id IN "
-    "(SELECT request_id FROM cost_records GROUP BY request_id HAVING COUNT(*) > 1)",
-    "UPDATE cost_records SET request_id = request_id || '~' || id "
-    "WHERE id NOT IN (SELECT MIN(id) FROM cost_records GROUP BY request_id)",
-]
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Create the ledger, or bring a file written by an earlier version to this schema (one transaction)."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        db.execute(_TABLE)
-        if "client_request_id" not in {row[1] for row in db.execute("PRAGMA table_info(cost_records)")}:
-            db.execute("ALTER TABLE cost_records ADD COLUMN client_request_id TEXT")
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'cost_records_by_request_id'").fetchone():
-            for statement in _SEPARATE_DUPLICATE_IDS:
-                db.execute(statement)
-        for statement in _SCHEMA:
-            db.execute(statement)
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-
-
-def _record_of(row: tuple) -> CostRecord:
-    return CostRecord(*row[:10], bool(row[10]), *row[11:])
-
-
 class _Pending:
     """A record waiting to be committed, and what its commit said."""
 
@@ -274,7 +193,7 @@ class CostTracker:
         # `_begin` retries every 0.2 ms instead.
         self._db.execute("PRAGMA busy_timeout=0")
         with self._lock:
-            _while_locked(lambda: _migrate(self._db))
+            _while_locked(lambda: migrate(self._db))
         # Checkpoints (copying the WAL into the file, with an fsync) happen on a background thread,
         # not inside some request's commit, where one took 24 ms.
         self._db.execute("PRAGMA wal_autocheckpoint=0")
@@ -324,7 +243,7 @@ class CostTracker:
                 with self._lock:
                     self._begin()
                     try:
-                        self._db.executemany(_INSERT, [pending.row for pending in batch])
+                        self._db.executemany(INSERT, [pending.row for pending in batch])
                         overall = self._db.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
                         self._db.execute("COMMIT")
                     except BaseException:
@@ -340,7 +259,7 @@ class CostTracker:
                 self._settle(batch, error=exc)
                 return
         try:
-            self._spool.append([dict(zip(_COLUMNS, pending.row, strict=True)) for pending in batch])
+            self._spool.append([dict(zip(COLUMNS, pending.row, strict=True)) for pending in batch])
         except OSError as exc:
             self._settle(batch, error=exc)
             return
@@ -386,13 +305,13 @@ class CostTracker:
         rows = []
         for record in records:
             try:
-                rows.append(tuple(record[column] for column in _COLUMNS[:-1]) + (record.get("client_request_id"),))
+                rows.append(tuple(record[column] for column in COLUMNS[:-1]) + (record.get("client_request_id"),))
             except KeyError:
                 log.warning("spooled ledger record %s lacks fields; skipped", record.get("request_id"))
         db = self._replayer
         self._begin_replay()
         try:
-            db.executemany(_INSERT, rows)
+            db.executemany(INSERT, rows)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -404,8 +323,8 @@ class CostTracker:
     def records(self, hours: float | None = None) -> list[CostRecord]:
         """Records of the last `hours` (all when None), oldest first (tests and tools: this loads them all)."""
         with self._snapshot() as reader:
-            cursor = reader.execute(f"{_SELECT} WHERE timestamp >= ? ORDER BY id", (self._since(hours),))
-            return [_record_of(row) for row in self._rows.each(cursor)]
+            cursor = reader.execute(f"{SELECT} WHERE timestamp >= ? ORDER BY id", (self._since(hours),))
+            return [record_of(row) for row in self._rows.each(cursor)]
 
     def find(self, *, client_request_id: str | None = None, request_id: str | None = None,
              limit: int = 100) -> list[CostRecord]:
@@ -414,8 +333,8 @@ class CostTracker:
             raise ValueError("find needs exactly one of client_request_id and request_id")
         column, value = ("client_request_id", client_request_id) if request_id is None else ("request_id", request_id)
         with self._snapshot() as reader:
-            cursor = reader.execute(f"{_SELECT} WHERE {column} = ? ORDER BY id LIMIT ?", (value, limit))
-            return [_record_of(row) for row in self._rows.each(cursor)]
+            cursor = reader.execute(f"{SELECT} WHERE {column} = ? ORDER BY id LIMIT ?", (value, limit))
+            return [record_of(row) for row in self._rows.each(cursor)]
 
     def get_usage_stats(self, hours: float = 24) -> dict:
         """Requests, tokens, costs, cache savings and latency percentiles over the last `hours`.
@@ -439,14 +358,14 @@ class CostTracker:
             raise ValueError(f"export format must be .json or .csv, got {path.name!r}")
         count = 0
         with self._snapshot() as reader, path.open("w", newline="", encoding="utf-8") as handle:
-            cursor = reader.execute(f"{_SELECT} WHERE timestamp >= ? ORDER BY id", (self._since(hours),))
-            writer = csv.DictWriter(handle, fieldnames=_COLUMNS) if kind == ".csv" else None
+            cursor = reader.execute(f"{SELECT} WHERE timestamp >= ? ORDER BY id", (self._since(hours),))
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS) if kind == ".csv" else None
             if writer:
                 writer.writeheader()
             else:
                 handle.write("[")
             for row in self._rows.each(cursor):
-                fields = vars(_record_of(row))
+                fields = vars(record_of(row))
                 if writer:
                     writer.writerow(fields)
                 else:
