@@ -38,11 +38,13 @@ __version__ = routes.__version__
 log = logging.getLogger("gateway.http")
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+CLIENT_REQUEST_ID_HEADER = "X-Client-Request-ID"  # the client's X-Request-ID, echoed back
+_MAX_REQUEST_ID = 128
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 COST_HEADERS = ["X-Cached", "X-Tokens-Input", "X-Tokens-Output", "X-Cost-Input", "X-Cost-Output",
                 "X-Cost-Total", "X-Cost-Saved", "X-Cost-Overall"]
 EXPOSED_HEADERS = [
-    REQUEST_ID_HEADER, "X-Response-Time-ms", "Retry-After",
+    REQUEST_ID_HEADER, CLIENT_REQUEST_ID_HEADER, "X-Response-Time-ms", "Retry-After",
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", *COST_HEADERS,
 ]
 ALLOWED_HEADERS = ["Content-Type", "Authorization", "X-Requested-With", "X-API-Key", REQUEST_ID_HEADER,
@@ -99,7 +101,8 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     api.add_namespace(routes.health_namespace(gateway, schemas), path="/health")
     api.add_namespace(routes.generate_namespace(gateway, schemas, task_limit), path="/generate")
     api.add_namespace(routes.classify_namespace(gateway, schemas, task_limit), path="/classify")
-    api.add_namespace(routes.stats_namespace(gateway, schemas), path="/stats")
+    stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget
+    api.add_namespace(routes.stats_namespace(gateway, schemas, stats_limit), path="/stats")
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
     for warning in config.exposure_warnings():  # a live key strangers could spend: say so at every start
         log.warning(warning)
@@ -115,8 +118,12 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
     def start_request():
         context = g._get_current_object()  # one proxy lookup instead of one per attribute
         context.started = time.perf_counter()
+        context.request_id = routes.new_request_id()  # always ours: unique and unguessable
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        context.request_id = incoming if _VALID_REQUEST_ID.match(incoming) else routes.new_request_id()
+        # The client's id is kept apart (ledger column, log line, echoed header); checked in linear
+        # time, the length first, so a huge header costs nothing.
+        if len(incoming) <= _MAX_REQUEST_ID and _VALID_REQUEST_ID.fullmatch(incoming):
+            context.client_request_id = incoming
         if scan:
             _scan_request(gateway)
 
@@ -127,6 +134,8 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         headers = response.headers
         _settle_retry_after(headers, context)
         headers[REQUEST_ID_HEADER] = routes.request_id()
+        if "client_request_id" in context:
+            headers[CLIENT_REQUEST_ID_HEADER] = context.client_request_id
         headers["X-Response-Time-ms"] = f"{elapsed_ms:.1f}"
         if context.get("streaming"):
             return response  # accounted for when the stream ends (routes.py)

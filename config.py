@@ -75,6 +75,7 @@ class Config:
 
     ratelimit_enabled: bool = _env("RATELIMIT_ENABLED", "true", kind=bool)
     ratelimit_task_limits: str = _env("RATELIMIT_TASK_LIMITS", "200 per day;50 per hour;10 per minute")
+    ratelimit_stats_limits: str = _env("RATELIMIT_STATS_LIMITS", "30 per minute")
     ratelimit_storage_uri: str = _env("RATELIMIT_STORAGE_URI", "memory://")
     ratelimit_strategy: str = _env("RATELIMIT_STRATEGY", "moving-window")
     ratelimit_trusted_proxies: int = _env("RATELIMIT_TRUSTED_PROXIES", "0", kind=int, minimum=0)
@@ -93,6 +94,8 @@ class Config:
     cache_classify_ttl_seconds: float = _env("CACHE_CLASSIFY_TTL_SECONDS", "86400", kind=float, minimum=0)
 
     cost_ledger_path: Path = _env("COST_LEDGER_PATH", "var/cost_ledger.sqlite3", kind=Path)
+    cost_ledger_write_timeout_seconds: float = _env("COST_LEDGER_WRITE_TIMEOUT_SECONDS", "2", kind=float,
+                                                    minimum=0.01)
     cost_price_file: str = _env("COST_PRICE_FILE", "")
     cost_input_price_per_million: float | None = _env("COST_INPUT_PRICE_PER_MILLION", "", kind=float, minimum=0)
     cost_output_price_per_million: float | None = _env("COST_OUTPUT_PRICE_PER_MILLION", "", kind=float, minimum=0)

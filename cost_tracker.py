@@ -6,9 +6,12 @@
   whenever it is present, and every record says which source it used.
 - `PriceTable`: USD per million tokens by model, from `data/prices.json`, overridable.
 - `CostTracker`: one record per task request in a SQLite ledger (WAL mode; each record is
-  committed before the response leaves, so a killed server loses no answered request), also
-  written to `cost_tracking.log`; usage statistics and exports read the ledger, so totals
-  survive restarts.
+  committed before the response leaves, so a killed server loses no answered request, or, when
+  the ledger is locked by someone else for longer than `write_timeout`, fsynced to a spool
+  beside it and replayed later: `ledger_spool.py`), also written to `cost_tracking.log`. Each
+  record has the gateway's unique random request id and the client's X-Request-ID apart.
+  Usage statistics are computed by SQLite (`ledger_stats.py`) and exports stream, so neither
+  grows with the ledger; totals survive restarts.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
-import dataclasses
 import functools
 import hashlib
 import json
@@ -28,6 +30,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import ledger_stats
+from ledger_schema import COLUMNS, INSERT, SELECT, CostRecord, migrate, record_of
+from ledger_spool import LedgerSpool
+from ledger_stats import percentiles  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger("gateway.cost")
 
@@ -136,46 +143,6 @@ class PriceTable:
                     output_tokens * price.output_per_million / 1_000_000)
 
 
-@dataclass(frozen=True)
-class CostRecord:
-    """One task request, as written to the ledger."""
-
-    request_id: str
-    timestamp: float
-    endpoint: str
-    client: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-    input_cost: float
-    output_cost: float
-    total_cost: float
-    cached: bool
-    saved_cost: float
-    token_source: str  # "provider", "estimate", or "none" (no upstream answer)
-    latency_ms: float
-    status: int
-
-
-_COLUMNS = [field.name for field in dataclasses.fields(CostRecord)]
-_INSERT = f"INSERT INTO cost_records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS cost_records (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL, timestamp REAL NOT NULL, endpoint TEXT NOT NULL, client TEXT NOT NULL,
-    model TEXT NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
-    input_cost REAL NOT NULL, output_cost REAL NOT NULL, total_cost REAL NOT NULL,
-    cached INTEGER NOT NULL, saved_cost REAL NOT NULL, token_source TEXT NOT NULL,
-    latency_ms REAL NOT NULL, status INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS cost_records_by_time ON cost_records (timestamp);
-CREATE TABLE IF NOT EXISTS ledger_total (id INTEGER PRIMARY KEY CHECK (id = 1), total_cost REAL NOT NULL);
-INSERT OR IGNORE INTO ledger_total (id, total_cost) SELECT 1, COALESCE(SUM(total_cost), 0) FROM cost_records;
-CREATE TRIGGER IF NOT EXISTS ledger_total_after_insert AFTER INSERT ON cost_records
-BEGIN UPDATE ledger_total SET total_cost = total_cost + NEW.total_cost WHERE id = 1; END;
-"""
-
-
 class _Pending:
     """A record waiting to be committed, and what its commit said."""
 
@@ -193,35 +160,49 @@ class CostTracker:
     caller still returns only after its own record is committed, so the crash rule holds, but
     under load the ledger takes one write lock per batch instead of one per request (which
     matters when several worker processes share the file).
+
+    A batch that cannot take the ledger's write lock within `write_timeout` seconds (another
+    connection holds it) goes to the durable spool instead (`ledger_spool.py`), and so does every
+    batch after it until a background replay has emptied the spool: the answer is not held up,
+    and each record reaches the ledger exactly once.
     """
 
     def __init__(self, ledger_path: Path | str, *, on_record: Callable[[dict], None] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, write_timeout: float = 2.0,
+                 maintenance_interval: float = 1.0):
         self.ledger_path = Path(ledger_path)
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
         self._on_record = on_record
         self._clock = clock
+        self._write_timeout = write_timeout
         self._lock = threading.Lock()  # the connection: one statement at a time
         self._write_lock = threading.Lock()  # one committer at a time
         self._queue_lock = threading.Lock()
         self._queued: list[_Pending] = []
+        self._stats_calls = ledger_stats.SharedCalls()  # identical concurrent /stats share one computation
+        self._rows = ledger_stats.RowCounter()
+        self._spool = LedgerSpool(self.ledger_path)
+        self._replay_lock = threading.Lock()  # one replay at a time, on its own connection
+        self._replayer: sqlite3.Connection | None = None
         self._db = sqlite3.connect(self.ledger_path, check_same_thread=False, isolation_level=None, timeout=30)
         # Worker processes starting together race to create the file and switch it to WAL; SQLite
         # answers "locked" to the losers at once rather than waiting, so they try again.
         _while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         self._db.execute("PRAGMA synchronous=NORMAL")  # a commit reaches the OS before we answer
+        # Sharing the file's write lock: SQLite's own busy wait sleeps 1, 2, 5... ms between tries;
+        # `_begin` retries every 0.2 ms instead.
+        self._db.execute("PRAGMA busy_timeout=0")
         with self._lock:
-            _while_locked(lambda: self._db.executescript(_SCHEMA))
+            _while_locked(lambda: migrate(self._db))
         # Checkpoints (copying the WAL into the file, with an fsync) happen on a background thread,
         # not inside some request's commit, where one took 24 ms.
         self._db.execute("PRAGMA wal_autocheckpoint=0")
-        # Worker processes sharing the file contend for its write lock. SQLite's own busy wait
-        # sleeps 1, 2, 5... ms between tries; `_begin` retries every 0.2 ms instead.
-        self._db.execute("PRAGMA busy_timeout=0")
+        self._last_overall = self._committed_total()
+        self.replay_spool()  # what processes that are gone (an earlier run of this one too) left spooled
         self._stopping = threading.Event()
-        self._checkpointer = threading.Thread(target=self._checkpoint_regularly, name="ledger-checkpoint",
-                                              daemon=True)
-        self._checkpointer.start()
+        self._maintainer = threading.Thread(target=self._maintain, args=(maintenance_interval,),
+                                            name="ledger-maintenance", daemon=True)
+        self._maintainer.start()
 
     @property
     def overall_cost(self) -> float:
@@ -229,8 +210,18 @@ class CostTracker:
         with self._lock:
             return self._db.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
 
+    @property
+    def rows_read(self) -> int:
+        """Rows fetched from the ledger into Python so far (statistics, finds, exports)."""
+        return self._rows.rows
+
+    @property
+    def spooled(self) -> int:
+        """This process's records waiting in the spool for the ledger."""
+        return self._spool.pending
+
     def record(self, record: CostRecord) -> float:
-        """Commit one record (before the response is sent); returns the ledger's new overall total."""
+        """Commit (or durably spool) one record before the response is sent; returns the overall total."""
         fields = vars(record)  # flat and in column order; dataclasses.astuple deep-copies, 4x slower
         mine = _Pending(tuple(fields.values()))
         with self._queue_lock:
@@ -247,91 +238,189 @@ class CostTracker:
         return mine.overall
 
     def _commit(self, batch: list[_Pending]) -> None:
+        if not self._spool.pending:  # while records wait in the spool the ledger was just busy: skip the wait
+            try:
+                with self._lock:
+                    self._begin()
+                    try:
+                        self._db.executemany(INSERT, [pending.row for pending in batch])
+                        overall = self._db.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+                self._last_overall = overall
+                self._settle(batch, overall)
+                return
+            except sqlite3.Error as exc:
+                log.warning("ledger write did not commit within %.1f s (%s); spooling %d records",
+                            self._write_timeout, exc, len(batch))
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the same failure
+                self._settle(batch, error=exc)
+                return
+        try:
+            self._spool.append([dict(zip(COLUMNS, pending.row, strict=True)) for pending in batch])
+        except OSError as exc:
+            self._settle(batch, error=exc)
+            return
+        self._settle(batch, self._committed_total() + self._spool.pending_cost)
+
+    @staticmethod
+    def _settle(batch: list[_Pending], overall: float = 0.0, error: Exception | None = None) -> None:
+        for pending in batch:
+            pending.overall, pending.error, pending.done = overall, error, True
+
+    def _committed_total(self) -> float:
+        """The ledger's overall total as last committed (a read: it does not need the write lock)."""
         try:
             with self._lock:
-                self._begin()
-                try:
-                    self._db.executemany(_INSERT, [pending.row for pending in batch])
-                    overall = self._db.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-        except Exception as exc:  # noqa: BLE001 - every waiting request gets the same failure
-            for pending in batch:
-                pending.error, pending.done = exc, True
-            return
-        for pending in batch:
-            pending.overall, pending.done = overall, True
+                self._last_overall = self._db.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
+        except sqlite3.Error:
+            pass  # the last one we saw
+        return self._last_overall
+
+    def replay_spool(self) -> int:
+        """Move spooled records into the ledger: ours, and those of processes that are gone. Returns how many.
+
+        On its own connection, so waiting for the write lock here never holds up a request."""
+        replayed = 0
+        if not self._spool.has_work():
+            return 0
+        with self._replay_lock:
+            try:
+                if self._replayer is None:
+                    self._replayer = sqlite3.connect(self.ledger_path, isolation_level=None, timeout=0)
+                # Wait for the write lock before sealing our file for replay: during a long outage
+                # the background tries would otherwise start a new spool file every second.
+                self._begin_replay()
+                self._replayer.execute("ROLLBACK")
+                replayed += self._spool.replay(self._insert)
+                replayed += self._spool.replay_orphans(self._insert)
+            except (sqlite3.Error, OSError) as exc:
+                log.info("spooled ledger records wait: %s", exc)
+        return replayed
+
+    def _insert(self, records: list[dict]) -> None:
+        """Commit spooled records (already in the ledger ones are ignored); raises if the ledger is still busy."""
+        rows = []
+        for record in records:
+            try:
+                rows.append(tuple(record[column] for column in COLUMNS[:-1]) + (record.get("client_request_id"),))
+            except KeyError:
+                log.warning("spooled ledger record %s lacks fields; skipped", record.get("request_id"))
+        db = self._replayer
+        self._begin_replay()
+        try:
+            db.executemany(INSERT, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _begin_replay(self) -> None:
+        _while_locked(lambda: self._replayer.execute("BEGIN IMMEDIATE"), patience=self._write_timeout)
 
     def records(self, hours: float | None = None) -> list[CostRecord]:
-        """Records of the last `hours` (all when None), oldest first."""
-        return self._read(hours)[0]
+        """Records of the last `hours` (all when None), oldest first (tests and tools: this loads them all)."""
+        with self._snapshot() as reader:
+            cursor = reader.execute(f"{SELECT} WHERE timestamp >= ? ORDER BY id", (self._since(hours),))
+            return [record_of(row) for row in self._rows.each(cursor)]
 
-    def _read(self, hours: float | None) -> tuple[list[CostRecord], float]:
-        """The window's records and the all-time total, from one snapshot of the ledger.
-
-        Its own connection: in WAL mode a reader sees the last commit and neither waits for nor
-        blocks the writer, so reading a large window for /stats does not hold up requests.
-        """
-        since = 0.0 if hours is None else self._clock() - hours * 3600
-        with contextlib.closing(sqlite3.connect(self.ledger_path, timeout=30)) as reader:
-            reader.execute("BEGIN")  # one read transaction: the records and the total agree
-            rows = reader.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM cost_records WHERE timestamp >= ? ORDER BY id", (since,),
-            ).fetchall()
-            overall = reader.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
-            reader.execute("COMMIT")
-        return [CostRecord(*row[:10], bool(row[10]), *row[11:]) for row in rows], overall
+    def find(self, *, client_request_id: str | None = None, request_id: str | None = None,
+             limit: int = 100) -> list[CostRecord]:
+        """The records carrying a client's X-Request-ID (or one gateway request id), oldest first."""
+        if (client_request_id is None) == (request_id is None):
+            raise ValueError("find needs exactly one of client_request_id and request_id")
+        column, value = ("client_request_id", client_request_id) if request_id is None else ("request_id", request_id)
+        with self._snapshot() as reader:
+            cursor = reader.execute(f"{SELECT} WHERE {column} = ? ORDER BY id LIMIT ?", (value, limit))
+            return [record_of(row) for row in self._rows.each(cursor)]
 
     def get_usage_stats(self, hours: float = 24) -> dict:
-        """Requests, tokens, costs, cache savings and latency percentiles over the last `hours`."""
-        records, overall = self._read(hours)
-        by_endpoint: dict[str, list[CostRecord]] = {}
-        for record in records:
-            by_endpoint.setdefault(record.endpoint, []).append(record)
-        totals = _summarise(records)
-        return {
-            "window_hours": hours,
-            **totals,
-            "by_endpoint": {endpoint: _summarise(group) for endpoint, group in sorted(by_endpoint.items())},
-            "overall_cost": round(overall, 10),
-        }
+        """Requests, tokens, costs, cache savings and latency percentiles over the last `hours`.
+
+        Computed by SQLite (ledger_stats.py): the rows fetched into Python do not grow with the
+        ledger, and concurrent calls for the same window share one computation. The window's
+        figures and the all-time total are read from one snapshot."""
+        return self._stats_calls.run(hours, lambda: self._usage_stats(hours))
+
+    def _usage_stats(self, hours: float) -> dict:
+        with self._snapshot() as reader:
+            totals, by_endpoint = ledger_stats.usage_stats(reader, self._since(hours), self._rows)
+            overall = self._rows.fetchall(reader.execute("SELECT total_cost FROM ledger_total"))[0][0]
+        return {"window_hours": hours, **totals, "by_endpoint": by_endpoint, "overall_cost": round(overall, 10)}
 
     def export_records(self, path: Path | str, hours: float | None = None) -> int:
-        """Write records to `path` as JSON (a list) or CSV, by its suffix; returns how many."""
+        """Write records to `path` as JSON (a list) or CSV, by its suffix, streaming them; returns how many."""
         path = Path(path)
-        rows = [dataclasses.asdict(record) for record in self.records(hours)]
-        if path.suffix.lower() == ".csv":
-            with path.open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=_COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
-        elif path.suffix.lower() == ".json":
-            path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
-        else:
+        kind = path.suffix.lower()
+        if kind not in (".csv", ".json"):
             raise ValueError(f"export format must be .json or .csv, got {path.name!r}")
-        return len(rows)
+        count = 0
+        with self._snapshot() as reader, path.open("w", newline="", encoding="utf-8") as handle:
+            cursor = reader.execute(f"{SELECT} WHERE timestamp >= ? ORDER BY id", (self._since(hours),))
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS) if kind == ".csv" else None
+            if writer:
+                writer.writeheader()
+            else:
+                handle.write("[")
+            for row in self._rows.each(cursor):
+                fields = vars(record_of(row))
+                if writer:
+                    writer.writerow(fields)
+                else:
+                    handle.write(("," if count else "") + "\n  " + json.dumps(fields))
+                count += 1
+            if not writer:
+                handle.write("\n]\n")
+        return count
+
+    def _since(self, hours: float | None) -> float:
+        return 0.0 if hours is None else self._clock() - hours * 3600
+
+    @contextlib.contextmanager
+    def _snapshot(self):
+        """A read transaction on its own connection: in WAL mode it sees the last commit and neither
+        waits for nor blocks the writer, so reading for /stats does not hold up requests."""
+        with contextlib.closing(sqlite3.connect(self.ledger_path, timeout=30)) as reader:
+            reader.execute("BEGIN")
+            try:
+                yield reader
+            finally:
+                reader.execute("ROLLBACK")
 
     def _begin(self) -> None:
-        """Start a write transaction, waiting (in short steps) while another process holds the lock."""
-        _while_locked(lambda: self._db.execute("BEGIN IMMEDIATE"))
+        """Start a write transaction, waiting (in short steps, at most `write_timeout`) for another's lock."""
+        _while_locked(lambda: self._db.execute("BEGIN IMMEDIATE"), patience=self._write_timeout)
 
-    def _checkpoint_regularly(self, every_seconds: float = 1.0) -> None:
-        checkpoints = sqlite3.connect(self.ledger_path, timeout=30)
+    def _maintain(self, every_seconds: float = 1.0, orphans_every: int = 30) -> None:
+        """Background work: replay our spool when it holds records, look for orphaned spools now and
+        then, and checkpoint the WAL."""
+        checkpoints = sqlite3.connect(self.ledger_path, timeout=self._write_timeout)
+        ticks = 0
         try:
             while not self._stopping.wait(every_seconds):
-                checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as exc:  # the ledger stays correct without checkpoints; the WAL just grows
-            log.warning("ledger checkpoints stopped: %s", exc)
+                ticks += 1
+                if self._spool.pending or ticks % orphans_every == 0:
+                    self.replay_spool()
+                try:
+                    checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # the ledger stays correct without checkpoints; the WAL just grows
+                    log.debug("ledger checkpoint skipped: %s", exc)
         finally:
             checkpoints.close()
 
     def close(self) -> None:
         self._stopping.set()
-        self._checkpointer.join(timeout=5)
+        self._maintainer.join(timeout=5)
+        self.replay_spool()
+        self._spool.close()
+        with self._replay_lock:
+            if self._replayer is not None:
+                self._replayer.close()
         with self._lock:
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._db.close()
 
 
@@ -346,46 +435,3 @@ def _while_locked(statement: Callable[[], object], patience: float = 30.0) -> No
             if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > give_up_at:
                 raise
             time.sleep(0.0002)
-
-
-def _summarise(records: list[CostRecord]) -> dict:
-    answered = [record for record in records if record.status < 400]
-    hits = sum(record.cached for record in answered)
-    spent = math.fsum(record.total_cost for record in records)
-    saved = math.fsum(record.saved_cost for record in records)
-    by_status: dict[str, int] = {}
-    for record in records:
-        by_status[str(record.status)] = by_status.get(str(record.status), 0) + 1
-    return {
-        "requests": len(records),
-        "by_status": dict(sorted(by_status.items())),
-        "tokens": {"input": sum(r.input_tokens for r in records), "output": sum(r.output_tokens for r in records)},
-        "token_sources": _count(record.token_source for record in records),
-        "cost": {"input": round(math.fsum(r.input_cost for r in records), 10),
-                 "output": round(math.fsum(r.output_cost for r in records), 10),
-                 "total": round(spent, 10)},
-        "cache": {"hits": hits, "hit_rate": round(hits / len(answered), 4) if answered else 0.0},
-        "cost_saved_by_cache": round(saved, 10),
-        "cost_without_cache": round(spent + saved, 10),
-        "cost_reduction": round(saved / (spent + saved), 4) if spent + saved else 0.0,
-        "latency_ms": percentiles([record.latency_ms for record in records]),
-    }
-
-
-def _count(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    """p50/p95/p99 by nearest rank; None when there are no values."""
-    if not values:
-        return {"p50": None, "p95": None, "p99": None}
-    ordered = sorted(values)
-
-    def rank(p: float) -> float:
-        return round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)], 2)
-
-    return {"p50": rank(50), "p95": rank(95), "p99": rank(99)}

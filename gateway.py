@@ -28,13 +28,21 @@ log = logging.getLogger("gateway")
 class RequestInfo:
     """What the accounting needs to know about one HTTP request, as plain data."""
 
-    request_id: str
+    request_id: str  # the gateway's own, unique and random
     method: str
     path: str
     client: str
     prompt: str | None = None
     error_code: str | None = None
     route: str = UNROUTED  # the URL rule that matched: what the counters are keyed by, never the raw path
+    client_request_id: str | None = None  # the client's X-Request-ID, when it sent a valid one
+
+
+# Refusals of the gateway's own guards before a task runs: no provider call, nothing to bill. They are
+# counted per process (/stats `process`) and logged in api_requests.log, but write no ledger row, or one
+# client could grow the ledger (and every later /stats) at hundreds of rows a second. Every other task
+# request, a 400 included, passed the rate limiter first, so its rows grow only as fast as the limit allows.
+UNBILLED_REFUSALS = frozenset({"rate_limited", "request_blocked", "payload_too_large"})
 
 
 def _cost_record(request: RequestInfo, status: int, elapsed_ms: float, outcome: TaskOutcome | None,
@@ -42,13 +50,13 @@ def _cost_record(request: RequestInfo, status: int, elapsed_ms: float, outcome: 
     """The ledger row of a task request; a request that got no answer costs nothing."""
     if outcome is None:
         return CostRecord(request.request_id, time.time(), request.path, request.client, model, 0, 0, 0.0, 0.0, 0.0,
-                          False, 0.0, "none", round(elapsed_ms, 3), status)
+                          False, 0.0, "none", round(elapsed_ms, 3), status, request.client_request_id)
     return CostRecord(
         request_id=request.request_id, timestamp=time.time(), endpoint=request.path, client=request.client,
         model=outcome.completion.model, input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens,
         input_cost=outcome.cost.input, output_cost=outcome.cost.output, total_cost=outcome.cost.total,
         cached=outcome.cached, saved_cost=outcome.saved.total, token_source=outcome.token_source,
-        latency_ms=round(elapsed_ms, 3), status=status,
+        latency_ms=round(elapsed_ms, 3), status=status, client_request_id=request.client_request_id,
     )
 
 
@@ -69,10 +77,10 @@ class Gateway:
 
     def finish_request(self, request: RequestInfo, status: int, elapsed_ms: float,
                        outcome: TaskOutcome | None = None, *, is_task: bool = False) -> float | None:
-        """Account for one finished request: ledger record (task requests, before the answer leaves),
-        performance line, counters and the one summary log line. Returns the ledger's overall spend."""
+        """Account for one finished request: ledger record (task requests except UNBILLED_REFUSALS, before
+        the answer leaves), performance line, counters and the one summary log line. Returns the overall spend."""
         overall, summary = None, {}
-        if is_task:
+        if is_task and request.error_code not in UNBILLED_REFUSALS:
             overall = self.tracker.record(_cost_record(request, status, elapsed_ms, outcome, self.client.model))
         if outcome is not None:
             summary = {"model": outcome.completion.model, "cached": outcome.cached, "cache": outcome.cache_status,
@@ -83,6 +91,8 @@ class Gateway:
                 upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 2),
                 cache_lookup_ms=round(outcome.cache_lookup_ms, 3),
             )
+        if request.client_request_id is not None:
+            summary["client_request_id"] = request.client_request_id
         if request.prompt is not None:
             summary["prompt"] = self.logger.describe_prompt(request.prompt)  # length + hash unless LOG_FULL_PROMPTS
         self.metrics.count_request(request.route, status, request.error_code)
@@ -123,7 +133,8 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
         },
         enabled=config.cache_enabled,
     )
-    tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record))
+    tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record),
+                          write_timeout=config.cost_ledger_write_timeout_seconds)
     service = TaskService(client, cache, prices, TokenCounter())
     return Gateway(
         config=config, upstream=upstream, client=client, service=service, cache=cache, tracker=tracker,

@@ -10,7 +10,6 @@ its log lines: `app.py`'s error handlers use it, and so does a stream that fails
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -30,7 +29,9 @@ from task_service import CacheControl, TaskOutcome
 __version__ = "1.0.0"
 TASK_ENDPOINTS = frozenset({"/api/v1/generate/text", "/api/v1/generate/code", "/api/v1/classify/text",
                             "/api/v1/generate/text/stream"})
-MAX_STATS_HOURS = 24 * 366
+# The /stats window is capped at 31 days: a month's billing. Its work grows with the rows in the window
+# (SQLite scans them once, see ledger_stats.py); longer reviews use CostTracker.export_records.
+MAX_STATS_HOURS = 24 * 31
 log = logging.getLogger("gateway.http")
 
 
@@ -197,7 +198,7 @@ def classify_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namesp
     return ns
 
 
-def stats_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
+def stats_namespace(gateway: Gateway, schemas: Schemas, stats_limit) -> Namespace:
     ns = Namespace("stats", description="Usage, cost, cache and reliability figures")
     hours_doc = {"in": "query", "type": "number", "default": 24,
                  "description": f"Window for ledger figures, in hours (0 < hours <= {MAX_STATS_HOURS})"}
@@ -207,6 +208,8 @@ def stats_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
         @ns.doc(params={"hours": hours_doc})
         @ns.response(200, "Figures", schemas.stats)
         @ns.response(400, "Invalid hours", schemas.error)
+        @ns.response(429, "Rate limited (RATELIMIT_STATS_LIMITS); see Retry-After", schemas.error)
+        @stats_limit
         def get(self):
             """Requests, latency percentiles, cache, costs and savings, retries, limits, security events."""
             hours = _hours_argument()
@@ -239,7 +242,8 @@ def request_info() -> RequestInfo:
     current, context = request._get_current_object(), g._get_current_object()
     return RequestInfo(request_id=request_id(), method=current.method, path=clip_path(current.path),
                        client=current.remote_addr or "", prompt=context.get("prompt"),
-                       error_code=context.get("error_code"), route=_route(current))
+                       error_code=context.get("error_code"), route=_route(current),
+                       client_request_id=context.get("client_request_id"))
 
 
 def request_id() -> str:
@@ -249,13 +253,10 @@ def request_id() -> str:
     return context.request_id
 
 
-_ID_PREFIX = uuid.uuid4().hex[:16]  # random per process, so ids from several workers never collide
-_id_counter = itertools.count()
-
-
 def new_request_id() -> str:
-    """A unique id without a system call per request: a per-process random prefix and a counter."""
-    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+    """The gateway's id of one request: 128 random bits (32 hex digits), unique across processes and
+    restarts and not guessable from another id (it is the ledger's unique key)."""
+    return uuid.uuid4().hex
 
 
 def _json_body():

@@ -191,12 +191,14 @@ def test_classification_outside_the_categories_is_502(client, emulator):
                  502, "upstream_bad_answer")
 
 
-def test_request_id_is_kept_when_valid_and_replaced_when_not(client):
+def test_a_valid_client_request_id_is_echoed_apart_and_an_invalid_one_ignored(client):
     kept = client.get("/api/v1/health", headers={"X-Request-ID": "client-trace-0001"})
-    assert kept.headers["X-Request-ID"] == "client-trace-0001"
-    replaced = client.get("/api/v1/health", headers={"X-Request-ID": "bad id; with spaces"})
-    assert replaced.headers["X-Request-ID"] != "bad id; with spaces"
-    assert len(replaced.headers["X-Request-ID"]) == 32
+    assert kept.headers["X-Client-Request-ID"] == "client-trace-0001"
+    assert len(kept.headers["X-Request-ID"]) == 32 and kept.headers["X-Request-ID"] != "client-trace-0001"
+    for bad in ("bad id; with spaces", "short", "x" * 129, "a" * 200_000):
+        replaced = client.get("/api/v1/health", headers={"X-Request-ID": bad})
+        assert "X-Client-Request-ID" not in replaced.headers
+        assert len(replaced.headers["X-Request-ID"]) == 32
     assert client.get("/api/v1/health").headers["X-Request-ID"] != client.get("/api/v1/health").headers["X-Request-ID"]
 
 

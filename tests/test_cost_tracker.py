@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import sqlite3
 import threading
 
 import pytest
@@ -175,3 +177,69 @@ def test_several_processes_can_open_a_new_ledger_at_once(tmp_path):
     assert sorted(r.request_id for r in tracker.records()) == [f"p{i}" for i in range(6)]
     assert tracker.overall_cost == pytest.approx(6 * 0.00003)
     tracker.close()
+
+
+def spooled_lines(ledger) -> list[dict]:
+    spool = ledger.parent / f"{ledger.name}.spool"
+    return [json.loads(line) for path in sorted(spool.glob("*.jsonl")) for line in path.read_text().splitlines()]
+
+
+def ledger_ids(ledger) -> list[str]:
+    with contextlib.closing(sqlite3.connect(ledger)) as db:
+        return [row[0] for row in db.execute("SELECT request_id FROM cost_records ORDER BY id")]
+
+
+def test_a_write_that_cannot_take_the_lock_is_spooled_and_replayed_exactly_once(tmp_path):
+    ledger = tmp_path / "l.sqlite3"
+    tracker = CostTracker(ledger, write_timeout=0.1)
+    assert tracker.record(make_record("before", total_cost=0.25)) == pytest.approx(0.25)
+    holder = sqlite3.connect(ledger, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
+    assert tracker.record(make_record("during-1", total_cost=0.5)) == pytest.approx(0.75)  # spooled, counted
+    assert tracker.record(make_record("during-2", total_cost=0.125)) == pytest.approx(0.875)
+    assert [line["request_id"] for line in spooled_lines(ledger)] == ["during-1", "during-2"]
+    assert tracker.spooled == 2 and ledger_ids(ledger) == ["before"]
+    assert tracker.replay_spool() == 0  # still locked: nothing moves, nothing is lost
+    holder.execute("ROLLBACK")
+    tracker.replay_spool()  # (the background thread may have done it already)
+    assert ledger_ids(ledger) == ["before", "during-1", "during-2"]
+    assert tracker.spooled == 0 and spooled_lines(ledger) == []
+    assert tracker.overall_cost == pytest.approx(0.875)
+    tracker.record(make_record("after", total_cost=1.0))  # straight to the ledger again
+    assert ledger_ids(ledger)[-1] == "after" and spooled_lines(ledger) == []
+    tracker.close()
+
+
+def test_a_spool_left_by_a_crash_after_its_replay_committed_adds_nothing_twice(tmp_path):
+    """A crash between the ledger's commit and the spool's truncation leaves lines already in the ledger."""
+    ledger = tmp_path / "l.sqlite3"
+    tracker = CostTracker(ledger, write_timeout=0.1)
+    holder = sqlite3.connect(ledger, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    tracker.record(make_record("spooled", total_cost=0.5))
+    leftover = next((ledger.parent / f"{ledger.name}.spool").glob("*.jsonl")).read_bytes()
+    holder.execute("ROLLBACK")
+    tracker.replay_spool()
+    tracker.close()
+    orphan = ledger.parent / f"{ledger.name}.spool" / "0123456789abcdef0123456789abcdef.jsonl"
+    orphan.write_bytes(leftover + b'{"request_id": "torn", "timesta')  # and a torn last line
+    restarted = CostTracker(ledger)  # replays orphans at start-up
+    assert ledger_ids(ledger) == ["spooled"] and restarted.overall_cost == pytest.approx(0.5)
+    assert not orphan.exists()
+    restarted.close()
+
+
+def test_another_processes_live_spool_is_left_to_it(tmp_path):
+    ledger = tmp_path / "l.sqlite3"
+    # no background replay in this test: the owner replays when told to
+    owner, other = (CostTracker(ledger, write_timeout=0.1, maintenance_interval=3600) for _ in range(2))
+    holder = sqlite3.connect(ledger, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    owner.record(make_record("owned", total_cost=0.5))
+    holder.execute("ROLLBACK")
+    assert other.replay_spool() == 0  # the owner's file is locked while it lives
+    assert ledger_ids(ledger) == [] and [line["request_id"] for line in spooled_lines(ledger)] == ["owned"]
+    owner.replay_spool()
+    assert ledger_ids(ledger) == ["owned"]
+    owner.close()
+    other.close()

@@ -1,7 +1,10 @@
-"""A server killed with SIGKILL under load has already recorded every request it answered."""
+"""Every answered request is billed: under SIGKILL mid-load, and while another connection holds the
+ledger's write lock (the record waits in the spool and arrives exactly once)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -14,16 +17,17 @@ import requests
 
 from tests.test_startup import ROOT, environment, free_port, stop, wait_for_health
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX-only")
+posix_only = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX-only")
 
 
-def start_server(tmp_path, port: int, ledger) -> subprocess.Popen:
+def start_server(tmp_path, port: int, ledger, **settings) -> subprocess.Popen:
     env = environment(HOST="127.0.0.1", PORT=str(port), RATELIMIT_ENABLED="false", LOG_CONSOLE="false",
-                      LOG_DIR=str(tmp_path / "logs"), COST_LEDGER_PATH=str(ledger))
+                      LOG_DIR=str(tmp_path / "logs"), COST_LEDGER_PATH=str(ledger), **settings)
     return subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@posix_only
 def test_sigkill_under_load_loses_no_answered_request(tmp_path):
     port, ledger = free_port(), tmp_path / "ledger.sqlite3"
     server = start_server(tmp_path, port, ledger)
@@ -69,3 +73,68 @@ def test_sigkill_under_load_loses_no_answered_request(tmp_path):
         assert stats["usage"]["requests"] >= len(answered)
     finally:
         stop(restarted)
+
+
+def spooled(ledger) -> list[dict]:
+    spool = ledger.parent / f"{ledger.name}.spool"
+    return [json.loads(line) for path in sorted(spool.glob("*.jsonl")) for line in path.read_text().splitlines()]
+
+
+def rows(ledger) -> list[tuple[str, float]]:
+    with contextlib.closing(sqlite3.connect(ledger)) as db:
+        return db.execute("SELECT request_id, total_cost FROM cost_records ORDER BY id").fetchall()
+
+
+def ledger_total(ledger) -> float:
+    with contextlib.closing(sqlite3.connect(ledger)) as db:
+        return db.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
+
+
+def test_a_locked_ledger_still_answers_and_bills_the_request_once(make_app, serve):
+    """Another connection holding the write lock used to turn a paid answer into a 500 after 30 s, unbilled."""
+    app = make_app(ratelimit_enabled=False, cost_ledger_write_timeout_seconds=0.2)
+    server, ledger = serve(app), app.extensions["gateway"].config.cost_ledger_path
+    holder = sqlite3.connect(ledger, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        response = requests.post(f"{server.url}/api/v1/generate/text", json={"prompt": "while locked"}, timeout=15)
+        assert response.status_code == 200, response.text
+        request_id = response.headers["X-Request-ID"]
+        assert response.json()["request_id"] == request_id and float(response.headers["X-Cost-Total"]) > 0
+        assert [line["request_id"] for line in spooled(ledger)] == [request_id]
+        assert rows(ledger) == []
+    finally:
+        holder.execute("ROLLBACK")
+    app.extensions["gateway"].tracker.replay_spool()  # what the background thread does within a second
+    assert [row[0] for row in rows(ledger)] == [request_id] and spooled(ledger) == []
+    assert ledger_total(ledger) == pytest.approx(float(response.headers["X-Cost-Total"]), abs=1e-9)
+    stats = requests.get(f"{server.url}/api/v1/stats", timeout=10).json()
+    assert stats["usage"]["requests"] == 1
+
+
+@posix_only
+def test_a_spool_left_by_a_killed_server_is_replayed_once_at_restart(tmp_path):
+    port, ledger = free_port(), tmp_path / "ledger.sqlite3"
+    settings = {"COST_LEDGER_WRITE_TIMEOUT_SECONDS": "0.2"}
+    server = start_server(tmp_path, port, ledger, **settings)
+    wait_for_health(port, server)
+    holder = sqlite3.connect(ledger, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    response = requests.post(f"http://127.0.0.1:{port}/api/v1/generate/text", json={"prompt": "paid"}, timeout=15)
+    assert response.status_code == 200
+    request_id, cost = response.headers["X-Request-ID"], float(response.headers["X-Cost-Total"])
+    os.kill(server.pid, signal.SIGKILL)  # before any replay: the lock is still held
+    server.wait(timeout=10)
+    holder.execute("ROLLBACK")
+    holder.close()
+    leftover = spooled(ledger)
+    assert [line["request_id"] for line in leftover] == [request_id] and rows(ledger) == []
+
+    for _ in range(2):  # the first restart replays it; the second finds nothing more to add
+        restarted = start_server(tmp_path, port, ledger, **settings)
+        try:
+            wait_for_health(port, restarted)
+            assert [row[0] for row in rows(ledger)] == [request_id] and spooled(ledger) == []
+            assert ledger_total(ledger) == pytest.approx(cost, abs=1e-9)
+        finally:
+            stop(restarted)
