@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import certifi
-import httpx
 from google.genai import errors as genai_errors
 from langchain_google_genai import ChatGoogleGenerativeAI
 
 import task_prompts
+import upstream_deadline
 from config import Config
 from errors import (
     ContentBlocked,
@@ -53,6 +53,7 @@ from retry_policy import RetryPolicy
 
 log = logging.getLogger("gateway.gemini")
 
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"  # the SDK's, when none is configured
 TASK_TEMPERATURES = {"text": 0.7, "code": 0.2, "classify": 0.0}
 _RATE_LIMIT_WORDS = re.compile(r"rate.?limit|quota exceeded|resource.?exhausted|too many requests", re.I)
 
@@ -105,15 +106,23 @@ class GeminiClient:
         # connections under it: with 200 calls in flight, threads spent most of their time waiting
         # there (py-spy). `pool_shards` clients each own a slice of `max_connections`, and each
         # server thread keeps to one of them. They share one TLS context.
+        # Each shard's httpx client sends through an `upstream_deadline.DeadlineTransport`, so the
+        # timeout we give a call is a deadline over the whole exchange, body and stream included.
         per_shard = max(1, math.ceil(max_connections / pool_shards))
-        client_args = {"limits": httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
-                       "verify": _tls_context()}
-        options = {"model": model, "google_api_key": api_key, "client_args": client_args}
+        tls = _tls_context()
+        options = {"model": model, "google_api_key": api_key}
         if base_url:
             options["base_url"] = base_url
         # LangChain builds and configures the SDK clients (key, base URL, headers); calls go through
         # their transports with our own generation configs and timeouts (see `_call_once`).
-        self.chat_models = [chat_model_factory(**options) for _ in range(pool_shards)]
+        self.chat_models = []
+        for _ in range(pool_shards):
+            transport = upstream_deadline.build_transport(base_url=base_url or DEFAULT_BASE_URL,
+                                                          max_connections=per_shard, verify=tls)
+            chat_model = chat_model_factory(**options, client_args={"transport": transport, "verify": tls})
+            if chat_model.client._api_client._httpx_client._transport is not transport:
+                raise RuntimeError("the google-genai client ignored our HTTP transport: check the SDK pin")
+            self.chat_models.append(chat_model)
         self._transports = [chat_model.client._api_client for chat_model in self.chat_models]
         self._thread_shard = threading.local()
         self._next_shard = itertools.count()
