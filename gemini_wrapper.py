@@ -222,7 +222,7 @@ class GeminiClient:
             answer = json.loads(response.body)
         except Exception as exc:  # noqa: BLE001 - every provider failure is translated here
             raise translate_provider_error(exc) from exc
-        return _completion_from(answer, self.model)
+        return _completion_from(read_reply(answer), self.model)
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -241,18 +241,17 @@ class TextStream:
     def __init__(self, first, rest: Iterator, model: str):
         self._first, self._rest, self._model = first, rest, model
         self._parts: list[str] = []
-        self._last: dict | None = None  # the latest chunk: Gemini reports cumulative usage in each
+        self._last: Reply | None = None  # the latest chunk: Gemini reports cumulative usage in each
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
         try:
             chunk = self._first
             while chunk is not None:
-                self._last = json.loads(chunk.body)
-                text = _text_of(self._last)
-                if text:
-                    self._parts.append(text)
-                    yield text
+                self._last = read_reply(json.loads(chunk.body))
+                if self._last.text:
+                    self._parts.append(self._last.text)
+                    yield self._last.text
                 chunk = next(self._rest, None)
         except GatewayError:
             raise
@@ -263,11 +262,13 @@ class TextStream:
         self.completion = _completion_from(self._last, self._model, text="".join(self._parts))
 
     def received(self) -> Completion:
-        """What arrived before the stream was cut short, with the usage the provider reported so far."""
-        last = self._last or {}
-        usage = last.get("usageMetadata") or {}
-        return Completion(text="".join(self._parts), model=last.get("modelVersion") or self._model,
-                          input_tokens=usage.get("promptTokenCount"), output_tokens=usage.get("candidatesTokenCount"))
+        """What arrived before the stream was cut short, with the usage the provider reported so far
+        (in the last chunk read: Gemini's counts are cumulative)."""
+        last = self._last
+        if last is None:
+            return Completion(text="", model=self._model)
+        return Completion(text="".join(self._parts), model=last.model or self._model,
+                          input_tokens=last.input_tokens, output_tokens=last.output_tokens)
 
     def close(self) -> None:
         """Release the provider's connection now, not when the garbage collector gets to it."""
@@ -276,41 +277,130 @@ class TextStream:
             close()
 
 
-def _text_of(answer: dict) -> str:
-    candidates = answer.get("candidates") or []
-    parts = (candidates[0].get("content") or {}).get("parts") or [] if candidates else []
-    return "".join(part["text"] for part in parts if isinstance(part.get("text"), str))
+# --- the provider's replies -----------------------------------------------------------------------
+# Every reply and stream chunk is checked against the documented shape before anything is used:
+# an off-contract reply is a 502 `upstream_bad_answer`, never a 500 from a TypeError further on.
+# Token counts that are not non-negative integers within MAX_TOKEN_COUNT are not believed: the
+# answer itself is good (and the provider has most likely charged for it), so the client gets it
+# and it is billed from our own token estimate (token_source "estimate"), with a warning in the
+# log. Refusing it with a 502 would make the client ask again and pay twice; believing it let a
+# negative count bill -$0.50 and drive the all-time total below zero.
+
+MAX_TOKEN_COUNT = 10**8  # far above any model's context window (the largest Gemini's is 2M tokens)
+_MAX_MODEL_NAME = 128
+_MAX_REASON = 64
 
 
-def _completion_from(answer: dict, model: str, text: str | None = None) -> Completion:
-    """Check a generateContent answer (REST JSON) is usable and keep what the provider reported."""
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A generateContent reply or stream chunk, checked: its text and what the provider reported."""
+
+    text: str
+    finish_reason: str | None = None
+    block_reason: str | None = None
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+def read_reply(answer) -> Reply:
+    """Check a reply (REST JSON) against the documented shape and keep what is usable of it."""
     if not isinstance(answer, dict):
-        raise UpstreamBadAnswer("the provider's reply is not a JSON object")
-    text = _text_of(answer) if text is None else text
-    candidates = answer.get("candidates") or []
-    finish_reason = candidates[0].get("finishReason") if candidates else None
+        raise _off_contract("the reply")
+    text, finish_reason = "", None
+    candidates = answer.get("candidates")
+    if candidates is not None and not isinstance(candidates, list):
+        raise _off_contract("candidates")
+    if candidates:
+        candidate = candidates[0]
+        if not isinstance(candidate, dict):
+            raise _off_contract("candidates[0]")
+        text = _text_of(candidate)
+        finish_reason = _reason(candidate.get("finishReason"), "candidates[0].finishReason")
+    feedback = answer.get("promptFeedback")
+    if feedback is not None and not isinstance(feedback, dict):
+        raise _off_contract("promptFeedback")
+    block_reason = _reason((feedback or {}).get("blockReason"), "promptFeedback.blockReason")
+    model = answer.get("modelVersion")
+    if not (isinstance(model, str) and 0 < len(model) <= _MAX_MODEL_NAME):
+        model = None
+    input_tokens, output_tokens = _usage_of(answer.get("usageMetadata"))
+    return Reply(text, finish_reason, block_reason, model, input_tokens, output_tokens)
+
+
+def _text_of(candidate: dict) -> str:
+    content = candidate.get("content")
+    if content is None:
+        return ""
+    if not isinstance(content, dict):
+        raise _off_contract("candidates[0].content")
+    parts = content.get("parts")
+    if parts is None:
+        return ""
+    if not isinstance(parts, list):
+        raise _off_contract("candidates[0].content.parts")
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict):
+            raise _off_contract("candidates[0].content.parts[]")
+        text = part.get("text")
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise _off_contract("candidates[0].content.parts[].text")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _reason(value, field: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value and value[:_MAX_REASON]
+    raise _off_contract(field)
+
+
+def _usage_of(usage) -> tuple[int | None, int | None]:
+    """(prompt tokens, output tokens) as reported; (None, None) when absent or not believable."""
+    if usage is None:
+        return None, None
+    if not isinstance(usage, dict):
+        log.warning("the provider's usageMetadata is not an object; billing from our token estimate")
+        return None, None
+    counts = usage.get("promptTokenCount"), usage.get("candidatesTokenCount")
+    for field, value in zip(("promptTokenCount", "candidatesTokenCount"), counts, strict=True):
+        if value is not None and not (type(value) is int and 0 <= value <= MAX_TOKEN_COUNT):
+            log.warning("the provider reported an unusable %s (%s); billing from our token estimate",
+                        field, type(value).__name__)
+            return None, None
+    return counts
+
+
+def _off_contract(field: str) -> UpstreamBadAnswer:
+    return UpstreamBadAnswer("the provider's reply is not in the documented shape", details={"field": field})
+
+
+def _completion_from(reply: Reply, model: str, text: str | None = None) -> Completion:
+    """A usable answer from a checked reply: blocked and empty answers are errors."""
+    text = reply.text if text is None else text
     if not text.strip():
-        block_reason = (answer.get("promptFeedback") or {}).get("blockReason")
-        if block_reason or finish_reason in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII"):
+        if reply.block_reason or reply.finish_reason in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII"):
             raise ContentBlocked("the provider's safety filter blocked this request",
-                                 details={"reason": block_reason or finish_reason})
-        raise UpstreamBadAnswer("the model returned an empty answer", details={"finish_reason": finish_reason})
-    usage = answer.get("usageMetadata") or {}
-    return Completion(
-        text=text,
-        model=answer.get("modelVersion") or model,
-        input_tokens=usage.get("promptTokenCount"),
-        output_tokens=usage.get("candidatesTokenCount"),
-    )
+                                 details={"reason": reply.block_reason or reply.finish_reason})
+        raise UpstreamBadAnswer("the model returned an empty answer", details={"finish_reason": reply.finish_reason})
+    return Completion(text=text, model=reply.model or model,
+                      input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
 
 
 def translate_provider_error(exc: BaseException) -> GatewayError:
-    """Map any exception from the SDK or its transport onto the gateway's errors."""
+    """Map any exception from the SDK or its transport onto the gateway's errors.
+
+    Messages and details are the gateway's own words: never a library's exception text or class
+    name (the provider's reply could echo anything, even our key). The full exception chain goes
+    to api_errors.log with the request that saw it (`routes.error_payload`)."""
     if isinstance(exc, GatewayError):
         return exc
     api_error = _api_error_of(exc)
     status = getattr(api_error, "code", None)
-    provider = {"provider_status": status} if status else {}
+    provider = {"provider_status": status} if isinstance(status, int) else {}
     if status == 429 or _RATE_LIMIT_WORDS.search(str(exc)):
         return UpstreamRateLimited(
             "the provider is rate-limiting the gateway; try again later",
@@ -327,11 +417,11 @@ def translate_provider_error(exc: BaseException) -> GatewayError:
     if isinstance(status, int):
         return UpstreamRejected(f"the provider rejected the call with HTTP {status}", details=provider)
     if isinstance(exc, _CONNECTION_ERRORS):
-        return UpstreamUnavailable("the connection to the provider failed", details={"error": type(exc).__name__})
-    if isinstance(exc, json.JSONDecodeError):
-        return UpstreamBadAnswer("the provider's reply could not be read", details={"error": type(exc).__name__})
-    log.error("unexpected provider failure: %s", type(exc).__name__, exc_info=exc)
-    return UpstreamError("the provider call failed unexpectedly", details={"error": type(exc).__name__})
+        return UpstreamUnavailable("the connection to the provider failed")
+    if isinstance(exc, (json.JSONDecodeError, genai_errors.UnknownApiResponseError)):
+        return UpstreamBadAnswer("the provider's reply could not be read")
+    log.error("unexpected provider failure: %s", type(exc).__name__)
+    return UpstreamError("the provider call failed unexpectedly")
 
 
 def _api_error_of(exc: BaseException) -> genai_errors.APIError | None:
