@@ -111,7 +111,8 @@ class TaskService:
 
     def stream_outcome(self, completion: Completion, prompt: str, upstream_ms: float) -> TaskOutcome:
         """Price a stream's answer like any other upstream answer: the whole `completion` of a finished
-        stream, or what `received()` holds of one the client left (its prompt was billed all the same)."""
+        stream, or what `received()` holds of one that failed mid-way or that the client left (its
+        prompt and the chunks sent were billed all the same)."""
         answer = self._priced_answer(completion, lambda: task_prompts.text_prompt(prompt))
         return self._outcome(answer, "miss", upstream_ms, 0.0)
 
