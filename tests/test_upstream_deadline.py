@@ -76,3 +76,17 @@ def test_a_slow_answer_within_the_deadline_is_unaffected(make_app, serve, emulat
     assert response.status_code == 200 and response.json()["generated_text"]
     delivery = emulator.wait_delivery()
     assert delivery.sent == delivery.total and not delivery.client_closed
+
+
+def test_the_environments_proxy_is_kept(monkeypatch):
+    """httpx takes proxies from the environment only for a transport it builds itself: ours looks them up."""
+    import upstream_deadline
+
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "example.com")
+    assert upstream_deadline.environment_proxy("https://generativelanguage.googleapis.com/") == (
+        "http://proxy.internal:3128")
+    assert upstream_deadline.environment_proxy("https://api.example.com/") is None
+    transport = upstream_deadline.build_transport(base_url="https://generativelanguage.googleapis.com/",
+                                                  max_connections=4, verify=True)
+    assert type(transport.inner._pool).__name__ == "HTTPProxy"
