@@ -301,7 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             delivery.client_closed = True
         finally:
-            self.close_connection = True
+            self.close_connection = delivery.sent < delivery.total  # a finished drip keeps the connection
             emu._delivered(delivery)
 
     def _send(self, data: bytes) -> int:
