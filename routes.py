@@ -145,7 +145,7 @@ def _stream_events(gateway: Gateway, stream, prompt: str, open_ms: float):
         except Exception as exc:  # noqa: BLE001 - the 200 already went out: the failure becomes the last event
             body, status, _ = error_payload(exc)
             final = ("error", body)
-            outcome = gateway.service.stream_outcome(stream.received(), prompt, open_ms)
+            outcome = gateway.service.failed_stream_outcome(stream, exc, prompt, open_ms)
         accounted = True  # before recording: a failure inside it must not add a second, 499 record
         overall = _account_stream(gateway, status, outcome)
         if status == 200:

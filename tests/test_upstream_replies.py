@@ -81,6 +81,18 @@ def test_a_stream_failing_mid_way_is_billed_for_the_usage_received(live, emulato
     assert record.total_cost == prices.cost("gemini-2.0-flash", record.input_tokens, record.output_tokens).total > 0
 
 
+@pytest.mark.parametrize("fault, params, status", [
+    ("safety_block", {}, 400),  # refused like a plain call: billed $0 as a plain call is
+    ("raw", {"events": [{"candidates": "hello", "usageMetadata": {"promptTokenCount": 9}}]}, 502),  # nothing usable
+])
+def test_a_stream_that_fails_before_anything_usable_costs_nothing(app, emulator, fault, params, status):
+    emulator.inject(fault, **params)
+    name, error = events_of(ask(app, STREAM).text)[-1]
+    assert name == "error"
+    record = only_record(app)
+    assert (record.status, record.total_cost, record.input_tokens) == (status, 0, 0)
+
+
 # --- off-contract replies are 502 upstream_bad_answer ------------------------------------------------
 
 OFF_CONTRACT = {
