@@ -19,6 +19,19 @@ Replies are deterministic and fit each task when prompts use the markers below:
 
 Faults: ``inject()`` queues one-shot faults, ``set_steady_fault()`` fails every call
 until ``clear_faults()``; ``/_emulator/*`` endpoints do the same for other processes.
+Besides HTTP errors, hangs, drops and bad bodies, an upstream that misbehaves while it answers:
+
+* ``drip``: the normal reply one byte every ``interval`` s (default 0.5); ``headers=True``
+  drips the status line and headers too; a stream sends its first ``after`` chunks at once.
+* ``cut``, ``bad_chunk``, ``error_chunk``, ``stall``: a stream sends ``after`` good chunks
+  (default 1), then closes mid-stream, sends a chunk that is not JSON, sends an error object,
+  or waits ``seconds`` (default 60) and closes. A plain call gets half its body then the close
+  (cut) or the wait (stall); bad_chunk is then a malformed body, error_chunk a 200 error object.
+* ``raw``: serve ``body`` (any JSON) as a 200 reply, or ``events`` as a stream's chunks:
+  off-contract replies, lying usage.
+
+Dripped and stalled replies are recorded in ``deliveries`` (bytes sent of the total, and
+whether the client closed the connection first); ``wait_delivery()`` returns the next finished one.
 Standalone: ``python gemini_emulator.py --port 8090``.
 """
 
@@ -26,11 +39,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import keyword
 import math
+import queue
 import re
+import selectors
 import socket
 import socketserver
 import sys
@@ -55,7 +71,9 @@ _ERROR_FAULTS = {  # fault -> (HTTP code, Google status, message)
     "bad_request": (400, "INVALID_ARGUMENT", "Request contains an invalid argument."),
     "permission_denied": (403, "PERMISSION_DENIED", "The caller does not have permission."),
 }
-FAULTS = frozenset(_ERROR_FAULTS) | {"safety_block", "slow", "hang", "malformed", "drop", "empty", "no_usage"}
+_REPLY_FAULTS = frozenset({"drip", "cut", "bad_chunk", "error_chunk", "stall"})  # misbehave while answering
+FAULTS = frozenset(_ERROR_FAULTS) | _REPLY_FAULTS | {
+    "safety_block", "slow", "hang", "malformed", "drop", "empty", "no_usage", "raw"}
 
 _MODEL_PATH = re.compile(
     r"/v1(?:beta|alpha)?/(?P<model>(?:models|tunedModels)/[^/:]+)"
@@ -277,10 +295,51 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         for event in events:
-            data = b"data: " + json.dumps(event).encode("utf-8") + b"\r\n\r\n"
-            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(_chunk(_sse_event(event)))
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
+
+    def _send_slowly(self, head: bytes, frames: list[bytes], *, fast: int, fault: str, params: dict) -> None:
+        """Send `head` and the first `fast` frames at once, then the rest as the fault says
+        (drip: one byte per `interval`; stall: wait `seconds`, then close), noting how far it got."""
+        emu, rest = self.server.emulator, b"".join(frames[fast:])
+        delivery = Delivery(fault, total=len(head) + sum(map(len, frames)))
+        try:
+            if fault == "drip" and params.get("headers"):
+                rest, head = head + b"".join(frames[:fast]) + rest, b""
+            else:
+                head += b"".join(frames[:fast])
+            delivery.sent = self._send(head)
+            if fault == "stall":
+                delivery.client_closed = self._wait_for_close(float(params.get("seconds", 60)))
+                self._drop()
+                return
+            interval = float(params.get("interval", 0.5))
+            for index in range(len(rest)):
+                if (index or head) and self._wait_for_close(interval):
+                    delivery.client_closed = True
+                    return
+                delivery.sent += self._send(rest[index:index + 1])
+        except OSError:
+            delivery.client_closed = True
+        finally:
+            self.close_connection = delivery.sent < delivery.total  # a finished drip keeps the connection
+            emu._delivered(delivery)
+
+    def _send(self, data: bytes) -> int:
+        self.connection.sendall(data)
+        return len(data)
+
+    def _wait_for_close(self, seconds: float) -> bool:
+        """Wait up to `seconds`; True as soon as the client closes the connection (or the emulator stops)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.connection, selectors.EVENT_READ)
+            if not selector.select(seconds):
+                return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _drop(self) -> None:
         """Close the socket without sending a single response byte."""
@@ -352,7 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = "\n".join(system + _texts(contents))
         meta = {"modelVersion": model, "responseId": f"emu-{number:06d}"}
         fault, params = emu._next_fault()
-        if fault and fault not in ("slow", "empty", "no_usage"):
+        if fault and fault not in _REPLY_FAULTS | {"slow", "empty", "no_usage"}:
             return self._fail(fault, params, stream, _tokens(prompt), meta)
         delay = emu.reply_delay + (float(params.get("seconds", 1)) if fault == "slow" else 0)
         if delay > 0 and emu._stopping.wait(delay):
@@ -362,7 +421,46 @@ class _Handler(BaseHTTPRequestHandler):
         user_turns = [c for c in contents if not isinstance(c, dict) or c.get("role") != "model"]
         text = "" if fault == "empty" else reply_for_prompt(
             prompt, "\n".join(_texts(user_turns[-1:])))
-        self._reply(text, stream, _tokens(prompt), meta, with_usage=fault != "no_usage")
+        events = _reply_events(text, stream, _tokens(prompt), meta, with_usage=fault != "no_usage")
+        if fault in _REPLY_FAULTS:
+            return self._misbehave(fault, params, stream, events)
+        self._send_sse(events) if stream else self._send_json(200, events[0])
+
+    def _misbehave(self, fault: str, params: dict, stream: bool, events: list[dict]) -> None:
+        """Start a good reply, then go wrong part-way (see the module docstring)."""
+        after = int(params.get("after", 1))
+        if stream:
+            head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n")
+            frames = [_chunk(_sse_event(event)) for event in events]
+            if fault in ("drip", "stall"):
+                return self._send_slowly(head, [*frames, b"0\r\n\r\n"], fast=after if fault == "drip" else
+                                         min(after, len(frames)), fault=fault, params=params)
+            sent = [*frames[:after]]
+            if fault == "bad_chunk":
+                sent.append(_chunk(b'data: {"candidates": [{"content": <html>Bad Gateway\r\n\r\n'))
+            elif fault == "error_chunk":
+                error = {"error": {"code": 500, "message": "An internal error has occurred.", "status": "INTERNAL"}}
+                sent.append(_chunk(_sse_event(error)))
+            if fault != "cut":
+                sent.append(b"0\r\n\r\n")
+            self._send(head + b"".join(sent))
+            if fault == "cut":
+                self._drop()
+            return
+        if fault == "bad_chunk":
+            return self._send_json(200, b'{"candidates": [{"content": <html>Bad Gateway')
+        if fault == "error_chunk":
+            return self._send_json(200, {"error": {"code": 500, "message": "An internal error has occurred.",
+                                                   "status": "INTERNAL"}})
+        body = json.dumps(events[0]).encode("utf-8")
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=UTF-8\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        if fault == "cut":
+            self._send(head + body[:len(body) // 2])
+            return self._drop()
+        half = [body[:len(body) // 2], body[len(body) // 2:]]
+        self._send_slowly(head, half, fast=1 if fault == "stall" else 0, fault=fault, params=params)
 
     def _fail(self, fault: str, params: dict, stream: bool, prompt_tokens: int,
               meta: dict) -> None:
@@ -381,26 +479,39 @@ class _Handler(BaseHTTPRequestHandler):
             return self._drop()
         if fault == "malformed":
             return self._send_json(200, b'{"candidates": [{"content": <html>Bad Gateway')
+        if fault == "raw":
+            events = params["events"] if "events" in params else [params.get("body")]
+            return self._send_sse(events) if stream else self._send_json(200, events[0])
         usage = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
         blocked = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage, **meta}
         return self._send_sse([blocked]) if stream else self._send_json(200, blocked)
 
-    def _reply(self, text: str, stream: bool, prompt_tokens: int, meta: dict, with_usage: bool = True) -> None:
-        """A normal reply: one JSON body, or several SSE chunks with cumulative usage (unless `with_usage`
-        is off: the "no_usage" fault, a reply that reports no token counts)."""
-        pieces = _split(text) if stream else [text]
-        events, so_far = [], ""
-        for number, piece in enumerate(pieces, 1):
-            so_far += piece
-            candidate: dict[str, Any] = {
-                "content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}
-            if number == len(pieces):
-                candidate["finishReason"] = "STOP"
-            reply_tokens = _tokens(so_far)  # cumulative, as Gemini reports while streaming
-            usage = {"usageMetadata": {"promptTokenCount": prompt_tokens, "candidatesTokenCount": reply_tokens,
-                                       "totalTokenCount": prompt_tokens + reply_tokens}} if with_usage else {}
-            events.append({"candidates": [candidate], **usage, **meta})
-        self._send_sse(events) if stream else self._send_json(200, events[0])
+
+def _reply_events(text: str, stream: bool, prompt_tokens: int, meta: dict, with_usage: bool = True) -> list[dict]:
+    """A normal reply: one JSON body, or several SSE chunks with cumulative usage (unless `with_usage`
+    is off: the "no_usage" fault, a reply that reports no token counts)."""
+    pieces = _split(text) if stream else [text]
+    events, so_far = [], ""
+    for number, piece in enumerate(pieces, 1):
+        so_far += piece
+        candidate: dict[str, Any] = {
+            "content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}
+        if number == len(pieces):
+            candidate["finishReason"] = "STOP"
+        reply_tokens = _tokens(so_far)  # cumulative, as Gemini reports while streaming
+        usage = {"usageMetadata": {"promptTokenCount": prompt_tokens, "candidatesTokenCount": reply_tokens,
+                                   "totalTokenCount": prompt_tokens + reply_tokens}} if with_usage else {}
+        events.append({"candidates": [candidate], **usage, **meta})
+    return events
+
+
+def _sse_event(event: Any) -> bytes:
+    return b"data: " + json.dumps(event).encode("utf-8") + b"\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk of a chunked body."""
+    return b"%X\r\n%s\r\n" % (len(data), data)
 
 
 def _split(text: str, pieces: int = 4) -> list[str]:
@@ -413,6 +524,16 @@ def _split(text: str, pieces: int = 4) -> list[str]:
 
 
 # --------------------------------------------------------------------------- public API
+@dataclasses.dataclass
+class Delivery:
+    """How far a dripped or stalled reply got: bytes `sent` of `total`, and whether the client hung up."""
+
+    fault: str
+    total: int
+    sent: int = 0
+    client_closed: bool = False
+
+
 class GeminiEmulator:
     """Loopback Gemini API server with deterministic replies and injectable faults.
 
@@ -433,6 +554,7 @@ class GeminiEmulator:
         self._faults: deque[tuple[str, dict]] = deque()
         self._steady: tuple[str, dict] | None = None
         self._stopping = threading.Event()
+        self.deliveries: queue.Queue[Delivery] = queue.Queue()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -514,6 +636,7 @@ class GeminiEmulator:
             self._faults.clear()
             self._steady = None
             self.reply_delay = self._initial_delay
+            self.deliveries = queue.Queue()
 
     def stats(self) -> dict[str, Any]:
         """Counters for the /_emulator/stats endpoint (no keys, no bodies)."""
@@ -521,6 +644,13 @@ class GeminiEmulator:
             return {"request_count": self._count, "queued_faults": len(self._faults),
                     "steady_fault": self._steady[0] if self._steady else None,
                     "reply_delay": self.reply_delay}
+
+    def wait_delivery(self, timeout: float = 10.0) -> Delivery:
+        """The next dripped or stalled reply to finish (the client hung up, or it was all sent)."""
+        return self.deliveries.get(timeout=timeout)
+
+    def _delivered(self, delivery: Delivery) -> None:
+        self.deliveries.put(delivery)
 
     def _record(self, entry: dict[str, Any], key: str | None) -> int:
         with self._lock:

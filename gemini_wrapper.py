@@ -11,8 +11,13 @@ Why it looks the way it does:
   nor LangChain (whose default of 6 attempts, stacked under ours, would turn one request into
   up to 30 HTTP calls) retries. Retrying is `retry_policy.RetryPolicy`'s job, with a deadline
   over the whole call.
+- The timeout each call gets is a deadline over the whole HTTP exchange, body and stream
+  included: the shards' httpx clients send through `upstream_deadline.DeadlineTransport`.
+- Every reply and stream chunk is checked before use (`gemini_replies`): off-contract shapes
+  are a 502, unbelievable token counts are replaced by our estimate.
 - Every SDK or transport exception is translated into the gateway's own types in
-  `translate_provider_error`, the one place that knows what the provider's errors look like.
+  `translate_provider_error`, the one place that knows what the provider's errors look like;
+  what a client is told is in our words, never a library's.
 
 The module-level `generate_text`, `generate_code` and `classify_text` are the functions the
 user's design names; they use a client built lazily from the environment on first use.
@@ -33,11 +38,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import certifi
-import httpx
 from google.genai import errors as genai_errors
 from langchain_google_genai import ChatGoogleGenerativeAI
 
 import task_prompts
+import upstream_deadline
 from config import Config
 from errors import (
     ContentBlocked,
@@ -49,10 +54,12 @@ from errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gemini_replies import Reply, read_reply
 from retry_policy import RetryPolicy
 
 log = logging.getLogger("gateway.gemini")
 
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"  # the SDK's, when none is configured
 TASK_TEMPERATURES = {"text": 0.7, "code": 0.2, "classify": 0.0}
 _RATE_LIMIT_WORDS = re.compile(r"rate.?limit|quota exceeded|resource.?exhausted|too many requests", re.I)
 
@@ -105,15 +112,23 @@ class GeminiClient:
         # connections under it: with 200 calls in flight, threads spent most of their time waiting
         # there (py-spy). `pool_shards` clients each own a slice of `max_connections`, and each
         # server thread keeps to one of them. They share one TLS context.
+        # Each shard's httpx client sends through an `upstream_deadline.DeadlineTransport`, so the
+        # timeout we give a call is a deadline over the whole exchange, body and stream included.
         per_shard = max(1, math.ceil(max_connections / pool_shards))
-        client_args = {"limits": httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
-                       "verify": _tls_context()}
-        options = {"model": model, "google_api_key": api_key, "client_args": client_args}
+        tls = _tls_context()
+        options = {"model": model, "google_api_key": api_key}
         if base_url:
             options["base_url"] = base_url
         # LangChain builds and configures the SDK clients (key, base URL, headers); calls go through
         # their transports with our own generation configs and timeouts (see `_call_once`).
-        self.chat_models = [chat_model_factory(**options) for _ in range(pool_shards)]
+        self.chat_models = []
+        for _ in range(pool_shards):
+            transport = upstream_deadline.build_transport(base_url=base_url or DEFAULT_BASE_URL,
+                                                          max_connections=per_shard, verify=tls)
+            chat_model = chat_model_factory(**options, client_args={"transport": transport, "verify": tls})
+            if chat_model.client._api_client._httpx_client._transport is not transport:
+                raise RuntimeError("the google-genai client ignored our HTTP transport: check the SDK pin")
+            self.chat_models.append(chat_model)
         self._transports = [chat_model.client._api_client for chat_model in self.chat_models]
         self._thread_shard = threading.local()
         self._next_shard = itertools.count()
@@ -213,7 +228,7 @@ class GeminiClient:
             answer = json.loads(response.body)
         except Exception as exc:  # noqa: BLE001 - every provider failure is translated here
             raise translate_provider_error(exc) from exc
-        return _completion_from(answer, self.model)
+        return _completion_from(read_reply(answer), self.model)
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -232,18 +247,17 @@ class TextStream:
     def __init__(self, first, rest: Iterator, model: str):
         self._first, self._rest, self._model = first, rest, model
         self._parts: list[str] = []
-        self._last: dict | None = None  # the latest chunk: Gemini reports cumulative usage in each
+        self._last: Reply | None = None  # the latest chunk: Gemini reports cumulative usage in each
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
         try:
             chunk = self._first
             while chunk is not None:
-                self._last = json.loads(chunk.body)
-                text = _text_of(self._last)
-                if text:
-                    self._parts.append(text)
-                    yield text
+                self._last = read_reply(json.loads(chunk.body))
+                if self._last.text:
+                    self._parts.append(self._last.text)
+                    yield self._last.text
                 chunk = next(self._rest, None)
         except GatewayError:
             raise
@@ -254,11 +268,13 @@ class TextStream:
         self.completion = _completion_from(self._last, self._model, text="".join(self._parts))
 
     def received(self) -> Completion:
-        """What arrived before the stream was cut short, with the usage the provider reported so far."""
-        last = self._last or {}
-        usage = last.get("usageMetadata") or {}
-        return Completion(text="".join(self._parts), model=last.get("modelVersion") or self._model,
-                          input_tokens=usage.get("promptTokenCount"), output_tokens=usage.get("candidatesTokenCount"))
+        """What arrived before the stream was cut short, with the usage the provider reported so far
+        (in the last chunk read: Gemini's counts are cumulative)."""
+        last = self._last
+        if last is None:
+            return Completion(text="", model=self._model)
+        return Completion(text="".join(self._parts), model=last.model or self._model,
+                          input_tokens=last.input_tokens, output_tokens=last.output_tokens)
 
     def close(self) -> None:
         """Release the provider's connection now, not when the garbage collector gets to it."""
@@ -267,41 +283,29 @@ class TextStream:
             close()
 
 
-def _text_of(answer: dict) -> str:
-    candidates = answer.get("candidates") or []
-    parts = (candidates[0].get("content") or {}).get("parts") or [] if candidates else []
-    return "".join(part["text"] for part in parts if isinstance(part.get("text"), str))
-
-
-def _completion_from(answer: dict, model: str, text: str | None = None) -> Completion:
-    """Check a generateContent answer (REST JSON) is usable and keep what the provider reported."""
-    if not isinstance(answer, dict):
-        raise UpstreamBadAnswer("the provider's reply is not a JSON object")
-    text = _text_of(answer) if text is None else text
-    candidates = answer.get("candidates") or []
-    finish_reason = candidates[0].get("finishReason") if candidates else None
+def _completion_from(reply: Reply, model: str, text: str | None = None) -> Completion:
+    """A usable answer from a checked reply: blocked and empty answers are errors."""
+    text = reply.text if text is None else text
     if not text.strip():
-        block_reason = (answer.get("promptFeedback") or {}).get("blockReason")
-        if block_reason or finish_reason in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII"):
+        if reply.block_reason or reply.finish_reason in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII"):
             raise ContentBlocked("the provider's safety filter blocked this request",
-                                 details={"reason": block_reason or finish_reason})
-        raise UpstreamBadAnswer("the model returned an empty answer", details={"finish_reason": finish_reason})
-    usage = answer.get("usageMetadata") or {}
-    return Completion(
-        text=text,
-        model=answer.get("modelVersion") or model,
-        input_tokens=usage.get("promptTokenCount"),
-        output_tokens=usage.get("candidatesTokenCount"),
-    )
+                                 details={"reason": reply.block_reason or reply.finish_reason})
+        raise UpstreamBadAnswer("the model returned an empty answer", details={"finish_reason": reply.finish_reason})
+    return Completion(text=text, model=reply.model or model,
+                      input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
 
 
 def translate_provider_error(exc: BaseException) -> GatewayError:
-    """Map any exception from the SDK or its transport onto the gateway's errors."""
+    """Map any exception from the SDK or its transport onto the gateway's errors.
+
+    Messages and details are the gateway's own words: never a library's exception text or class
+    name (the provider's reply could echo anything, even our key). The full exception chain goes
+    to api_errors.log with the request that saw it (`routes.error_payload`)."""
     if isinstance(exc, GatewayError):
         return exc
     api_error = _api_error_of(exc)
     status = getattr(api_error, "code", None)
-    provider = {"provider_status": status} if status else {}
+    provider = {"provider_status": status} if isinstance(status, int) else {}
     if status == 429 or _RATE_LIMIT_WORDS.search(str(exc)):
         return UpstreamRateLimited(
             "the provider is rate-limiting the gateway; try again later",
@@ -318,11 +322,11 @@ def translate_provider_error(exc: BaseException) -> GatewayError:
     if isinstance(status, int):
         return UpstreamRejected(f"the provider rejected the call with HTTP {status}", details=provider)
     if isinstance(exc, _CONNECTION_ERRORS):
-        return UpstreamUnavailable("the connection to the provider failed", details={"error": type(exc).__name__})
-    if isinstance(exc, json.JSONDecodeError):
-        return UpstreamBadAnswer("the provider's reply could not be read", details={"error": type(exc).__name__})
-    log.error("unexpected provider failure: %s", type(exc).__name__, exc_info=exc)
-    return UpstreamError("the provider call failed unexpectedly", details={"error": type(exc).__name__})
+        return UpstreamUnavailable("the connection to the provider failed")
+    if isinstance(exc, (json.JSONDecodeError, genai_errors.UnknownApiResponseError)):
+        return UpstreamBadAnswer("the provider's reply could not be read")
+    log.error("unexpected provider failure: %s", type(exc).__name__)
+    return UpstreamError("the provider call failed unexpectedly")
 
 
 def _api_error_of(exc: BaseException) -> genai_errors.APIError | None:

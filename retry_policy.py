@@ -90,9 +90,10 @@ class RetryPolicy:
             error = state.outcome.exception()
             attempts_left = state.attempt_number < self.max_attempts
             if attempts_left and not isinstance(error, (UpstreamRateLimited, UpstreamTimeout)):
+                # Our words and codes only: the last error's own text stays in the logs (its chain).
                 raise UpstreamTimeout(
                     f"{label} did not succeed within its {self.deadline:g} s deadline "
-                    f"after {state.attempt_number} attempts; last error: {error}",
+                    f"after {state.attempt_number} attempt{'s' if state.attempt_number > 1 else ''}",
                     details={"attempts": state.attempt_number, "last_error": getattr(error, "code", None)},
                 ) from error
             if isinstance(error, UpstreamRateLimited) and error.retry_after is None:

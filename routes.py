@@ -140,23 +140,24 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 def _stream_events(gateway: Gateway, stream, prompt: str, open_ms: float):
     """SSE events for one stream; the ledger record is written before the final event is sent.
 
-    A client that disconnects mid-stream closes this generator (GeneratorExit at a `yield`): the
-    request is still recorded, as status 499 and priced for what the provider sent until then,
-    and the provider's stream is closed."""
+    A stream that fails mid-way (the provider cut it, sent a bad chunk or an error, or ran past
+    the deadline) ends with an `error` event and is recorded with that status, priced for what
+    the provider sent until then. So is a client that disconnects mid-stream (GeneratorExit at a
+    `yield`), as status 499; either way the provider's stream is closed."""
     accounted = False
     try:
-        status, outcome = 200, None
         try:
             for text in stream:
                 yield _sse("chunk", {"text": text})
-            outcome = gateway.service.stream_outcome(stream.completion, prompt, open_ms)
+            status, outcome = 200, gateway.service.stream_outcome(stream.completion, prompt, open_ms)
             final = ("done", _answer_fields(gateway, outcome))
         except Exception as exc:  # noqa: BLE001 - the 200 already went out: the failure becomes the last event
             body, status, _ = error_payload(exc)
             final = ("error", body)
+            outcome = gateway.service.failed_stream_outcome(stream, exc, prompt, open_ms)
         accounted = True  # before recording: a failure inside it must not add a second, 499 record
         overall = _account_stream(gateway, status, outcome)
-        if outcome is not None:
+        if status == 200:
             final[1]["cost"]["overall"] = round(overall, 10)
         yield _sse(*final)
     except GeneratorExit:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import task_prompts
 from cost_tracker import Cost, PriceTable, TokenCounter
+from errors import ContentBlocked
 from gemini_wrapper import TASK_TEMPERATURES, Completion, GeminiClient, TextStream
 from lru_cache import ResponseCache
 
@@ -111,9 +112,20 @@ class TaskService:
 
     def stream_outcome(self, completion: Completion, prompt: str, upstream_ms: float) -> TaskOutcome:
         """Price a stream's answer like any other upstream answer: the whole `completion` of a finished
-        stream, or what `received()` holds of one the client left (its prompt was billed all the same)."""
+        stream, or what `received()` holds of one that failed mid-way or that the client left (its
+        prompt and the chunks sent were billed all the same)."""
         answer = self._priced_answer(completion, lambda: task_prompts.text_prompt(prompt))
         return self._outcome(answer, "miss", upstream_ms, 0.0)
+
+    def failed_stream_outcome(self, stream: TextStream, error: BaseException, prompt: str,
+                              upstream_ms: float) -> TaskOutcome | None:
+        """What a stream that failed after it opened is billed: what `received()` holds, the usage the
+        provider reported until then. Nothing when the provider refused the prompt (its safety filter,
+        billed $0 as for a plain call) or sent nothing usable (no text, no usage)."""
+        received = stream.received()
+        if isinstance(error, ContentBlocked) or not (received.text or received.input_tokens is not None):
+            return None
+        return self.stream_outcome(received, prompt, upstream_ms)
 
     def _outcome(self, answer: Answer, status: str, upstream_ms: float | None, lookup_ms: float) -> TaskOutcome:
         # Priced by the model we asked for: the provider may answer with a versioned name.

@@ -330,6 +330,83 @@ def test_steady_fault_until_cleared(emu, client):
     assert generate(client, "hi").text
 
 
+def test_drip_sends_the_whole_reply_one_byte_at_a_time(emu, client):
+    emu.inject("drip", interval=0.001, headers=True)
+    assert generate(client, "hi").text.startswith("Demo reply to: hi")
+    delivery = emu.wait_delivery()
+    assert delivery.fault == "drip" and delivery.sent == delivery.total > 100 and not delivery.client_closed
+
+
+@pytest.mark.parametrize("headers", [False, True])
+def test_drip_stops_when_the_client_hangs_up(emu, headers):
+    emu.inject("drip", interval=0.02, headers=headers)
+    with socket_to(emu) as sock:
+        sock.sendall(raw_request(GENERATE_PATH, HELLO))
+        first = sock.recv(1024)
+    assert first.startswith(b"HTTP/1.1 200") if not headers else first == b"H"
+    delivery = emu.wait_delivery()
+    assert delivery.client_closed and delivery.sent < delivery.total
+
+
+@pytest.mark.parametrize("fault, error", [
+    ("cut", httpx.RemoteProtocolError),
+    ("bad_chunk", errors.UnknownApiResponseError),
+    ("error_chunk", errors.ServerError),
+    ("stall", httpx.ReadTimeout),
+])
+def test_stream_faults_come_after_good_chunks(emu, fault, error):
+    emu.inject(fault, after=2, seconds=5)
+    client = make_client(emu, timeout_ms=300)  # kept: a collected client closes its connections
+    stream = client.models.generate_content_stream(model=MODEL, contents="one two three four five six seven eight")
+    texts = []
+    with pytest.raises(error):
+        for chunk in stream:
+            texts.append(chunk.text)
+    assert len(texts) == 2 and all(texts)
+    if fault == "stall":
+        delivery = emu.wait_delivery()
+        assert delivery.client_closed and delivery.sent < delivery.total
+
+
+@pytest.mark.parametrize("fault, error", [
+    ("cut", httpx.RemoteProtocolError),
+    ("bad_chunk", json.JSONDecodeError),
+    ("stall", httpx.ReadTimeout),
+])
+def test_mid_reply_faults_of_a_plain_call(emu, fault, error):
+    emu.inject(fault, seconds=5)
+    with pytest.raises(error):
+        generate(make_client(emu, timeout_ms=300), "hi")
+
+
+def test_error_chunk_of_a_plain_call_is_a_200_error_object(emu):
+    emu.inject("error_chunk")
+    status, body = raw(emu, "POST", GENERATE_PATH, HELLO, {"x-goog-api-key": "k"})
+    assert status == 200 and body["error"]["code"] == 500
+
+
+def test_raw_serves_the_given_body_or_events(emu, client):
+    emu.inject("raw", body={"candidates": ["not", "a", "candidate"]})
+    assert raw(emu, "POST", GENERATE_PATH, HELLO, {"x-goog-api-key": "k"}) == (
+        200, {"candidates": ["not", "a", "candidate"]})
+    events = [{"candidates": [{"content": {"parts": [{"text": f"part {n} "}]}}]} for n in range(3)]
+    emu.inject("raw", events=events)
+    chunks = list(client.models.generate_content_stream(model=MODEL, contents="hi"))
+    assert "".join(chunk.text for chunk in chunks) == "part 0 part 1 part 2 "
+
+
+def socket_to(emu):
+    import socket
+
+    return socket.create_connection((emu.host, emu.port), timeout=5)
+
+
+def raw_request(path: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nx-goog-api-key: k\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
 def test_unknown_fault_is_rejected(emu):
     with pytest.raises(ValueError, match="unknown fault"):
         emu.inject("meteor")

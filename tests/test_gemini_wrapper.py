@@ -195,3 +195,33 @@ def test_module_level_functions_use_the_environment(monkeypatch, emulator):
     finally:
         gemini_wrapper.default_client.cache_clear()
     assert emulator.request_count == 3
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("boom: key=test-key-not-a-secret"),
+    ValueError("Failed to parse response as JSON. Raw response: <html>"),
+    KeyError("candidates"),
+])
+def test_unexpected_failures_are_reported_in_our_own_words(exc):
+    error = gemini_wrapper.translate_provider_error(exc)
+    told = f"{error.message} {error.details}"
+    assert error.code == "upstream_error" and type(exc).__name__ not in told
+    assert "key" not in told.lower() and "<html>" not in told
+
+
+def test_the_shards_send_through_the_deadline_transport(make_client):
+    from upstream_deadline import DeadlineTransport
+
+    client = make_client()
+    assert all(isinstance(api._httpx_client._transport, DeadlineTransport) for api in client._transports)
+    assert len({id(api._httpx_client._transport) for api in client._transports}) == len(client._transports)
+
+
+def test_a_drip_ends_in_504_at_the_deadline_of_the_policy(make_config, emulator):
+    emulator.inject("drip", interval=0.05)
+    client = GeminiClient.from_config(make_config(gemini_deadline_seconds=0.5))
+    with pytest.raises(UpstreamTimeout):
+        client.generate_text("hello")
+    delivery = emulator.wait_delivery()
+    assert delivery.client_closed and delivery.sent < delivery.total
+    assert emulator.request_count == 1

@@ -111,7 +111,7 @@ def test_an_upstream_echoing_the_key_never_puts_it_on_stderr(tmp_path, upstream)
             _, err = process.communicate()
     assert "forced failure for" in err and "Traceback" in err and "ConnectionError: upstream said" in err
     assert KEY not in err
-    assert err.count(REDACTED) >= 3  # the forced record's message, its argument and its traceback
+    assert err.count(REDACTED) >= 2  # the forced record's argument and its traceback's exception text
     logs = "".join(path.read_text(encoding="utf-8") for path in (tmp_path / "logs").iterdir())
     assert KEY not in logs
 
