@@ -29,7 +29,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import routes
 from api_schema import InvalidBody, bounded_int, register_models
 from config import Config, ConfigError
-from enhanced_logging import redact_log_handlers
+from enhanced_logging import log_uncaught_exceptions, redact_log_handlers
 from errors import GatewayError, RequestBlocked
 from gateway import Gateway, build_gateway
 from task_service import TaskOutcome
@@ -281,6 +281,7 @@ def _app_or_exit() -> Flask:
     from dotenv import load_dotenv
 
     load_dotenv()
+    log_uncaught_exceptions()  # entry points only: tests keep pytest's own hooks
     try:
         return create_app(Config.load())
     except ConfigError as exc:

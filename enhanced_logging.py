@@ -254,6 +254,28 @@ def redact_log_handlers(secrets: Iterable[str]) -> int:
     return covered
 
 
+def log_uncaught_exceptions() -> None:
+    """Send exceptions nothing caught (main thread and other threads) through logging, so they reach
+    stderr through the redacting handlers above instead of Python's raw traceback printer."""
+    uncaught = logging.getLogger("gateway.uncaught")
+
+    def main_thread_hook(kind, exc, tb) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, exc, tb)
+            return
+        uncaught.critical("uncaught exception", exc_info=(kind, exc, tb))
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        uncaught.error("uncaught exception in thread %s", name,
+                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = main_thread_hook
+    threading.excepthook = thread_hook
+
+
 class RequestLogger:
     """Writes the gateway's JSON-lines logs from a background thread; safe to call from any thread."""
 

@@ -152,3 +152,27 @@ def test_redact_log_handlers_wraps_once_and_learns_new_secrets(captured):
     assert not isinstance(handler.formatter.inner, RedactingFormatter)
     logging.getLogger("tests.redaction").error("first-secret-value then second-secret-value")
     assert captured.getvalue().strip().endswith(f"{REDACTED} then {REDACTED}")
+
+
+UNCAUGHT = """
+import os, threading
+import app
+application = app.app
+key = os.environ["GOOGLE_API_KEY"]
+worker = threading.Thread(target=lambda: (_ for _ in ()).throw(ValueError("thread saw " + key)), name="leaky")
+worker.start()
+worker.join()
+raise RuntimeError("main thread saw " + key)
+"""
+
+
+def test_uncaught_exceptions_reach_stderr_redacted(tmp_path):
+    """A traceback nothing caught (a thread's or the main one's) goes through the same redaction."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GEMINI_", "LOG_"))}
+    env.update(GOOGLE_API_KEY=KEY, APP_ENV="development", PYTHONPATH=str(ROOT), LOG_DIR=str(tmp_path / "logs"),
+               COST_LEDGER_PATH=str(tmp_path / "ledger.sqlite3"), GEMINI_BASE_URL="http://127.0.0.1:9")
+    finished = subprocess.run([sys.executable, "-c", UNCAUGHT], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert finished.returncode != 0
+    assert "ValueError: thread saw" in finished.stderr and "RuntimeError: main thread saw" in finished.stderr
+    assert KEY not in finished.stderr
