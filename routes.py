@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 import uuid
 
@@ -40,7 +41,7 @@ def health_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
     class Health(Resource):
         @ns.response(200, "Service is up", schemas.health)
         def get(self):
-            """Report status, version, environment, provider, mode and uptime."""
+            """Report status, version, environment, provider, mode, uptime and the serving process id."""
             return {
                 "status": "ok",
                 "version": __version__,
@@ -49,6 +50,7 @@ def health_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
                 "model": gateway.client.model,
                 "mode": gateway.upstream.mode,
                 "uptime_seconds": round(time.monotonic() - gateway.started_at, 3),
+                "pid": os.getpid(),
             }
 
     return ns
