@@ -30,16 +30,28 @@ linux_only = pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="coun
 several_workers = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="several workers need SO_REUSEPORT")
 
 
-def launch(tmp_path: Path, *args: str, preexec_fn=None, **settings) -> tuple[subprocess.Popen, int]:
-    """Start serve.py on a free port in demo mode; returns the supervisor and the port."""
-    port = free_port()
-    env = environment(RATELIMIT_ENABLED="false", LOG_CONSOLE="false", LOG_DIR=str(tmp_path / "logs"),
-                      COST_LEDGER_PATH=str(tmp_path / "ledger.sqlite3"), GEMINI_POOL_SHARDS="2", **settings)
-    process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
-                                *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, preexec_fn=preexec_fn)
-    wait_for_health(port, process)
-    return process, port
+@pytest.fixture
+def launch(tmp_path):
+    """launch(*args, **settings) starts serve.py on a free port in demo mode -> (supervisor, port).
+
+    Whatever a test leaves running is stopped afterwards, workers included."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, preexec_fn=None, **settings) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        env = environment(RATELIMIT_ENABLED="false", LOG_CONSOLE="false", LOG_DIR=str(tmp_path / "logs"),
+                          COST_LEDGER_PATH=str(tmp_path / "ledger.sqlite3"), GEMINI_POOL_SHARDS="2", **settings)
+        process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
+                                    *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, preexec_fn=preexec_fn)
+        started.append(process)
+        wait_for_health(port, process)
+        return process, port
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            stop(process)
 
 
 def health_pid(port: int) -> int:
@@ -110,8 +122,8 @@ def task_lines(log_file: Path) -> int:
 # --- several workers ----------------------------------------------------------------------------
 
 @several_workers
-def test_two_workers_share_one_port_and_one_ledger(tmp_path):
-    server, port = launch(tmp_path, "--workers", "2", "--threads", "8")
+def test_two_workers_share_one_port_and_one_ledger(tmp_path, launch):
+    server, port = launch("--workers", "2", "--threads", "8")
     try:
         worker_pids(port, 2)  # both workers serve before the burst starts
         spent, overall = 0.0, []
@@ -185,10 +197,10 @@ def _highest_descriptor(pid: int) -> int:
 
 @posix_only
 @linux_only
-def test_a_worker_keeps_serving_with_descriptors_past_1023(tmp_path):
+def test_a_worker_keeps_serving_with_descriptors_past_1023(tmp_path, launch):
     """Item 2: select() raised ValueError on a descriptor past 1023 and the worker died."""
     _raise_own_descriptor_limit(4096)
-    server, port = launch(tmp_path, "--threads", "16")
+    server, port = launch("--threads", "16")
     idle: list[socket.socket] = []
     try:
         probe = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -212,13 +224,13 @@ def test_a_worker_keeps_serving_with_descriptors_past_1023(tmp_path):
 
 @posix_only
 @linux_only
-def test_more_connections_than_descriptors_leave_room_for_the_upstream_and_the_server_survives(tmp_path):
+def test_more_connections_than_descriptors_leave_room_for_the_upstream_and_the_server_survives(tmp_path, launch):
     """Connections are capped below the descriptor limit: a flood cannot take the descriptors a task needs."""
     import resource
 
     limit, reserve = 400, 32
     lower = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # noqa: E731
-    server, port = launch(tmp_path, "--threads", "8", preexec_fn=lower, GEMINI_MAX_CONNECTIONS=str(reserve),
+    server, port = launch("--threads", "8", preexec_fn=lower, GEMINI_MAX_CONNECTIONS=str(reserve),
                           RETRY_MAX_ATTEMPTS="1")
     idle: list[socket.socket] = []
     try:
@@ -254,9 +266,9 @@ def _read_response(sock: socket.socket) -> tuple[int, http.client.HTTPMessage, b
     return response.status, response.headers, response.read()
 
 
-def test_a_body_over_the_limit_is_refused_before_it_is_sent(tmp_path):
+def test_a_body_over_the_limit_is_refused_before_it_is_sent(tmp_path, launch):
     """Item 4: waitress spooled a 300 MB body to a temporary file before the app refused it."""
-    server, port = launch(tmp_path)
+    server, port = launch()
     try:
         sock = _raw_request(port, "POST /api/v1/generate/text HTTP/1.1\r\nHost: gateway\r\n"
                                   "Content-Type: application/json\r\nContent-Length: 300000000\r\n\r\n")
@@ -284,6 +296,11 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(tmp_path):
         assert status == 413 and json.loads(body)["code"] == "payload_too_large"
         assert sent < 64 * 2**20
 
+        sock = _raw_request(port, f"GET /api/v1/health HTTP/1.1\r\nHost: gateway\r\nX-Big: {'y' * 300_000}\r\n\r\n")
+        with sock:  # waitress's other refusals share the shape
+            status, headers, body = _read_response(sock)
+        assert status == 431 and json.loads(body)["code"] == "headers_too_large"
+
         at_limit = json.dumps({"prompt": "x"}).ljust(1048576).encode()  # REQUEST_MAX_BYTES itself still passes
         assert requests.post(f"http://127.0.0.1:{port}/api/v1/generate/text", data=at_limit,
                              headers={"Content-Type": "application/json"}, timeout=30).status_code == 200
@@ -295,8 +312,8 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(tmp_path):
 
 @posix_only
 @several_workers
-def test_killing_the_supervisor_makes_every_worker_exit(tmp_path):
-    server, port = launch(tmp_path, "--workers", "2", "--threads", "8")
+def test_killing_the_supervisor_makes_every_worker_exit(tmp_path, launch):
+    server, port = launch("--workers", "2", "--threads", "8")
     workers = worker_pids(port, 2)
     server.kill()  # SIGKILL: no chance to stop its workers itself
     server.wait(timeout=10)
@@ -311,8 +328,8 @@ def test_killing_the_supervisor_makes_every_worker_exit(tmp_path):
 
 
 @posix_only
-def test_a_dead_worker_is_replaced_with_a_growing_back_off(tmp_path):
-    server, port = launch(tmp_path, "--threads", "8")  # one worker: supervised too
+def test_a_dead_worker_is_replaced_with_a_growing_back_off(tmp_path, launch):
+    server, port = launch("--threads", "8")  # one worker: supervised too
     try:
         first = health_pid(port)
         os.kill(first, signal.SIGKILL)
@@ -337,8 +354,8 @@ def _answering_pid(port: int) -> int | None:
 
 
 @posix_only
-def test_sigterm_stops_the_workers_with_their_logs_flushed_and_exits_0(tmp_path):
-    server, port = launch(tmp_path, "--threads", "8")
+def test_sigterm_stops_the_workers_with_their_logs_flushed_and_exits_0(tmp_path, launch):
+    server, port = launch("--threads", "8")
     worker = health_pid(port)
     for i in range(5):
         assert requests.post(f"http://127.0.0.1:{port}/api/v1/generate/text", json={"prompt": f"flush {i}"},
