@@ -172,7 +172,11 @@ def serve_app(application, *, threads: int = THREADS, connections: int = CONNECT
     listen = {"sockets": [sock]} if sock is not None else {"host": config.host, "port": config.port}
     install_stop_handlers()
     try:
-        server = create_server(application, **listen, **settings)
+        try:
+            server = create_server(application, **listen, **settings)
+        except OSError as exc:
+            print(f"error: cannot start: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+            raise SystemExit(EXIT_CANNOT_START) from None
         channel = _json_error_channel()
         servers = [server] if isinstance(server, BaseWSGIServer) else server.map.values()
         for listener in servers:
@@ -222,7 +226,9 @@ def exit_with_supervisor(stdin_fd: int = 0) -> None:
         log.warning("supervisor gone: stopping this worker")
         import _thread
 
-        threading.Timer(STOP_GRACE_SECONDS, os._exit, (1,)).start()
+        backstop = threading.Timer(STOP_GRACE_SECONDS, os._exit, (1,))
+        backstop.daemon = True  # a clean stop ends the process before it fires
+        backstop.start()
         _thread.interrupt_main()  # runs the SIGINT handler in the main thread: a clean stop
 
     threading.Thread(target=watch, name="supervisor-watchdog", daemon=True).start()
