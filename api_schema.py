@@ -163,6 +163,8 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
             "model": fields.String(example="gemini-2.0-flash"),
             "mode": fields.String(description='"live" (Gemini) or "demo" (built-in emulator)', example="live"),
             "uptime_seconds": fields.Float(example=12.5),
+            "pid": fields.Integer(description="Id of the process that answered (which serve.py worker)",
+                                  example=4242),
         }),
         stats=api.model("Stats", {
             "uptime_seconds": fields.Float(example=3600.0),

@@ -5,8 +5,9 @@ request hooks (request id, security scan, timing, cost headers, the ledger recor
 summary log line per request), rate limits, CORS and the error handlers that turn every
 failure into one JSON shape. With `routes.py` it is the only code that imports Flask.
 
-Run it with `python app.py` (development server on HOST:PORT, default 0.0.0.0:8081) or
-`waitress-serve --host=0.0.0.0 --port=8081 app:app` (production). The module attribute `app`
+Run it with `python app.py` (waitress on HOST:PORT, default 0.0.0.0:8081, with the settings of
+`serve.waitress_settings`), `python serve.py` (production: supervised workers) or
+`waitress-serve --host=0.0.0.0 --port=8081 app:app`. The module attribute `app`
 is built on first access, so importing `create_app` (tests, tools) starts nothing.
 """
 
@@ -307,13 +308,10 @@ def main() -> None:
     config: Config = application.extensions["gateway"].config
     shown_host = "localhost" if config.host in ("0.0.0.0", "::") else config.host
     print(f" * Running on http://{config.host}:{config.port}")
-    print(f" * Swagger UI available at: http://{shown_host}:{config.port}/swagger/")
-    if config.is_production:
-        from waitress import serve
+    print(f" * Swagger UI available at: http://{shown_host}:{config.port}/swagger/", flush=True)
+    import serve  # waitress with the production launcher's settings, in development too
 
-        serve(application, host=config.host, port=config.port)
-    else:
-        application.run(host=config.host, port=config.port, threaded=True, use_reloader=False)
+    serve.serve_app(application)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 import uuid
 
@@ -42,7 +43,7 @@ def health_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
     class Health(Resource):
         @ns.response(200, "Service is up", schemas.health)
         def get(self):
-            """Report status, version, environment, provider, mode and uptime."""
+            """Report status, version, environment, provider, mode, uptime and the serving process id."""
             return {
                 "status": "ok",
                 "version": __version__,
@@ -51,6 +52,7 @@ def health_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
                 "model": gateway.client.model,
                 "mode": gateway.upstream.mode,
                 "uptime_seconds": round(time.monotonic() - gateway.started_at, 3),
+                "pid": os.getpid(),
             }
 
     return ns

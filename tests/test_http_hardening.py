@@ -18,6 +18,7 @@ import requests
 
 import errors
 import routes
+import serve
 from tests.conftest import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,6 +222,7 @@ def every_answer_code() -> set[str]:
     codes = {cls.code for cls in classes}
     codes |= {code for code, _ in routes._HTTP_ERRORS.values()}
     codes.add(routes.HTTP_ERROR_FALLBACK[0])
+    codes |= {code for code, _ in serve.SERVER_ERRORS.values()}  # waitress's own errors, under the launcher
     return codes
 
 

@@ -6,8 +6,10 @@ first command does on a fresh machine.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,6 +79,30 @@ def test_python_app_py_serves_demo_mode_and_the_example_passes(tmp_path):
         out, err = stop(process)
     assert f"Swagger UI available at: http://127.0.0.1:{port}/swagger/" in out
     assert "DEMO MODE" in err
+
+
+def test_python_app_py_serves_with_waitress_and_the_launchers_settings(tmp_path):
+    """Not Werkzeug's development server (a live key may be served on 0.0.0.0): waitress, hardened as serve.py."""
+    port = free_port()
+    process = serve([sys.executable, str(ROOT / "app.py")], port, tmp_path, HOST="127.0.0.1", PORT=str(port),
+                    LOG_CONSOLE="false")
+    try:
+        wait_for_health(port, process)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # refused on its headers alone
+            sock.sendall(b"POST /api/v1/generate/text HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 300000000\r\n\r\n")
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 413 and json.loads(response.read())["code"] == "payload_too_large"
+            assert response.getheader("Server") is None  # Werkzeug names itself and Python's version
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=10) as health:
+            assert health.headers["Server"] is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err  # SIGTERM stops it cleanly, logs flushed
+    assert f" * Running on http://127.0.0.1:{port}" in out
+    assert (tmp_path / "logs" / "api_requests.log").read_text().count("/api/v1/health") >= 2
 
 
 @pytest.mark.skipif(not WAITRESS.exists(), reason="waitress-serve is not installed beside this Python")
