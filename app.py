@@ -2,7 +2,8 @@
 
 `create_app(config)` wraps one `gateway.Gateway` in HTTP: the namespaces of `routes.py`, the
 request hooks (request id, security scan, timing, cost headers, the ledger record and one
-summary log line per request), rate limits, CORS and the error handlers that turn every
+summary log line per request), client authentication (`auth.py`: the key goes on `g.api_key`),
+rate limits (per key, or per client address without one), CORS and the error handlers that turn every
 failure into one JSON shape. With `routes.py` it is the only code that imports Flask.
 
 Run it with `python app.py` (waitress on HOST:PORT, default 0.0.0.0:8081, with the settings of
@@ -27,6 +28,9 @@ from flask_limiter.util import get_remote_address
 from flask_restx import Api
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import auth
+import key_cli
+import key_routes
 import routes
 from api_schema import InvalidBody, bounded_int, register_models
 from config import Config, ConfigError
@@ -48,7 +52,7 @@ EXPOSED_HEADERS = [
     REQUEST_ID_HEADER, CLIENT_REQUEST_ID_HEADER, "X-Response-Time-ms", "Retry-After",
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", *COST_HEADERS,
 ]
-ALLOWED_HEADERS = ["Content-Type", "Authorization", "X-Requested-With", "X-API-Key", REQUEST_ID_HEADER,
+ALLOWED_HEADERS = ["Content-Type", "Authorization", "X-Requested-With", "X-API-Key", "X-API-Token", REQUEST_ID_HEADER,
                    "Cache-Control"]
 
 
@@ -81,12 +85,12 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     if config.ratelimit_trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.ratelimit_trusted_proxies)
     if config.cors_origins:  # "*" only in demo mode unless set; a live key gets no origin until CORS_ORIGINS names it
-        CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
+        CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "DELETE", "OPTIONS"],
              allow_headers=ALLOWED_HEADERS, expose_headers=EXPOSED_HEADERS, max_age=600)
 
     _register_hooks(app, gateway)  # before the limiter's, so ours run after it and see its headers
     limiter = Limiter(
-        get_remote_address, app=app, storage_uri=config.ratelimit_storage_uri,
+        _limit_key, app=app, storage_uri=config.ratelimit_storage_uri,
         strategy=config.ratelimit_strategy, enabled=config.ratelimit_enabled, headers_enabled=True,
     )
     app.extensions["rate_limiter"] = limiter  # a disabled Limiter is referenced nowhere else (weakrefs)
@@ -98,13 +102,17 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     schemas = register_models(api, config.request_max_prompt_chars)
     _register_error_handlers(app, api)
     app.add_url_rule("/swagger.json", "swagger_spec", lambda: jsonify(api.__schema__))
-    task_limit = limiter.limit(config.ratelimit_task_limits)
+    task_limit = limiter.limit(lambda: _key_limit(config.ratelimit_task_limits))  # a key's own limit wins
     api.add_namespace(routes.health_namespace(gateway, schemas), path="/health")
     api.add_namespace(routes.generate_namespace(gateway, schemas, task_limit), path="/generate")
     api.add_namespace(routes.classify_namespace(gateway, schemas, task_limit), path="/classify")
     stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget
     api.add_namespace(routes.stats_namespace(gateway, schemas, stats_limit), path="/stats")
+    api.add_namespace(key_routes.keys_namespace(gateway, schemas, stats_limit), path="/keys")
+    app.cli.add_command(key_cli.keys_command)
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
+    log.info("client authentication: %s", "on (API keys required; /health and Swagger open)" if config.auth_enabled
+             else "off (AUTH_ENABLED=false, or unset outside production): requests are not authenticated")
     for warning in config.exposure_warnings():  # a live key strangers could spend: say so at every start
         log.warning(warning)
     return app
@@ -112,8 +120,20 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
 
 # --- hooks --------------------------------------------------------------------------------------
 
+def _limit_key() -> str:
+    """Rate limits count per API key when the request has one, per client address otherwise."""
+    key = g.get("api_key")
+    return f"key:{key.id}" if key is not None else get_remote_address()
+
+
+def _key_limit(default: str) -> str:
+    key = g.get("api_key")
+    return key.rate_limit if key is not None and key.rate_limit else default
+
+
 def _register_hooks(app: Flask, gateway: Gateway) -> None:
     scan = gateway.config.security_mode != "off"
+    authenticate = gateway.config.auth_enabled
 
     @app.before_request
     def start_request():
@@ -125,6 +145,10 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         # time, the length first, so a huge header costs nothing.
         if len(incoming) <= _MAX_REQUEST_ID and _VALID_REQUEST_ID.fullmatch(incoming):
             context.client_request_id = incoming
+        if authenticate and auth.needs_key(request.method, request.path):
+            context.api_key = key = auth.authenticate(gateway.keys, request.headers, time.time())
+            auth.authorize(key, request.path)
+            gateway.keys.touch(key)
         if scan:
             _scan_request(gateway)
 

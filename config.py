@@ -1,7 +1,7 @@
 """Settings for the gateway, read once from the environment (and `.env`).
 
 Every setting is an environment variable grouped by prefix (GEMINI_*, RETRY_*, RATELIMIT_*,
-CACHE_*, COST_*, CORS_*, LOG_*, REQUEST_*, SECURITY_*); `.env.example` lists each one with its default. The values are
+CACHE_*, COST_*, CORS_*, LOG_*, REQUEST_*, SECURITY_*, AUTH_*); `.env.example` lists each one with its default. The values are
 parsed and checked here, at start-up, so a typo fails loudly once instead of surfacing as a
 500 on some later request. `Config` is immutable: tests build their own with `Config.load(...)`
 overrides instead of mutating globals.
@@ -109,6 +109,10 @@ class Config:
 
     security_mode: str = _env("SECURITY_MODE", "log")
 
+    # Client API keys (api_keys.py, auth.py). Empty AUTH_ENABLED: on in production, off in development/testing.
+    auth_enabled: bool = _env("AUTH_ENABLED", "", kind="bool_or_environment")
+    auth_allow_anonymous: bool = _env("AUTH_ALLOW_ANONYMOUS", "false", kind=bool)
+
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides) -> Config:
         """Read settings from `environ` (default: os.environ), then apply keyword overrides."""
@@ -123,6 +127,8 @@ class Config:
             values[spec.name] = _parse(meta, raw)
         if overrides:
             raise ConfigError(f"unknown settings: {', '.join(sorted(overrides))}")
+        if values["auth_enabled"] is None:  # AUTH_ENABLED unset: by environment
+            values["auth_enabled"] = values["app_env"] == "production"
         if not values["cors_origins"] and not values["google_api_key"] and values["app_env"] != "production":
             values["cors_origins"] = ("*",)  # demo mode only: with a live key, no origin until CORS_ORIGINS names it
         config = cls(**values)
@@ -142,6 +148,9 @@ class Config:
                 raise ConfigError("APP_ENV=production needs GOOGLE_API_KEY (demo mode is for development only)")
             if not self.ratelimit_enabled:
                 raise ConfigError("APP_ENV=production refuses RATELIMIT_ENABLED=false")
+            if not self.auth_enabled and not self.auth_allow_anonymous:
+                raise ConfigError("APP_ENV=production refuses AUTH_ENABLED=false unless AUTH_ALLOW_ANONYMOUS=true "
+                                  "(anyone who can reach the port could spend the key)")
             if "*" in self.cors_origins:
                 raise ConfigError("APP_ENV=production refuses CORS_ORIGINS=*: name the origins of your web apps "
                                   "(any page a browser visits could otherwise spend the key)")
@@ -156,19 +165,22 @@ class Config:
         return not self.google_api_key and not self.is_production
 
     def exposure_warnings(self, host: str | None = None) -> list[str]:
-        """Start-up warnings for a live key that strangers could spend (nothing authenticates clients yet).
+        """Start-up warnings for a live key that strangers could spend (client authentication off).
 
         `host` is the address actually served (default HOST, what `python app.py` and serve.py use)."""
         if self.demo_mode:
             return []
         host = self.host if host is None else host
         warnings = []
-        if host in ALL_INTERFACES:
+        if self.is_production and not self.auth_enabled:
+            warnings.append("SECURITY WARNING: APP_ENV=production with AUTH_ENABLED=false and AUTH_ALLOW_ANONYMOUS=true: "
+                            "clients are not authenticated, and anyone who can reach the port can spend the key.")
+        elif host in ALL_INTERFACES and not self.auth_enabled:
             warnings.append(
                 f"SECURITY WARNING: a live GOOGLE_API_KEY is served on all interfaces (host {host or '(empty)'!r}, "
-                f"port {self.port}) and the gateway does not authenticate clients yet: anyone who can reach this "
-                "port can spend the key. Set HOST=127.0.0.1, or keep the port behind a firewall or an "
-                "authenticating proxy (client API keys come in a later release).")
+                f"port {self.port}) with client authentication off (AUTH_ENABLED=false): anyone who can reach this "
+                "port can spend the key. Set AUTH_ENABLED=true and give clients API keys, set HOST=127.0.0.1, or "
+                "keep the port behind a firewall or an authenticating proxy.")
         if "*" in self.cors_origins:
             warnings.append(
                 "SECURITY WARNING: CORS_ORIGINS=* with a live GOOGLE_API_KEY: any web page a visitor's browser "
@@ -195,6 +207,8 @@ def _parse(meta: Mapping, raw: str):
     name, kind = meta["env"], meta.get("kind", str)
     if kind is bool:
         return _as_bool(name, raw)
+    if kind == "bool_or_environment":
+        return None if not raw.strip() else _as_bool(name, raw)
     if kind in (int, float):
         if not raw.strip() and meta["default"] == "":
             return None  # optional number: unset

@@ -31,8 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import key_usage
 import ledger_stats
-from ledger_schema import COLUMNS, INSERT, SELECT, CostRecord, migrate, record_of
+from ledger_schema import COLUMNS, INSERT, OPTIONAL_COLUMNS, SELECT, CostRecord, migrate, record_of
 from ledger_spool import LedgerSpool
 from ledger_stats import percentiles  # noqa: F401 - part of this module's interface
 
@@ -305,7 +306,8 @@ class CostTracker:
         rows = []
         for record in records:
             try:
-                rows.append(tuple(record[column] for column in COLUMNS[:-1]) + (record.get("client_request_id"),))
+                rows.append(tuple(record.get(column) if column in OPTIONAL_COLUMNS else record[column]
+                                  for column in COLUMNS))
             except KeyError:
                 log.warning("spooled ledger record %s lacks fields; skipped", record.get("request_id"))
         db = self._replayer
@@ -349,6 +351,12 @@ class CostTracker:
             totals, by_endpoint = ledger_stats.usage_stats(reader, self._since(hours), self._rows)
             overall = self._rows.fetchall(reader.execute("SELECT total_cost FROM ledger_total"))[0][0]
         return {"window_hours": hours, **totals, "by_endpoint": by_endpoint, "overall_cost": round(overall, 10)}
+
+    def key_usage(self, key_id: str, month: str | None = None) -> dict:
+        """One key's requests, tokens, cost, cache hits and savings in a calendar month (UTC; default: this one),
+        in total and by day: SQL aggregates over the (key_id, timestamp) index, at most 31 rows fetched."""
+        with self._snapshot() as reader:
+            return key_usage.month_usage(reader, key_id, month or key_usage.month_of(self._clock()), self._rows)
 
     def export_records(self, path: Path | str, hours: float | None = None) -> int:
         """Write records to `path` as JSON (a list) or CSV, by its suffix, streaming them; returns how many."""

@@ -9,7 +9,14 @@ so no SDK type leaks past the wrapper and retry decisions are made on our own ty
     ├── InvalidRequest                400 invalid_request     (details name the field)
     │   ├── ContentBlocked            400 content_blocked     (provider's safety filter)
     │   └── RequestBlocked            400 request_blocked     (our security checks, block mode)
+    ├── Unauthorized                  401 unauthorized        (no key, or an unknown one; WWW-Authenticate: Bearer)
+    │   ├── KeyRevoked                401 key_revoked
+    │   └── KeyExpired                401 key_expired
+    ├── Forbidden                     403 forbidden           (a user key on an admin operation)
+    │   └── TaskNotAllowed            403 task_not_allowed    (the key's allowed_tasks exclude the task)
+    ├── NotFound                      404 not_found           (an unknown key id)
     ├── UnsupportedMediaType          415 unsupported_media_type
+    ├── TokenLimitExceeded            429 token_limit_exceeded (the key's tokens_per_minute; has retry_after)
     └── UpstreamError                 502 upstream_error      (provider failed; base class)
         ├── UpstreamRateLimited       429 upstream_rate_limited   retryable, has retry_after
         ├── UpstreamUnavailable       502 upstream_unavailable    retryable (5xx, dropped connection)
@@ -30,6 +37,7 @@ class GatewayError(Exception):
     status = 500
     code = "internal_error"
     retryable = False
+    headers: dict[str, str] = {}  # extra response headers (WWW-Authenticate on a 401)
 
     def __init__(self, message: str, *, details: dict | None = None, retry_after: float | None = None):
         super().__init__(message)
@@ -49,6 +57,41 @@ class ContentBlocked(InvalidRequest):
 
 class RequestBlocked(InvalidRequest):
     code = "request_blocked"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="api"'}
+
+
+class KeyRevoked(Unauthorized):
+    code = "key_revoked"
+    headers = {"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'}
+
+
+class KeyExpired(Unauthorized):
+    code = "key_expired"
+    headers = {"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'}
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
+
+
+class TaskNotAllowed(Forbidden):
+    code = "task_not_allowed"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class TokenLimitExceeded(GatewayError):
+    status = 429
+    code = "token_limit_exceeded"
 
 
 class UnsupportedMediaType(GatewayError):

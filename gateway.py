@@ -2,7 +2,7 @@
 
 `build_gateway(config)` is where the pieces meet: the upstream (live or demo), the Gemini
 client with its retry policy, the response cache, prices and token counter, the cost ledger,
-the log files, the security scanner and the process counters. `app.py` puts the HTTP layer
+the log files, the security scanner, the client API keys and the process counters. `app.py` puts the HTTP layer
 around it; nothing here imports Flask, so the whole path can be used and tested without it.
 """
 
@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import demo_mode
+from api_keys import KeyStore
 from config import Config, ConfigError
 from cost_tracker import CostRecord, CostTracker, PriceTable, TokenCounter
 from enhanced_logging import RequestLogger, SecurityScanner
@@ -36,13 +37,17 @@ class RequestInfo:
     error_code: str | None = None
     route: str = UNROUTED  # the URL rule that matched: what the counters are keyed by, never the raw path
     client_request_id: str | None = None  # the client's X-Request-ID, when it sent a valid one
+    key_id: str | None = None  # the API key the request was authenticated with (api_keys.py)
+    user_agent: str = ""  # clipped (routes.clip_user_agent)
 
 
 # Refusals of the gateway's own guards before a task runs: no provider call, nothing to bill. They are
 # counted per process (/stats `process`) and logged in api_requests.log, but write no ledger row, or one
 # client could grow the ledger (and every later /stats) at hundreds of rows a second. Every other task
 # request, a 400 included, passed the rate limiter first, so its rows grow only as fast as the limit allows.
-UNBILLED_REFUSALS = frozenset({"rate_limited", "request_blocked", "payload_too_large"})
+# Refusals by authentication (auth.py) are among them: an unauthenticated client must not grow the ledger at all.
+UNBILLED_REFUSALS = frozenset({"rate_limited", "request_blocked", "payload_too_large", "unauthorized", "key_revoked",
+                               "key_expired", "forbidden", "task_not_allowed", "token_limit_exceeded"})
 
 
 def _cost_record(request: RequestInfo, status: int, elapsed_ms: float, outcome: TaskOutcome | None,
@@ -50,13 +55,14 @@ def _cost_record(request: RequestInfo, status: int, elapsed_ms: float, outcome: 
     """The ledger row of a task request; a request that got no answer costs nothing."""
     if outcome is None:
         return CostRecord(request.request_id, time.time(), request.path, request.client, model, 0, 0, 0.0, 0.0, 0.0,
-                          False, 0.0, "none", round(elapsed_ms, 3), status, request.client_request_id)
+                          False, 0.0, "none", round(elapsed_ms, 3), status, request.client_request_id, request.key_id)
     return CostRecord(
         request_id=request.request_id, timestamp=time.time(), endpoint=request.path, client=request.client,
         model=outcome.completion.model, input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens,
         input_cost=outcome.cost.input, output_cost=outcome.cost.output, total_cost=outcome.cost.total,
         cached=outcome.cached, saved_cost=outcome.saved.total, token_source=outcome.token_source,
         latency_ms=round(elapsed_ms, 3), status=status, client_request_id=request.client_request_id,
+        key_id=request.key_id,
     )
 
 
@@ -72,6 +78,7 @@ class Gateway:
     tracker: CostTracker
     logger: RequestLogger
     scanner: SecurityScanner
+    keys: KeyStore
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     started_at: float = field(default_factory=time.monotonic)
 
@@ -97,13 +104,15 @@ class Gateway:
             summary["prompt"] = self.logger.describe_prompt(request.prompt)  # length + hash unless LOG_FULL_PROMPTS
         self.metrics.count_request(request.route, status, request.error_code)
         self.logger.log_request(request_id=request.request_id, method=request.method, path=request.path,
-                                status=status, latency_ms=round(elapsed_ms, 2), client=request.client, **summary)
+                                status=status, latency_ms=round(elapsed_ms, 2), client=request.client,
+                                key_id=request.key_id, user_agent=request.user_agent, **summary)
         return overall
 
     def close(self) -> None:
         """Flush the logs and close the ledger (tests and clean shutdowns)."""
         self.logger.close()
         self.tracker.close()
+        self.keys.close()
 
 
 def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gateway:
@@ -138,5 +147,6 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
     service = TaskService(client, cache, prices, TokenCounter())
     return Gateway(
         config=config, upstream=upstream, client=client, service=service, cache=cache, tracker=tracker,
-        logger=logger, scanner=SecurityScanner(config.request_max_bytes), metrics=metrics,
+        logger=logger, scanner=SecurityScanner(config.request_max_bytes), keys=KeyStore(config.cost_ledger_path),
+        metrics=metrics,
     )

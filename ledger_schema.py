@@ -1,10 +1,11 @@
 """The ledger's rows and its SQLite schema, with the migration of files written by earlier versions.
 
-One table, `cost_records`, one row per task request, keyed by the gateway's unique request id;
+One table, `cost_records`, one row per task request, keyed by the gateway's unique request id
+and carrying the id of the API key it came with (`key_id`, NULL without one);
 `ledger_total` holds the all-time spend, kept by a trigger in each insert's transaction (and
 not touched by an ignored duplicate). The indexes serve /stats (time window, latency
-percentiles), the unique request id (exactly-once replay of the spool) and lookups by a
-client's X-Request-ID.
+percentiles), the unique request id (exactly-once replay of the spool), lookups by a
+client's X-Request-ID and per-key usage by time (`key_usage.py`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ class CostRecord:
     latency_ms: float
     status: int
     client_request_id: str | None = None  # the client's X-Request-ID, if it sent a valid one
+    key_id: str | None = None  # the id of the API key the request came with (api_keys.py), if any
 
 
 COLUMNS = [field.name for field in dataclasses.fields(CostRecord)]
+OPTIONAL_COLUMNS = frozenset({"client_request_id", "key_id"})  # absent from records spooled by earlier versions
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM cost_records"
 # OR IGNORE: a record already in the ledger (a spool replayed twice) is skipped, and its cost is
 # not added to ledger_total again (the trigger fires only for rows actually inserted).
@@ -48,7 +51,7 @@ CREATE TABLE IF NOT EXISTS cost_records (
     model TEXT NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
     input_cost REAL NOT NULL, output_cost REAL NOT NULL, total_cost REAL NOT NULL,
     cached INTEGER NOT NULL, saved_cost REAL NOT NULL, token_source TEXT NOT NULL,
-    latency_ms REAL NOT NULL, status INTEGER NOT NULL, client_request_id TEXT
+    latency_ms REAL NOT NULL, status INTEGER NOT NULL, client_request_id TEXT, key_id TEXT
 )"""
 _SCHEMA = [
     "CREATE INDEX IF NOT EXISTS cost_records_by_time ON cost_records (timestamp)",
@@ -57,6 +60,7 @@ _SCHEMA = [
     "WHERE client_request_id IS NOT NULL",
     # covering index for the latency percentiles of /stats (see ledger_stats.py)
     "CREATE INDEX IF NOT EXISTS cost_records_by_latency ON cost_records (latency_ms, endpoint, timestamp)",
+    "CREATE INDEX IF NOT EXISTS cost_records_by_key ON cost_records (key_id, timestamp)",  # per-key usage
     "CREATE TABLE IF NOT EXISTS ledger_total (id INTEGER PRIMARY KEY CHECK (id = 1), total_cost REAL NOT NULL)",
     "INSERT OR IGNORE INTO ledger_total (id, total_cost) SELECT 1, COALESCE(SUM(total_cost), 0) FROM cost_records",
     "CREATE TRIGGER IF NOT EXISTS ledger_total_after_insert AFTER INSERT ON cost_records "
@@ -78,8 +82,10 @@ def migrate(db: sqlite3.Connection) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute(_TABLE)
-        if "client_request_id" not in {row[1] for row in db.execute("PRAGMA table_info(cost_records)")}:
-            db.execute("ALTER TABLE cost_records ADD COLUMN client_request_id TEXT")
+        present = {row[1] for row in db.execute("PRAGMA table_info(cost_records)")}
+        for column in ("client_request_id", "key_id"):  # added after the first release, in this order
+            if column not in present:
+                db.execute(f"ALTER TABLE cost_records ADD COLUMN {column} TEXT")
         if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'cost_records_by_request_id'").fetchone():
             for statement in _SEPARATE_DUPLICATE_IDS:
                 db.execute(statement)

@@ -243,10 +243,12 @@ def _hours_argument() -> float:
 def request_info() -> RequestInfo:
     """The current request as plain data for the gateway's accounting."""
     current, context = request._get_current_object(), g._get_current_object()
+    key = context.get("api_key")
     return RequestInfo(request_id=request_id(), method=current.method, path=clip_path(current.path),
                        client=current.remote_addr or "", prompt=context.get("prompt"),
                        error_code=context.get("error_code"), route=_route(current),
-                       client_request_id=context.get("client_request_id"))
+                       client_request_id=context.get("client_request_id"), key_id=key.id if key else None,
+                       user_agent=clip_user_agent(current.headers.get("User-Agent", "")))
 
 
 def request_id() -> str:
@@ -303,6 +305,7 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
     headers = {}
     if isinstance(exc, GatewayError):
         status, code, message, details = exc.status, exc.code, exc.message, exc.details
+        headers.update(exc.headers)
         if exc.retry_after is not None:
             headers["Retry-After"] = g.retry_after = str(max(1, math.ceil(exc.retry_after)))
         log.warning("%s: %s", code, message, extra={"request_id": request_id()})
@@ -363,6 +366,14 @@ def clip_path(path: str) -> str:
     if len(path) <= MAX_LOGGED_PATH_CHARS:
         return path
     return f"{path[:MAX_LOGGED_PATH_CHARS]}...[{len(path) - MAX_LOGGED_PATH_CHARS} more chars]"
+
+
+MAX_LOGGED_USER_AGENT_CHARS = 200
+
+
+def clip_user_agent(agent: str) -> str:
+    """The User-Agent as logged: at most MAX_LOGGED_USER_AGENT_CHARS."""
+    return agent if len(agent) <= MAX_LOGGED_USER_AGENT_CHARS else agent[:MAX_LOGGED_USER_AGENT_CHARS] + "..."
 
 
 def _route(current) -> str:

@@ -1,0 +1,78 @@
+"""Who may do what: the key a request carries, and whether its key may do what it asks.
+
+Pure logic on plain values (a header mapping, a path, a time): `app.py` calls it from its
+before-request hook and puts the key on the request state (`g.api_key`).
+
+- A key comes as `Authorization: Bearer <key>`, `X-API-Key: <key>` or `X-API-Token: <key>`
+  (the first one present, in that order).
+- Open without a key: `/api/v1/health`, the Swagger page, its spec and its static files, and
+  CORS preflights (OPTIONS). Every other path needs a valid key (an unknown path too: 401, so
+  the API's shape is not probed anonymously).
+- Admin operations (`ADMIN_PREFIXES`: key management, the full `/stats`, usage exports) need an
+  admin key; `/api/v1/keys/me/usage` is any key's own usage.
+- A task endpoint checks the key's `allowed_tasks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from api_keys import ApiKey, KeyStore
+from errors import Forbidden, KeyExpired, KeyRevoked, TaskNotAllowed, Unauthorized
+
+KEY_HEADERS = ("X-API-Key", "X-API-Token")
+MAX_KEY_CHARS = 256  # longer is no key of ours: not even hashed
+OPEN_PATHS = frozenset({"/api/v1/health", "/swagger.json", "/api/v1/swagger.json", "/swagger"})
+OPEN_PREFIXES = ("/swagger/", "/swaggerui/")
+OWN_USAGE_PATH = "/api/v1/keys/me/usage"
+ADMIN_PREFIXES = ("/api/v1/keys", "/api/v1/stats", "/api/v1/usage")
+TASK_OF_PATH = {
+    "/api/v1/generate/text": "text", "/api/v1/generate/text/stream": "text",
+    "/api/v1/generate/code": "code", "/api/v1/classify/text": "classify",
+}
+
+
+def needs_key(method: str, path: str) -> bool:
+    """False for what stays open: health, Swagger, CORS preflights."""
+    return method != "OPTIONS" and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request carries, or None."""
+    authorization = headers.get("Authorization", "")
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    for name in KEY_HEADERS:
+        value = headers.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def authenticate(store: KeyStore, headers: Mapping[str, str], now: float) -> ApiKey:
+    """The valid key of a request; Unauthorized, KeyRevoked or KeyExpired otherwise."""
+    presented = presented_key(headers)
+    if presented is None:
+        raise Unauthorized("An API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                           details={"accepted_headers": ["Authorization: Bearer", *KEY_HEADERS]})
+    key = store.lookup(presented) if len(presented) <= MAX_KEY_CHARS else None
+    if key is None:
+        raise Unauthorized("The API key is not valid")
+    if key.revoked_at is not None:
+        raise KeyRevoked("The API key has been revoked", details={"key_id": key.id})
+    if key.expired(now):
+        raise KeyExpired("The API key has expired", details={"key_id": key.id})
+    return key
+
+
+def authorize(key: ApiKey, path: str) -> None:
+    """Forbidden if a user key asks for an admin operation; TaskNotAllowed if the task is not the key's."""
+    if path == OWN_USAGE_PATH:
+        return
+    if path.startswith(ADMIN_PREFIXES) and not key.is_admin:
+        raise Forbidden("This operation needs an admin key", details={"key_id": key.id, "scope": key.scope})
+    task = TASK_OF_PATH.get(path)
+    if task is not None and not key.allows(task):
+        raise TaskNotAllowed(f"This API key may not run the '{task}' task",
+                             details={"key_id": key.id, "task": task, "allowed_tasks": list(key.allowed_tasks or ())})
