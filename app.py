@@ -149,6 +149,8 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
             context.api_key = key = auth.authenticate(gateway.keys, request.headers, time.time())
             auth.authorize(key, request.path)
             gateway.keys.touch(key)
+            if key.tokens_per_minute is not None and request.path in auth.TASK_OF_PATH:
+                gateway.tokens.check(key.id, key.tokens_per_minute)
         if scan:
             _scan_request(gateway)
 

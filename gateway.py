@@ -21,6 +21,7 @@ from gemini_wrapper import GeminiClient
 from lru_cache import ResponseCache
 from metrics import UNROUTED, GatewayMetrics
 from task_service import TaskOutcome, TaskService
+from token_window import TokenWindows
 
 log = logging.getLogger("gateway")
 
@@ -80,6 +81,7 @@ class Gateway:
     scanner: SecurityScanner
     keys: KeyStore
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    tokens: TokenWindows = field(default_factory=TokenWindows)  # per-key tokens per minute (this process)
     started_at: float = field(default_factory=time.monotonic)
 
     def finish_request(self, request: RequestInfo, status: int, elapsed_ms: float,
@@ -90,6 +92,8 @@ class Gateway:
         if is_task and request.error_code not in UNBILLED_REFUSALS:
             overall = self.tracker.record(_cost_record(request, status, elapsed_ms, outcome, self.client.model))
         if outcome is not None:
+            if request.key_id is not None and not outcome.cached:
+                self.tokens.add(request.key_id, outcome.input_tokens + outcome.output_tokens)
             summary = {"model": outcome.completion.model, "cached": outcome.cached, "cache": outcome.cache_status,
                        "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
                        "cost": round(outcome.cost.total, 10)}

@@ -70,6 +70,8 @@ def _task_responses(ns: Namespace, schemas: Schemas, success_model,
     codes = {
         200: (success, success_model),
         400: ("Invalid input", schemas.error),
+        401: ("No valid API key (missing, unknown, revoked or expired), when AUTH_ENABLED", schemas.error),
+        403: ("The key may not run this task (allowed_tasks)", schemas.error),
         413: ("Body too large", schemas.error), 415: ("Body is not JSON", schemas.error),
         429: ("Rate limited, by the gateway or the provider; see Retry-After", schemas.error),
         502: ("The provider failed or gave an unusable answer", schemas.error),
