@@ -1,8 +1,8 @@
 """Settings for the gateway, read once from the environment (and `.env`).
 
 Every setting is an environment variable grouped by prefix (GEMINI_*, RETRY_*, RATELIMIT_*,
-CACHE_*, COST_*, CORS_*, LOG_*, REQUEST_*, SECURITY_*, AUTH_*); `.env.example` lists each one with its default. The values are
-parsed and checked here, at start-up, so a typo fails loudly once instead of surfacing as a
+CACHE_*, COST_*, CORS_*, LOG_*, REQUEST_*, SECURITY_*, AUTH_*); `.env.example` lists each one with
+its default. The values are parsed and checked here, at start-up, so a typo fails loudly once instead of surfacing as a
 500 on some later request. `Config` is immutable: tests build their own with `Config.load(...)`
 overrides instead of mutating globals.
 """
@@ -173,8 +173,9 @@ class Config:
         host = self.host if host is None else host
         warnings = []
         if self.is_production and not self.auth_enabled:
-            warnings.append("SECURITY WARNING: APP_ENV=production with AUTH_ENABLED=false and AUTH_ALLOW_ANONYMOUS=true: "
-                            "clients are not authenticated, and anyone who can reach the port can spend the key.")
+            warnings.append("SECURITY WARNING: APP_ENV=production with AUTH_ENABLED=false and "
+                            "AUTH_ALLOW_ANONYMOUS=true: clients are not authenticated, and anyone who can reach "
+                            "the port can spend the key.")
         elif host in ALL_INTERFACES and not self.auth_enabled:
             warnings.append(
                 f"SECURITY WARNING: a live GOOGLE_API_KEY is served on all interfaces (host {host or '(empty)'!r}, "
