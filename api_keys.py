@@ -165,8 +165,8 @@ def _positive_number(raw: Mapping, field: str, kind: type, minimum: float):
         number = kind(value)
     except (TypeError, ValueError, OverflowError):
         raise InvalidKeyField(field, f"must be {'a whole number' if kind is int else 'a number'}") from None
-    if not minimum <= number < 1e15:  # also refuses NaN
-        raise InvalidKeyField(field, f"must be at least {minimum}")
+    if not minimum <= number < 1e15:  # also refuses NaN and infinity
+        raise InvalidKeyField(field, f"must be at least {minimum} and below 10^15")
     return number
 
 

@@ -151,6 +151,8 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
             gateway.keys.touch(key)
             if key.tokens_per_minute is not None and request.path in auth.TASK_OF_PATH:
                 gateway.tokens.check(key.id, key.tokens_per_minute)
+        elif not authenticate:
+            auth.refuse_anonymous_management(request.path)
         if scan:
             _scan_request(gateway)
 

@@ -11,6 +11,8 @@ before-request hook and puts the key on the request state (`g.api_key`).
 - Admin operations (`ADMIN_PREFIXES`: key management, the full `/stats`, usage exports) need an
   admin key; `/api/v1/keys/me/usage` is any key's own usage.
 - A task endpoint checks the key's `allowed_tasks`.
+- With authentication off (AUTH_ENABLED=false) keys are not read and requests are anonymous,
+  but `/api/v1/keys` is refused (403): keys are then managed with the CLI only.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ KEY_HEADERS = ("X-API-Key", "X-API-Token")
 MAX_KEY_CHARS = 256  # longer is no key of ours: not even hashed
 OPEN_PATHS = frozenset({"/api/v1/health", "/swagger.json", "/api/v1/swagger.json", "/swagger"})
 OPEN_PREFIXES = ("/swagger/", "/swaggerui/")
+KEYS_PREFIX = "/api/v1/keys"
 OWN_USAGE_PATH = "/api/v1/keys/me/usage"
-ADMIN_PREFIXES = ("/api/v1/keys", "/api/v1/stats", "/api/v1/usage")
+ADMIN_PREFIXES = (KEYS_PREFIX, "/api/v1/stats", "/api/v1/usage")
 TASK_OF_PATH = {
     "/api/v1/generate/text": "text", "/api/v1/generate/text/stream": "text",
     "/api/v1/generate/code": "code", "/api/v1/classify/text": "classify",
@@ -64,6 +67,14 @@ def authenticate(store: KeyStore, headers: Mapping[str, str], now: float) -> Api
     if key.expired(now):
         raise KeyExpired("The API key has expired", details={"key_id": key.id})
     return key
+
+
+def refuse_anonymous_management(path: str) -> None:
+    """With authentication off, key management over HTTP is refused (403): a stranger could otherwise make
+    an admin key while the gateway is open and keep it once keys are required. The CLI still works."""
+    if path.startswith(KEYS_PREFIX):
+        raise Forbidden("API keys are managed over HTTP only with AUTH_ENABLED on; use `flask --app app keys`",
+                        details={"auth_enabled": False})
 
 
 def authorize(key: ApiKey, path: str) -> None:

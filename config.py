@@ -180,8 +180,8 @@ class Config:
             warnings.append(
                 f"SECURITY WARNING: a live GOOGLE_API_KEY is served on all interfaces (host {host or '(empty)'!r}, "
                 f"port {self.port}) and the gateway does not authenticate clients (AUTH_ENABLED=false): anyone who "
-                "can reach this port can spend the key. Set AUTH_ENABLED=true and give clients API keys, set HOST=127.0.0.1, or "
-                "keep the port behind a firewall or an authenticating proxy.")
+                "can reach this port can spend the key. Set AUTH_ENABLED=true and give clients API keys, set "
+                "HOST=127.0.0.1, or keep the port behind a firewall or an authenticating proxy.")
         if "*" in self.cors_origins:
             warnings.append(
                 "SECURITY WARNING: CORS_ORIGINS=* with a live GOOGLE_API_KEY: any web page a visitor's browser "

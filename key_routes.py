@@ -11,7 +11,7 @@ from flask import g, request
 from flask_restx import Namespace, Resource, fields
 
 from api_keys import SCOPES, TASKS, InvalidKeyField, parse_key_settings
-from errors import InvalidRequest, NotFound, Unauthorized
+from errors import InvalidRequest, NotFound, Unauthorized, UnsupportedMediaType
 from gateway import Gateway
 
 
@@ -68,11 +68,15 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
         @ns.expect(new_key)
         @ns.response(201, "Created: the key is in `key`, shown this once", created_model)
         @ns.response(400, "Invalid setting (details.fields names it)", schemas.error)
+        @ns.response(415, "Body is not JSON", schemas.error)
         @admin
         @admin_limit
         def post(self):
             """Create a key (admin). The answer holds the key itself, once; only its hash is stored."""
-            body = request.get_json(silent=True) if request.is_json else None
+            if not request.is_json:
+                raise UnsupportedMediaType("Send the body as JSON with 'Content-Type: application/json'",
+                                           details={"content_type": request.content_type or ""})
+            body = request.get_json()  # a body that does not parse is a 400 with its reason
             if not isinstance(body, dict):
                 raise InvalidRequest("The request body must be a JSON object",
                                      details={"fields": {"body": "must be an object"}})

@@ -182,13 +182,29 @@ def test_bad_key_settings_are_a_400_naming_the_field(secured, body, field):
     assert assert_error(response, 400, "invalid_request")["details"]["fields"].keys() == {field}
 
 
-def test_a_body_that_is_not_an_object_is_a_400(secured):
+def test_a_body_that_is_not_a_json_object_is_a_400_or_415(secured):
     app, keys = secured
     client = app.test_client()
     for data in ("[]", "nope", ""):
         response = client.post("/api/v1/keys", headers={**bearer(keys["admin"][1]), "Content-Type": "application/json"},
                                data=data)
-        assert response.status_code == 400
+        assert_error(response, 400, "invalid_request")
+    response = client.post("/api/v1/keys", headers=bearer(keys["admin"][1]), data="name=x")
+    assert_error(response, 415, "unsupported_media_type")
+
+
+def test_with_authentication_off_keys_are_not_read_and_http_key_management_is_refused(make_app):
+    app = make_app(ratelimit_enabled=False)
+    _, secret = app.extensions["gateway"].keys.create(name="ignored")
+    client = app.test_client()
+    assert ask(client).status_code == 200  # anonymous
+    assert ask(client, "mtk_unknown", body={"prompt": "x"}).status_code == 200  # keys are not read
+    assert app.extensions["gateway"].tracker.records()[-1].key_id is None
+    for method, path in (("post", "/api/v1/keys"), ("get", "/api/v1/keys"), ("delete", "/api/v1/keys/key_1"),
+                         ("get", "/api/v1/keys/me/usage")):
+        assert_error(getattr(client, method)(path, json={"name": "stranger", "scope": "admin"}, headers=bearer(secret)),
+                     403, "forbidden")
+    assert [key.name for key in app.extensions["gateway"].keys.list()] == ["ignored"]
 
 
 # --- usage ------------------------------------------------------------------------------------
@@ -373,3 +389,15 @@ def test_the_spec_documents_401_and_403_on_the_keys_operations(secured):
     assert {"401", "403"} <= spec["paths"]["/keys"]["post"]["responses"].keys()
     assert "201" in spec["paths"]["/keys"]["post"]["responses"]
     assert {"401", "403"} <= spec["paths"]["/generate/text"]["post"]["responses"].keys()
+
+
+def test_client_keys_are_redacted_wherever_they_appear_in_log_text():
+    from api_keys import generate_key
+    from enhanced_logging import REDACTED, Redactor
+
+    secret = generate_key()
+    redactor = Redactor()
+    for text in (f"error near {secret} here", f"X-API-Token: {secret}", f"Authorization: Bearer {secret}"):
+        assert secret not in redactor.redact_text(text) and REDACTED in redactor.redact_text(text)
+    headers = redactor.redact({"X-API-Token": secret, "X-API-Key": secret, "Authorization": f"Bearer {secret}"})
+    assert set(headers.values()) == {REDACTED}
