@@ -2,6 +2,7 @@
 
     python example_usage.py                          # against http://localhost:8081
     python example_usage.py --url http://host:8081   # or API_URL=http://host:8081
+    API_KEY=mtk_... python example_usage.py          # a gateway that requires client API keys
 
 Prints one line per check and a summary; exits 1 if any check failed, so it also works as
 a smoke test after a deployment. It only needs `requests`, not the gateway's own modules.
@@ -32,9 +33,11 @@ def expect(condition: bool, message: str) -> None:
 
 
 class Demo:
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, api_key: str = ""):
         self.api = base_url.rstrip("/") + "/api/v1"
         self.http = requests.Session()
+        if api_key:
+            self.http.headers["Authorization"] = f"Bearer {api_key}"
 
     def post(self, path: str, payload) -> requests.Response:
         return self.http.post(self.api + path, json=payload, timeout=TIMEOUT_SECONDS)
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("API_URL", DEFAULT_URL), help="gateway base URL")
     args = parser.parse_args(argv)
-    demo = Demo(args.url)
+    demo = Demo(args.url, os.environ.get("API_KEY", ""))  # from the environment only: not in the process list
     print(f"Checking the Multi-Task LLM API at {args.url}")
     checks = [
         ("Health check", demo.health_check),
