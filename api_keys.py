@@ -231,6 +231,10 @@ class KeyStore:
         self._by_hash: dict[str, ApiKey] = {}
         self._hash_of: dict[str, str] = {}  # key id -> its hash
         self._last_written: dict[str, float] = {}  # key id -> when this process last wrote its last_used_at
+        # last_used_at goes through its own connection that never waits for the database's write lock,
+        # so lookups (on the connection above) never queue behind it
+        self._toucher = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
+        self._touch_lock = threading.Lock()
         self.reloads = 0
 
     # --- per request ---
@@ -262,16 +266,15 @@ class KeyStore:
         now = self._clock()
         if now - self._last_written.get(key.id, float("-inf")) < self._last_used_every:
             return
-        self._last_written[key.id] = now
+        if not self._touch_lock.acquire(blocking=False):
+            return  # another thread is writing one: ours waits for a later request
         try:
-            with self._lock:
-                self._db.execute("PRAGMA busy_timeout = 0")
-                try:
-                    self._db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, key.id))
-                finally:
-                    self._db.execute("PRAGMA busy_timeout = 30000")
+            self._last_written[key.id] = now
+            self._toucher.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, key.id))
         except sqlite3.OperationalError:
-            self._last_written[key.id] = float("-inf")  # busy: try again on a later request
+            self._last_written[key.id] = float("-inf")  # the database is busy: try again on a later request
+        finally:
+            self._touch_lock.release()
 
     # --- management ---
 
@@ -325,5 +328,7 @@ class KeyStore:
                 raise
 
     def close(self) -> None:
+        with self._touch_lock:
+            self._toucher.close()
         with self._lock:
             self._db.close()

@@ -327,6 +327,16 @@ def test_last_used_is_written_at_most_once_a_minute_per_key(tmp_path):
     now[0] = 1060.0
     store.touch(store.lookup(secret))
     assert stored_last_used() == 1060.0
+    now[0] = 1200.0
+    blocker = sqlite3.connect(tmp_path / "keys.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    assert store.lookup(secret) == key  # reads go on
+    store.touch(key)  # does not wait for the lock: skipped
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert stored_last_used() == 1060.0
+    store.touch(key)  # and written by the next request
+    assert stored_last_used() == 1200.0
     store.close()
 
 
