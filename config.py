@@ -108,6 +108,7 @@ class Config:
     log_full_prompts: bool = _env("LOG_FULL_PROMPTS", "false", kind=bool)
 
     security_mode: str = _env("SECURITY_MODE", "log")
+    hsts_enabled: bool = _env("HSTS_ENABLED", "false", kind=bool)
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides) -> Config:
