@@ -113,14 +113,14 @@ def test_waitress_with_the_launchers_settings_does_not_name_itself(make_app):
     from waitress.server import create_server
 
     app = make_app()
-    settings = serve.waitress_settings(app.extensions["gateway"].config)
+    settings = serve.waitress_settings(app.extensions["gateway"].config, threads=4)
     server = create_server(app, host="127.0.0.1", port=0, **settings)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         base = f"http://127.0.0.1:{server.effective_port}"
         for path in ("/api/v1/health", "/nowhere"):
-            response = requests.get(f"{base}{path}", timeout=10)
+            response = requests.get(f"{base}{path}", headers={"Connection": "close"}, timeout=10)
             assert "Server" not in response.headers and "Via" not in response.headers
             assert response.headers["X-Content-Type-Options"] == "nosniff"
     finally:
@@ -133,7 +133,8 @@ def test_errors_waitress_answers_itself_carry_the_headers_too(make_app):
     from waitress.server import create_server
 
     app = make_app()
-    server = create_server(app, host="127.0.0.1", port=0, **serve.waitress_settings(app.extensions["gateway"].config))
+    settings = serve.waitress_settings(app.extensions["gateway"].config, threads=4)
+    server = create_server(app, host="127.0.0.1", port=0, **settings)
     server.channel_class = serve._json_error_channel()
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
