@@ -125,7 +125,7 @@ def parse_key_settings(raw: Mapping, *, now: float | None = None) -> dict:
     owner = raw.get("owner") or ""
     if not isinstance(owner, str) or len(owner) > MAX_NAME_CHARS:
         raise InvalidKeyField("owner", f"must be a string of at most {MAX_NAME_CHARS} characters")
-    scope = raw.get("scope") or "user"
+    scope = raw.get("scope", "user")  # given means given: "" or null is not a scope
     if scope not in SCOPES:
         raise InvalidKeyField("scope", f"must be one of {', '.join(SCOPES)}")
     settings: dict = {"name": name.strip(), "owner": owner.strip(), "scope": scope}

@@ -22,6 +22,17 @@ MAX_CATEGORY_CHARS = 100
 MAX_LANGUAGE_CHARS = 40
 NOT_BLANK = r"\S"
 
+# The API-key schemes of the spec (Swagger 2.0 has no `bearer` type: the Authorization header is an
+# apiKey whose value is "Bearer <key>"). Each is enough on its own: SECURITY lists them as alternatives,
+# on every operation that needs a key (the tasks and /stats; /health stays open).
+AUTHORIZATIONS = {
+    "Bearer": {"type": "apiKey", "in": "header", "name": "Authorization",
+               "description": "Your gateway key as `Bearer <key>` (type the word Bearer, a space, then the key)"},
+    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "Your gateway key"},
+    "ApiToken": {"type": "apiKey", "in": "header", "name": "X-API-Token", "description": "Your gateway key"},
+}
+SECURITY = list(AUTHORIZATIONS)
+
 
 class InvalidBody(ValueError):
     """A request body the gateway cannot use, worded by us: `routes.error_payload` shows this text as

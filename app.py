@@ -32,7 +32,9 @@ import auth
 import key_cli
 import key_routes
 import routes
-from api_schema import InvalidBody, bounded_int, register_models
+import security_headers
+import swagger_ui
+from api_schema import AUTHORIZATIONS, InvalidBody, bounded_int, register_models
 from config import Config, ConfigError
 from enhanced_logging import log_uncaught_exceptions, redact_log_handlers
 from errors import GatewayError, RequestBlocked
@@ -98,7 +100,10 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
         app, version=__version__, title="Multi-Task LLM API", prefix="/api/v1", doc="/swagger/",
         description="Text generation, code generation and text classification in front of Google Gemini. "
                     "Every error is JSON of one shape: {error, code, details, request_id}.",
+        authorizations=AUTHORIZATIONS,
     )
+    swagger_ui.install(app, api)  # the page without inline code, so its CSP needs no 'unsafe-inline'
+    security_headers.install(app, hsts=config.hsts_enabled)
     schemas = register_models(api, config.request_max_prompt_chars)
     _register_error_handlers(app, api)
     app.add_url_rule("/swagger.json", "swagger_spec", lambda: jsonify(api.__schema__))

@@ -108,6 +108,7 @@ class Config:
     log_full_prompts: bool = _env("LOG_FULL_PROMPTS", "false", kind=bool)
 
     security_mode: str = _env("SECURITY_MODE", "log")
+    hsts_enabled: bool = _env("HSTS_ENABLED", "false", kind=bool)
 
     # Client API keys (api_keys.py, auth.py). Empty AUTH_ENABLED: on in production, off in development/testing.
     auth_enabled: bool = _env("AUTH_ENABLED", "", kind="bool_or_environment")

@@ -7,12 +7,22 @@ and the ledger. Creating a key is the only answer that ever contains a key.
 
 from __future__ import annotations
 
+import copy
+
 from flask import g, request
 from flask_restx import Namespace, Resource, fields
 
 from api_keys import SCOPES, TASKS, InvalidKeyField, parse_key_settings
 from errors import InvalidRequest, NotFound, Unauthorized, UnsupportedMediaType
 from gateway import Gateway
+
+
+def _nullable(field):
+    """The same field, documented as possibly null in answers (Swagger 2.0 `x-nullable`): unset settings are null."""
+    schema = {**field.__schema__, "x-nullable": True}
+    clone = copy.copy(field)
+    clone.__dict__["__schema__"] = schema  # __schema__ is a cached_property: set its cached value on the copy
+    return clone
 
 
 def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
@@ -30,10 +40,12 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
                                     example="2027-01-01"),
     }
     new_key = ns.model("NewKey", settings)
-    shown = {**settings, "id": fields.String(example="key_3f2c9a7e4b1d4e0f"),
-             "expires_at": fields.String(description="ISO 8601, UTC", example="2027-01-01T00:00:00Z"),
-             "created_at": fields.String(example="2026-11-26T08:00:00Z"), "last_used_at": fields.String(),
-             "revoked_at": fields.String()}
+    optional = ("rate_limit", "tokens_per_minute", "monthly_budget_usd", "allowed_tasks")
+    shown = {**settings, **{name: _nullable(settings[name]) for name in optional},
+             "id": fields.String(example="key_3f2c9a7e4b1d4e0f"),
+             "expires_at": _nullable(fields.String(description="ISO 8601, UTC", example="2027-01-01T00:00:00Z")),
+             "created_at": fields.String(example="2026-11-26T08:00:00Z"), "last_used_at": _nullable(fields.String()),
+             "revoked_at": _nullable(fields.String())}
     key_model = ns.model("ApiKey", shown)
     created_model = ns.model("CreatedKey", {**shown, "key": fields.String(
         description="The key itself: shown this once, stored only as a hash", example="mtk_...")})
@@ -46,7 +58,8 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
         "key_id": fields.String(), "month": fields.String(example="2026-11"), "from": fields.String(),
         "until": fields.String(), "requests": fields.Integer(), "input_tokens": fields.Integer(),
         "output_tokens": fields.Integer(), "cost_usd": fields.Float(), "cache_hits": fields.Integer(),
-        "saved_usd": fields.Float(), "monthly_budget_usd": fields.Float(), "by_day": fields.List(fields.Nested(day)),
+        "saved_usd": fields.Float(), "monthly_budget_usd": _nullable(fields.Float()),
+        "by_day": fields.List(fields.Nested(day)),
     })
     month_doc = {"month": {"in": "query", "type": "string", "description": "YYYY-MM (UTC); default: this month"}}
     def refusals(*statuses):

@@ -21,7 +21,7 @@ from flask import Response, current_app, g, request, stream_with_context
 from flask_restx import Namespace, Resource
 from werkzeug.exceptions import HTTPException
 
-from api_schema import InvalidBody, Schemas, check_distinct_categories
+from api_schema import SECURITY, InvalidBody, Schemas, check_distinct_categories
 from errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body
 from gateway import Gateway, RequestInfo
 from metrics import UNROUTED
@@ -71,6 +71,7 @@ def _task_responses(ns: Namespace, schemas: Schemas, success_model,
         200: (success, success_model),
         400: ("Invalid input", schemas.error),
         401: ("No valid API key (missing, unknown, revoked or expired), when AUTH_ENABLED", schemas.error),
+        402: ("The key's monthly budget is spent", schemas.error),
         403: ("The key may not run this task (allowed_tasks)", schemas.error),
         413: ("Body too large", schemas.error), 415: ("Body is not JSON", schemas.error),
         429: ("Rate limited, by the gateway or the provider; see Retry-After", schemas.error),
@@ -81,7 +82,7 @@ def _task_responses(ns: Namespace, schemas: Schemas, success_model,
     def decorate(method):
         for status, (description, model) in codes.items():
             method = ns.response(status, description, model)(method)
-        method = ns.doc(params={"Cache-Control": {"in": "header", "type": "string", "description":
+        method = ns.doc(security=SECURITY, params={"Cache-Control": {"in": "header", "type": "string", "description":
                         "no-cache: skip the cache lookup; no-store: do not cache the answer"}})(method)
         return method
 
@@ -210,9 +211,11 @@ def stats_namespace(gateway: Gateway, schemas: Schemas, stats_limit) -> Namespac
 
     @ns.route("")
     class Stats(Resource):
-        @ns.doc(params={"hours": hours_doc})
+        @ns.doc(security=SECURITY, params={"hours": hours_doc})
         @ns.response(200, "Figures", schemas.stats)
         @ns.response(400, "Invalid hours", schemas.error)
+        @ns.response(401, "No key, or an unknown, revoked or expired one", schemas.error)
+        @ns.response(403, "An admin key is needed", schemas.error)
         @ns.response(429, "Rate limited (RATELIMIT_STATS_LIMITS); see Retry-After", schemas.error)
         @stats_limit
         def get(self):

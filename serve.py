@@ -126,6 +126,8 @@ def _json_error_channel():
     from waitress.channel import HTTPChannel
     from waitress.task import ErrorTask
 
+    from security_headers import SERVER_ERROR_HEADERS
+
     class JsonErrorTask(ErrorTask):
         def execute(self):
             error = self.request.error
@@ -135,7 +137,8 @@ def _json_error_channel():
             request_id = uuid.uuid4().hex
             body = json.dumps({"error": message, "code": code, "details": {}, "request_id": request_id}).encode()
             self.status = f"{error.code} {error.reason}"
-            self.response_headers.extend([("Content-Type", "application/json"), ("X-Request-ID", request_id)])
+            self.response_headers.extend([("Content-Type", "application/json"), ("X-Request-ID", request_id),
+                                          *SERVER_ERROR_HEADERS])
             self.set_close_on_finish()
             self.content_length = len(body)
             self.write(body)
