@@ -290,7 +290,10 @@ class CostTracker:
         with self._replay_lock:
             try:
                 if self._replayer is None:
-                    self._replayer = sqlite3.connect(self.ledger_path, isolation_level=None, timeout=0)
+                    # Made on whichever thread replays first (the constructor's, when it finds a spool),
+                    # then used by the maintenance thread: not tied to one thread.
+                    self._replayer = sqlite3.connect(self.ledger_path, isolation_level=None, timeout=0,
+                                                     check_same_thread=False)
                 # Wait for the write lock before sealing our file for replay: during a long outage
                 # the background tries would otherwise start a new spool file every second.
                 self._begin_replay()
@@ -298,7 +301,10 @@ class CostTracker:
                 replayed += self._spool.replay(self._insert)
                 replayed += self._spool.replay_orphans(self._insert)
             except (sqlite3.Error, OSError) as exc:
-                log.info("spooled ledger records wait: %s", exc)
+                if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+                    log.info("spooled ledger records wait: %s", exc)  # someone holds the lock: next tick
+                else:
+                    log.error("spooled ledger records cannot be replayed: %s: %s", type(exc).__name__, exc)
         return replayed
 
     def _insert(self, records: list[dict]) -> None:
@@ -440,6 +446,11 @@ def _while_locked(statement: Callable[[], object], patience: float = 30.0) -> No
             statement()
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > give_up_at:
+            if not _is_busy(exc) or time.monotonic() > give_up_at:
                 raise
             time.sleep(0.0002)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """True when SQLite says another connection holds the lock (worth waiting for), not a real fault."""
+    return "locked" in str(exc) or "busy" in str(exc)

@@ -243,3 +243,38 @@ def test_another_processes_live_spool_is_left_to_it(tmp_path):
     assert ledger_ids(ledger) == ["owned"]
     owner.close()
     other.close()
+
+
+def wait_for(condition, seconds: float = 20.0) -> bool:
+    """Poll `condition` until it holds or `seconds` pass (a bounded wait for the background thread)."""
+    import time
+
+    give_up_at = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > give_up_at:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_the_maintenance_thread_replays_after_a_start_that_found_a_spool(tmp_path, caplog):
+    """The first replay runs on the constructor's thread when a spool is left over; the later ones
+    run on the maintenance thread and must be able to use the same connection."""
+    ledger = tmp_path / "l.sqlite3"
+    orphan = ledger.parent / f"{ledger.name}.spool" / "0123456789abcdef0123456789abcdef-000001.jsonl"
+    orphan.parent.mkdir()
+    orphan.write_text(json.dumps(vars(make_record("left-over"))) + "\n")  # a killed process's spool
+    tracker = CostTracker(ledger, write_timeout=0.05, maintenance_interval=0.05)  # replays at start-up
+    assert ledger_ids(ledger) == ["left-over"]
+    holder = sqlite3.connect(ledger, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a backup, say, while requests arrive: they are spooled
+    tracker.record(make_record("during-1"))
+    tracker.record(make_record("during-2"))
+    assert tracker.spooled == 2
+    holder.execute("ROLLBACK")
+    with caplog.at_level(logging.INFO, logger="gateway.cost"):
+        assert wait_for(lambda: ledger_ids(ledger) == ["left-over", "during-1", "during-2"]), caplog.text
+    assert tracker.spooled == 0
+    tracker.record(make_record("after"))  # straight to the ledger again
+    assert ledger_ids(ledger)[-1] == "after"
+    tracker.close()
