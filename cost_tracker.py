@@ -125,6 +125,9 @@ class PriceTable:
         raw = json.loads(Path(path or DEFAULT_PRICE_FILE).read_text(encoding="utf-8"))
         prices = {name: Price(float(entry["input_per_million"]), float(entry["output_per_million"]))
                   for name, entry in raw.items() if not name.startswith("_")}
+        for name, price in prices.items():
+            if not all(math.isfinite(value) and value >= 0 for value in vars(price).values()):
+                raise ValueError(f"{name}'s prices in the price file must be finite and not negative")
         if model and (input_override is not None or output_override is not None):
             base = prices.get(model, Price(0.0, 0.0))
             prices[model] = Price(
@@ -244,14 +247,16 @@ class CostTracker:
                 with self._lock:
                     self._begin()
                     try:
-                        self._db.executemany(INSERT, [pending.row for pending in batch])
+                        errors = _insert_rows(self._db, [pending.row for pending in batch], self._begin)
                         overall = self._db.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
                         self._db.execute("COMMIT")
                     except BaseException:
-                        self._db.execute("ROLLBACK")
+                        if self._db.in_transaction:
+                            self._db.execute("ROLLBACK")
                         raise
                 self._last_overall = overall
-                self._settle(batch, overall)
+                for pending, error in zip(batch, errors, strict=True):  # a row the schema refuses: its caller hears
+                    self._settle([pending], overall, error)
                 return
             except sqlite3.Error as exc:
                 log.warning("ledger write did not commit within %.1f s (%s); spooling %d records",
@@ -319,10 +324,14 @@ class CostTracker:
         db = self._replayer
         self._begin_replay()
         try:
-            db.executemany(INSERT, rows)
+            for row, error in zip(rows, _insert_rows(db, rows, self._begin_replay), strict=True):
+                if error is not None:
+                    log.error("spooled ledger record cannot be stored (%s), dropped from the spool: %s",
+                              error, json.dumps(dict(zip(COLUMNS, row, strict=True))))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     def _begin_replay(self) -> None:
@@ -449,6 +458,26 @@ def _while_locked(statement: Callable[[], object], patience: float = 30.0) -> No
             if not _is_busy(exc) or time.monotonic() > give_up_at:
                 raise
             time.sleep(0.0002)
+
+
+def _insert_rows(db: sqlite3.Connection, rows: list[tuple], begin: Callable[[], None]) -> list[Exception | None]:
+    """Insert `rows` in `db`'s open transaction; a row the schema refuses (a NULL cost) is left out and
+    its error returned in its place, and the others still go in. A duplicate request id is skipped."""
+    try:
+        db.executemany(INSERT, rows)
+        return [None] * len(rows)
+    except sqlite3.IntegrityError:
+        pass
+    db.execute("ROLLBACK")  # executemany stopped part way: start over, one row at a time
+    begin()
+    errors: list[Exception | None] = []
+    for row in rows:
+        try:
+            db.execute(INSERT, row)
+            errors.append(None)
+        except sqlite3.IntegrityError as exc:  # SQLite undoes only this statement
+            errors.append(exc)
+    return errors
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:

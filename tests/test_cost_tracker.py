@@ -278,3 +278,30 @@ def test_the_maintenance_thread_replays_after_a_start_that_found_a_spool(tmp_pat
     tracker.record(make_record("after"))  # straight to the ledger again
     assert ledger_ids(ledger)[-1] == "after"
     tracker.close()
+
+
+def test_a_row_the_schema_refuses_is_reported_never_silently_dropped(tmp_path):
+    """Only a repeated request id is skipped; a NULL (NaN) cost raises to its caller, and the
+    other records of the same commit still go in."""
+    ledger = tmp_path / "l.sqlite3"
+    tracker = CostTracker(ledger)
+    tracker.record(make_record("good", total_cost=0.5))
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+        tracker.record(make_record("nan-cost", total_cost=float("nan")))  # SQLite stores NaN as NULL
+    assert tracker.record(make_record("good", total_cost=0.5)) == pytest.approx(0.5)  # a duplicate: skipped
+    assert ledger_ids(ledger) == ["good"] and tracker.overall_cost == pytest.approx(0.5)
+    tracker.close()
+
+
+def test_a_spooled_row_the_schema_refuses_is_logged_in_full_and_the_others_replayed(tmp_path, caplog):
+    ledger = tmp_path / "l.sqlite3"
+    orphan = ledger.parent / f"{ledger.name}.spool" / "0123456789abcdef0123456789abcdef-000001.jsonl"
+    orphan.parent.mkdir()
+    bad = {**vars(make_record("null-cost")), "total_cost": None}
+    orphan.write_text("".join(json.dumps(record) + "\n" for record in (vars(make_record("a")), bad,
+                                                                        vars(make_record("b")))))
+    with caplog.at_level(logging.ERROR, logger="gateway.cost"):
+        tracker = CostTracker(ledger, maintenance_interval=3600)  # replays orphans at start-up
+    assert ledger_ids(ledger) == ["a", "b"] and not orphan.exists()
+    assert '"request_id": "null-cost"' in caplog.text and "cannot be stored" in caplog.text
+    tracker.close()
