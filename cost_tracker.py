@@ -215,6 +215,11 @@ class CostTracker:
             return self._db.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
 
     @property
+    def last_overall(self) -> float:
+        """The overall total as last committed, without waiting for anything (the last one seen if unreadable)."""
+        return self._committed_total()
+
+    @property
     def rows_read(self) -> int:
         """Rows fetched from the ledger into Python so far (statistics, finds, exports)."""
         return self._rows.rows
