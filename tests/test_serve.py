@@ -458,8 +458,14 @@ def test_a_worker_that_cannot_build_the_app_stops_the_launcher_with_exit_2(tmp_p
 
 
 def test_a_worker_given_a_port_out_of_range_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--worker", "0", "--host", "127.0.0.1",
-                             "--port", "99999"], cwd=tmp_path, env=environment(LOG_DIR=str(tmp_path / "logs")),
-                            stdin=subprocess.PIPE, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2
-    assert "error: cannot start: cannot listen on 127.0.0.1:99999" in result.stderr
+    worker = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--worker", "0", "--host", "127.0.0.1",
+                               "--port", "99999"], cwd=tmp_path, env=environment(LOG_DIR=str(tmp_path / "logs")),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker.wait(timeout=30)  # its stdin stays open, as its supervisor's pipe would
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        _, err = worker.communicate()
+    assert worker.returncode == 2, err
+    assert "error: cannot start: cannot listen on 127.0.0.1:99999" in err
