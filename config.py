@@ -10,6 +10,8 @@ overrides instead of mutating globals.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from pathlib import Path
 
 ENVIRONMENTS = ("development", "testing", "production")
 SECURITY_MODES = ("log", "block", "off")
+RATELIMIT_STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")  # Flask-Limiter 4.1's names
 GOOGLE_KEY_PREFIX = "AIza"
 ALL_INTERFACES = ("0.0.0.0", "::", "[::]", "*", "")  # wildcard bind addresses: reachable from other machines
 
@@ -34,13 +37,19 @@ def _as_bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
-def _as_number(name: str, raw: str, kind: type, minimum: float) -> float | int:
+def _as_number(name: str, raw: str, kind: type, minimum: float, maximum: float = math.inf) -> float | int:
+    """A finite number in [minimum, maximum]: nan would fail every comparison later (a NaN deadline
+    times every call out, a NaN price makes ledger rows NULL) and inf never ends or never resets."""
     try:
         value = kind(raw)
     except ValueError:
         raise ConfigError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {raw!r}")
     return value
 
 
@@ -59,7 +68,7 @@ class Config:
 
     app_env: str = _env("APP_ENV", "development")
     host: str = _env("HOST", "0.0.0.0")
-    port: int = _env("PORT", "8081", kind=int, minimum=0)
+    port: int = _env("PORT", "8081", kind=int, minimum=0, maximum=65535)
 
     google_api_key: str = _env("GOOGLE_API_KEY", "", secret=True)
     gemini_model: str = _env("GEMINI_MODEL", "gemini-2.0-flash")
@@ -142,6 +151,11 @@ class Config:
             raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, got {self.app_env!r}")
         if self.security_mode not in SECURITY_MODES:
             raise ConfigError(f"SECURITY_MODE must be one of {', '.join(SECURITY_MODES)}, got {self.security_mode!r}")
+        if self.ratelimit_strategy not in RATELIMIT_STRATEGIES:
+            raise ConfigError(f"RATELIMIT_STRATEGY must be one of {', '.join(RATELIMIT_STRATEGIES)}, "
+                              f"got {self.ratelimit_strategy!r}")
+        if not isinstance(logging.getLevelNamesMapping().get(self.log_level.upper()), int):
+            raise ConfigError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {self.log_level!r}")
         if self.retry_max_wait_seconds < self.retry_min_wait_seconds:
             raise ConfigError("RETRY_MAX_WAIT_SECONDS must not be below RETRY_MIN_WAIT_SECONDS")
         if self.is_production:
@@ -214,7 +228,7 @@ def _parse(meta: Mapping, raw: str):
     if kind in (int, float):
         if not raw.strip() and meta["default"] == "":
             return None  # optional number: unset
-        return _as_number(name, raw, kind, meta["minimum"])
+        return _as_number(name, raw, kind, meta["minimum"], meta.get("maximum", math.inf))
     if kind is tuple:
         return _as_list(raw)
     if kind is Path:

@@ -125,6 +125,9 @@ class PriceTable:
         raw = json.loads(Path(path or DEFAULT_PRICE_FILE).read_text(encoding="utf-8"))
         prices = {name: Price(float(entry["input_per_million"]), float(entry["output_per_million"]))
                   for name, entry in raw.items() if not name.startswith("_")}
+        for name, price in prices.items():
+            if not all(math.isfinite(value) and value >= 0 for value in vars(price).values()):
+                raise ValueError(f"{name}'s prices in the price file must be finite and not negative")
         if model and (input_override is not None or output_override is not None):
             base = prices.get(model, Price(0.0, 0.0))
             prices[model] = Price(
@@ -212,6 +215,11 @@ class CostTracker:
             return self._db.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
 
     @property
+    def last_overall(self) -> float:
+        """The overall total as last committed, without waiting for anything (the last one seen if unreadable)."""
+        return self._committed_total()
+
+    @property
     def rows_read(self) -> int:
         """Rows fetched from the ledger into Python so far (statistics, finds, exports)."""
         return self._rows.rows
@@ -244,14 +252,16 @@ class CostTracker:
                 with self._lock:
                     self._begin()
                     try:
-                        self._db.executemany(INSERT, [pending.row for pending in batch])
+                        errors = _insert_rows(self._db, [pending.row for pending in batch], self._begin)
                         overall = self._db.execute("SELECT total_cost FROM ledger_total").fetchone()[0]
                         self._db.execute("COMMIT")
                     except BaseException:
-                        self._db.execute("ROLLBACK")
+                        if self._db.in_transaction:
+                            self._db.execute("ROLLBACK")
                         raise
                 self._last_overall = overall
-                self._settle(batch, overall)
+                for pending, error in zip(batch, errors, strict=True):  # a row the schema refuses: its caller hears
+                    self._settle([pending], overall, error)
                 return
             except sqlite3.Error as exc:
                 log.warning("ledger write did not commit within %.1f s (%s); spooling %d records",
@@ -290,7 +300,10 @@ class CostTracker:
         with self._replay_lock:
             try:
                 if self._replayer is None:
-                    self._replayer = sqlite3.connect(self.ledger_path, isolation_level=None, timeout=0)
+                    # Made on whichever thread replays first (the constructor's, when it finds a spool),
+                    # then used by the maintenance thread: not tied to one thread.
+                    self._replayer = sqlite3.connect(self.ledger_path, isolation_level=None, timeout=0,
+                                                     check_same_thread=False)
                 # Wait for the write lock before sealing our file for replay: during a long outage
                 # the background tries would otherwise start a new spool file every second.
                 self._begin_replay()
@@ -298,7 +311,10 @@ class CostTracker:
                 replayed += self._spool.replay(self._insert)
                 replayed += self._spool.replay_orphans(self._insert)
             except (sqlite3.Error, OSError) as exc:
-                log.info("spooled ledger records wait: %s", exc)
+                if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+                    log.info("spooled ledger records wait: %s", exc)  # someone holds the lock: next tick
+                else:
+                    log.error("spooled ledger records cannot be replayed: %s: %s", type(exc).__name__, exc)
         return replayed
 
     def _insert(self, records: list[dict]) -> None:
@@ -313,10 +329,14 @@ class CostTracker:
         db = self._replayer
         self._begin_replay()
         try:
-            db.executemany(INSERT, rows)
+            for row, error in zip(rows, _insert_rows(db, rows, self._begin_replay), strict=True):
+                if error is not None:
+                    log.error("spooled ledger record cannot be stored (%s), dropped from the spool: %s",
+                              error, json.dumps(dict(zip(COLUMNS, row, strict=True))))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     def _begin_replay(self) -> None:
@@ -440,6 +460,31 @@ def _while_locked(statement: Callable[[], object], patience: float = 30.0) -> No
             statement()
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > give_up_at:
+            if not _is_busy(exc) or time.monotonic() > give_up_at:
                 raise
             time.sleep(0.0002)
+
+
+def _insert_rows(db: sqlite3.Connection, rows: list[tuple], begin: Callable[[], None]) -> list[Exception | None]:
+    """Insert `rows` in `db`'s open transaction; a row the schema refuses (a NULL cost) is left out and
+    its error returned in its place, and the others still go in. A duplicate request id is skipped."""
+    try:
+        db.executemany(INSERT, rows)
+        return [None] * len(rows)
+    except sqlite3.IntegrityError:
+        pass
+    db.execute("ROLLBACK")  # executemany stopped part way: start over, one row at a time
+    begin()
+    errors: list[Exception | None] = []
+    for row in rows:
+        try:
+            db.execute(INSERT, row)
+            errors.append(None)
+        except sqlite3.IntegrityError as exc:  # SQLite undoes only this statement
+            errors.append(exc)
+    return errors
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """True when SQLite says another connection holds the lock (worth waiting for), not a real fault."""
+    return "locked" in str(exc) or "busy" in str(exc)

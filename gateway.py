@@ -90,7 +90,7 @@ class Gateway:
         the answer leaves), performance line, counters and the one summary log line. Returns the overall spend."""
         overall, summary = None, {}
         if is_task and request.error_code not in UNBILLED_REFUSALS:
-            overall = self.tracker.record(_cost_record(request, status, elapsed_ms, outcome, self.client.model))
+            overall = self._record_cost(_cost_record(request, status, elapsed_ms, outcome, self.client.model))
         if outcome is not None:
             if request.key_id is not None and not outcome.cached:
                 self.tokens.add(request.key_id, outcome.input_tokens + outcome.output_tokens)
@@ -111,6 +111,21 @@ class Gateway:
                                 status=status, latency_ms=round(elapsed_ms, 2), client=request.client,
                                 key_id=request.key_id, user_agent=request.user_agent, **summary)
         return overall
+
+    def _record_cost(self, record: CostRecord) -> float:
+        """Commit the record; when it can be neither committed nor spooled (ledger locked and disk full, say),
+        the answer was paid for and still goes out: the record is logged in full instead, and said to be missing
+        from the ledger. Returns the overall spend (the last one known, then)."""
+        try:
+            return self.tracker.record(record)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets its answer
+            fields = vars(record)
+            self.logger.log_cost(**fields, unrecorded=True)
+            self.logger.log_error(exc, request_id=record.request_id, unrecorded=True,
+                                  note="cost record neither committed to the ledger nor spooled: "
+                                       "this request is missing from the ledger (its full record is in "
+                                       "cost_tracking.log)", record=fields)
+            return self.tracker.last_overall + record.total_cost
 
     def close(self) -> None:
         """Flush the logs and close the ledger (tests and clean shutdowns)."""

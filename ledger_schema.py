@@ -41,9 +41,11 @@ class CostRecord:
 COLUMNS = [field.name for field in dataclasses.fields(CostRecord)]
 OPTIONAL_COLUMNS = frozenset({"client_request_id", "key_id"})  # absent from records spooled by earlier versions
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM cost_records"
-# OR IGNORE: a record already in the ledger (a spool replayed twice) is skipped, and its cost is
-# not added to ledger_total again (the trigger fires only for rows actually inserted).
-INSERT = f"INSERT OR IGNORE INTO cost_records ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# ON CONFLICT(request_id) DO NOTHING: a record already in the ledger (a spool replayed twice) is
+# skipped, and its cost is not added to ledger_total again (the trigger fires only for rows actually
+# inserted). Only that conflict: a row breaking NOT NULL raises (OR IGNORE would drop it silently).
+INSERT = (f"INSERT INTO cost_records ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+          "ON CONFLICT(request_id) DO NOTHING")
 _TABLE = """
 CREATE TABLE IF NOT EXISTS cost_records (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -5,7 +5,7 @@ process), an answered request must neither wait for it nor go unbilled. `CostTra
 appends the record here, one JSON line per record, and fsyncs before the answer leaves; a
 background thread (and every start-up) replays spooled lines into the ledger.
 
-Exactly once: each record carries its unique `request_id` and replay uses `INSERT OR IGNORE`
+Exactly once: each record carries its unique `request_id` and replay uses `ON CONFLICT(request_id) DO NOTHING`
 against the ledger's unique index on it, so a line replayed twice (a crash between the
 ledger's commit and the removal of the spool file) is ignored the second time, and the
 ledger_total trigger does not fire for an ignored row.

@@ -27,13 +27,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 # Each in-flight provider call holds a thread for its whole duration (the upstream is slow, the
 # gateway is synchronous): with 2 workers, 32 threads each gave 48 requests/s on 200 concurrent
@@ -179,8 +183,9 @@ def serve_app(application, *, threads: int = THREADS, connections: int = CONNECT
     try:
         try:
             server = create_server(application, **listen, **settings)
-        except OSError as exc:
-            print(f"error: cannot start: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+        except (OSError, OverflowError, ValueError) as exc:
+            print(f"error: cannot start: cannot listen on {config.host}:{config.port}: "
+                  f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
             raise SystemExit(EXIT_CANNOT_START) from None
         channel = _json_error_channel()
         servers = [server] if isinstance(server, BaseWSGIServer) else server.map.values()
@@ -245,12 +250,18 @@ def run_worker(args) -> int:
     exit_with_supervisor()
     try:
         sock = _listening_socket(args.host, args.port, reuse_port=args.workers > 1)
-    except OSError as exc:
-        print(f"error: cannot start: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+    except (OSError, OverflowError, ValueError) as exc:  # a port out of range is an OverflowError
+        print(f"error: cannot start: cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}",
+              file=sys.stderr)
         return EXIT_CANNOT_START
     import app as gateway_app
 
-    application = gateway_app.app  # exits with EXIT_CANNOT_START and a one-line reason if unusable
+    try:
+        application = gateway_app.app  # exits with EXIT_CANNOT_START and a one-line reason if unusable
+    except Exception as exc:  # noqa: BLE001 - whatever stops the app being built, a restart would hit it again
+        log.exception("cannot build the app")
+        print(f"error: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
     serve_app(application, threads=args.threads, connections=args.connection_limit, sock=sock)
     return 0
 
@@ -349,8 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         return run_worker(args)  # logging is configured by the app, from LOG_LEVEL
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
+    problem = _argument_problem(args)
+    if problem:
+        print(f"error: cannot start: {problem}", file=sys.stderr)
+        return EXIT_CANNOT_START
     if args.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
         print("error: --workers > 1 needs SO_REUSEPORT (Linux, BSD, macOS); use one worker here", file=sys.stderr)
         return EXIT_CANNOT_START
@@ -361,9 +374,39 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: cannot start: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
-    what = f"{args.workers} workers serving" if args.workers > 1 else "Serving"
-    print(f" * {what} http://{args.host}:{args.port} (Swagger UI at /swagger/)", flush=True)
-    return Supervisor(args, args.workers).run()
+    port_lock = _port_lock(args.host, args.port)  # port 0: each launcher gets its own port, nothing to share
+    try:
+        if args.port:
+            port_lock.acquire()
+    except Timeout:
+        print(f"error: cannot start: another serve.py already serves {args.host}:{args.port} "
+              f"(it holds {port_lock.lock_file})", file=sys.stderr)
+        return EXIT_CANNOT_START
+    try:
+        what = f"{args.workers} workers serving" if args.workers > 1 else "Serving"
+        print(f" * {what} http://{args.host}:{args.port} (Swagger UI at /swagger/)", flush=True)
+        return Supervisor(args, args.workers).run()
+    finally:
+        if port_lock.is_locked:
+            port_lock.release()
+
+
+def _argument_problem(args) -> str | None:
+    """Why these launcher arguments cannot work (checked once, before any worker starts), or None."""
+    if not 0 <= args.port <= 65535:
+        return f"--port must be between 0 and 65535, got {args.port}"
+    for name in ("workers", "threads", "connection_limit"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+    return None
+
+
+def _port_lock(host: str, port: int) -> FileLock:
+    """A lock the supervisor holds while it serves host:port. Workers share the port with SO_REUSEPORT,
+    which would also let a second launcher (same user) bind it and take half the traffic with its own
+    settings; the lock refuses that launcher instead. The OS frees it when the supervisor dies."""
+    name = re.sub(r"[^A-Za-z0-9.-]", "_", host or "all") + f"-{port}"
+    return FileLock(Path(tempfile.gettempdir()) / f"llm-gateway-serve-{name}.lock", timeout=0, thread_local=False)
 
 
 if __name__ == "__main__":

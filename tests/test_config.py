@@ -106,3 +106,25 @@ def test_production_refuses_cors_for_every_origin():
     [warning] = star.exposure_warnings()  # allowed outside production, but said out loud
     assert "CORS_ORIGINS=*" in warning
     assert Config.load({"HOST": "0.0.0.0"}).exposure_warnings() == []  # demo mode: nothing to spend
+
+
+@pytest.mark.parametrize("environ, words", [
+    ({"GEMINI_DEADLINE_SECONDS": "nan"}, "GEMINI_DEADLINE_SECONDS must be a finite number"),
+    ({"COST_INPUT_PRICE_PER_MILLION": "nan"}, "COST_INPUT_PRICE_PER_MILLION must be a finite number"),
+    ({"COST_OUTPUT_PRICE_PER_MILLION": "inf"}, "COST_OUTPUT_PRICE_PER_MILLION must be a finite number"),
+    ({"CACHE_TEXT_TTL_SECONDS": "Infinity"}, "CACHE_TEXT_TTL_SECONDS must be a finite number"),
+    ({"PORT": "99999"}, "PORT must be at most 65535"),
+    ({"PORT": "-1"}, "PORT must be at least 0"),
+    ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of"),
+    ({"RATELIMIT_STRATEGY": "nope"}, "RATELIMIT_STRATEGY must be one of fixed-window, moving-window, "
+                                     "sliding-window-counter"),
+])
+def test_numbers_that_cannot_work_and_unknown_names_are_refused_at_start_up(environ, words):
+    with pytest.raises(ConfigError, match=words):
+        Config.load(environ)
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+def test_every_flask_limiter_strategy_and_any_log_level_case_is_accepted(strategy):
+    config = Config.load({"RATELIMIT_STRATEGY": strategy, "LOG_LEVEL": "debug", "PORT": "65535"})
+    assert (config.ratelimit_strategy, config.port) == (strategy, 65535)

@@ -243,3 +243,65 @@ def test_another_processes_live_spool_is_left_to_it(tmp_path):
     assert ledger_ids(ledger) == ["owned"]
     owner.close()
     other.close()
+
+
+def wait_for(condition, seconds: float = 20.0) -> bool:
+    """Poll `condition` until it holds or `seconds` pass (a bounded wait for the background thread)."""
+    import time
+
+    give_up_at = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > give_up_at:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_the_maintenance_thread_replays_after_a_start_that_found_a_spool(tmp_path, caplog):
+    """The first replay runs on the constructor's thread when a spool is left over; the later ones
+    run on the maintenance thread and must be able to use the same connection."""
+    ledger = tmp_path / "l.sqlite3"
+    orphan = ledger.parent / f"{ledger.name}.spool" / "0123456789abcdef0123456789abcdef-000001.jsonl"
+    orphan.parent.mkdir()
+    orphan.write_text(json.dumps(vars(make_record("left-over"))) + "\n")  # a killed process's spool
+    tracker = CostTracker(ledger, write_timeout=0.05, maintenance_interval=0.05)  # replays at start-up
+    assert ledger_ids(ledger) == ["left-over"]
+    holder = sqlite3.connect(ledger, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a backup, say, while requests arrive: they are spooled
+    tracker.record(make_record("during-1"))
+    tracker.record(make_record("during-2"))
+    assert tracker.spooled == 2
+    holder.execute("ROLLBACK")
+    with caplog.at_level(logging.INFO, logger="gateway.cost"):
+        assert wait_for(lambda: ledger_ids(ledger) == ["left-over", "during-1", "during-2"]), caplog.text
+    assert tracker.spooled == 0
+    tracker.record(make_record("after"))  # straight to the ledger again
+    assert ledger_ids(ledger)[-1] == "after"
+    tracker.close()
+
+
+def test_a_row_the_schema_refuses_is_reported_never_silently_dropped(tmp_path):
+    """Only a repeated request id is skipped; a NULL (NaN) cost raises to its caller, and the
+    other records of the same commit still go in."""
+    ledger = tmp_path / "l.sqlite3"
+    tracker = CostTracker(ledger)
+    tracker.record(make_record("good", total_cost=0.5))
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+        tracker.record(make_record("nan-cost", total_cost=float("nan")))  # SQLite stores NaN as NULL
+    assert tracker.record(make_record("good", total_cost=0.5)) == pytest.approx(0.5)  # a duplicate: skipped
+    assert ledger_ids(ledger) == ["good"] and tracker.overall_cost == pytest.approx(0.5)
+    tracker.close()
+
+
+def test_a_spooled_row_the_schema_refuses_is_logged_in_full_and_the_others_replayed(tmp_path, caplog):
+    ledger = tmp_path / "l.sqlite3"
+    orphan = ledger.parent / f"{ledger.name}.spool" / "0123456789abcdef0123456789abcdef-000001.jsonl"
+    orphan.parent.mkdir()
+    bad = {**vars(make_record("null-cost")), "total_cost": None}
+    orphan.write_text("".join(json.dumps(record) + "\n" for record in (vars(make_record("a")), bad,
+                                                                        vars(make_record("b")))))
+    with caplog.at_level(logging.ERROR, logger="gateway.cost"):
+        tracker = CostTracker(ledger, maintenance_interval=3600)  # replays orphans at start-up
+    assert ledger_ids(ledger) == ["a", "b"] and not orphan.exists()
+    assert '"request_id": "null-cost"' in caplog.text and "cannot be stored" in caplog.text
+    tracker.close()

@@ -138,3 +138,39 @@ def test_a_spool_left_by_a_killed_server_is_replayed_once_at_restart(tmp_path):
             assert ledger_total(ledger) == pytest.approx(cost, abs=1e-9)
         finally:
             stop(restarted)
+
+
+def log_lines(app, name: str) -> list[dict]:
+    app.extensions["gateway"].logger.flush()
+    path = app.extensions["gateway"].config.log_dir / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_paid_answer_that_can_be_neither_committed_nor_spooled_still_reaches_the_client(make_app, serve):
+    """Ledger locked and the spool unwritable (a file where its folder goes, as a full disk would):
+    the answers go out anyway, and each record is logged in full, said to be unrecorded."""
+    app = make_app(ratelimit_enabled=False, cost_ledger_write_timeout_seconds=0.05)
+    server, ledger = serve(app), app.extensions["gateway"].config.cost_ledger_path
+    (ledger.parent / f"{ledger.name}.spool").write_text("")  # the spool folder cannot be made
+    holder = sqlite3.connect(ledger, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        plain = requests.post(f"{server.url}/api/v1/generate/text", json={"prompt": "paid, plain"}, timeout=15)
+        streamed = requests.post(f"{server.url}/api/v1/generate/text/stream", json={"prompt": "paid, streamed"},
+                                 timeout=15)
+    finally:
+        holder.execute("ROLLBACK")
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["generated_text"] and float(plain.headers["X-Cost-Total"]) > 0
+    assert "X-Cost-Overall" in plain.headers
+    assert streamed.status_code == 200
+    events = [block.split("\n")[0] for block in streamed.text.strip().split("\n\n")]
+    assert events[-1] == "event: done" and "event: chunk" in events, streamed.text
+    ids = {plain.headers["X-Request-ID"], streamed.headers["X-Request-ID"]}
+    assert rows(ledger) == []
+    unrecorded = [line for line in log_lines(app, "cost_tracking.log") if line.get("unrecorded")]
+    assert {line["request_id"] for line in unrecorded} == ids
+    assert all(line["total_cost"] > 0 and line["input_tokens"] > 0 for line in unrecorded)
+    errors = [line for line in log_lines(app, "api_errors.log") if line.get("unrecorded")]
+    assert {line["request_id"] for line in errors} == ids and all("missing from the ledger" in line["note"]
+                                                                  for line in errors)

@@ -407,3 +407,65 @@ def test_bad_settings_stop_the_launcher_with_one_line_before_any_worker_starts(t
     assert result.returncode == 2
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         "error: cannot start: APP_ENV=production needs GOOGLE_API_KEY (demo mode is for development only)"]
+
+
+@several_workers
+def test_a_second_launcher_on_a_port_already_served_exits_2(tmp_path, launch):
+    """SO_REUSEPORT would let it bind too and take half the traffic with its own settings."""
+    first, port = launch("--workers", "2")
+    env = environment(RATELIMIT_ENABLED="false", LOG_CONSOLE="false", LOG_DIR=str(tmp_path / "logs2"),
+                      COST_LEDGER_PATH=str(tmp_path / "other.sqlite3"), APP_ENV="testing")
+    second = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot start: another serve.py already serves "
+                                                   f"127.0.0.1:{port}"), second.stderr
+    assert {requests.get(f"http://127.0.0.1:{port}/api/v1/health", headers={"Connection": "close"},
+                         timeout=10).json()["environment"] for _ in range(20)} == {"development"}
+    stop(first)
+    again = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(port)],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # the lock went with the first launcher
+        wait_for_health(port, again)
+    finally:
+        stop(again)
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--threads", "-1"], "--threads must be at least 1, got -1"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--connection-limit", "0"], "--connection-limit must be at least 1, got 0"),
+    (["--port", "99999"], "--port must be between 0 and 65535, got 99999"),
+])
+def test_launcher_arguments_that_cannot_work_exit_2_with_one_line(tmp_path, arguments, words):
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", "0", *arguments],
+                            cwd=tmp_path, env=environment(LOG_DIR=str(tmp_path / "logs")), capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [f"error: cannot start: {words}"]
+
+
+def test_a_worker_that_cannot_build_the_app_stops_the_launcher_with_exit_2(tmp_path):
+    """Any failure while building the app would recur on every restart: exit 2, not a restart loop."""
+    env = environment(LOG_DIR=str(tmp_path / "logs"), LOG_CONSOLE="false", COST_PRICE_FILE=str(tmp_path / "none.json"),
+                      COST_LEDGER_PATH=str(tmp_path / "l.sqlite3"))
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(free_port())],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "error: cannot start: FileNotFoundError" in result.stderr and "restarting" not in result.stderr
+
+
+def test_a_worker_given_a_port_out_of_range_exits_2(tmp_path):
+    worker = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--worker", "0", "--host", "127.0.0.1",
+                               "--port", "99999"], cwd=tmp_path, env=environment(LOG_DIR=str(tmp_path / "logs")),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker.wait(timeout=30)  # its stdin stays open, as its supervisor's pipe would
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        _, err = worker.communicate()
+    assert worker.returncode == 2, err
+    assert "error: cannot start: cannot listen on 127.0.0.1:99999" in err
