@@ -53,6 +53,7 @@ from errors import (
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
+    sane_retry_after,
 )
 from gemini_replies import Reply, read_reply
 from retry_policy import RetryPolicy
@@ -340,22 +341,20 @@ def _api_error_of(exc: BaseException) -> genai_errors.APIError | None:
 
 
 def _retry_delay(api_error: genai_errors.APIError | None) -> float | None:
-    """The wait the provider asked for: RetryInfo.retryDelay ("2s", "1.5s"), else Retry-After."""
+    """The wait the provider asked for: RetryInfo.retryDelay ("2s", "1.5s"), else Retry-After.
+
+    Only finite, non-negative hints count, clamped to a day (`errors.sane_retry_after`)."""
     if api_error is None:
         return None
     body = api_error.details if isinstance(api_error.details, dict) else {}
     for detail in (body.get("error") or body).get("details") or []:
         delay = isinstance(detail, dict) and detail.get("retryDelay")
-        if isinstance(delay, str) and delay.endswith("s"):
-            try:
-                return float(delay[:-1])
-            except ValueError:
-                pass
+        if isinstance(delay, str) and delay.endswith("s") and len(delay) <= 32:
+            if (seconds := sane_retry_after(delay[:-1])) is not None:
+                return seconds
     headers = getattr(api_error.response, "headers", None) or {}
-    try:
-        return float(headers.get("retry-after"))
-    except (TypeError, ValueError):
-        return None
+    header = headers.get("retry-after")
+    return sane_retry_after(header) if isinstance(header, str) and len(header) <= 32 else None
 
 
 @functools.cache
