@@ -60,3 +60,80 @@ def test_a_non_finite_hint_set_by_anyone_still_gives_a_finite_wait_and_header(ma
 
         _, status, headers = routes.error_payload(UpstreamRateLimited("x", retry_after=math.inf))
     assert status == 429 and "Retry-After" not in headers
+
+
+# --- 3: code extraction is linear in the answer ------------------------------------------------------
+
+class CountingStr(str):
+    """An answer that counts the characters extraction looks at (find spans, indexes, slices)."""
+
+    examined = 0
+
+    def find(self, sub, start=None, end=None):
+        found = super().find(sub, start, end)
+        start = start or 0
+        CountingStr.examined += (len(self) if found < 0 else found + len(sub)) - start
+        return found
+
+    def __getitem__(self, key):
+        piece = super().__getitem__(key)
+        CountingStr.examined += len(piece)
+        return piece
+
+
+def examined_by_extraction(answer: str) -> int:
+    from task_prompts import fenced_block
+
+    CountingStr.examined = 0
+    fenced_block(CountingStr(answer))
+    return CountingStr.examined
+
+
+ADVERSARIAL = [  # the shapes that froze the regex: an unclosed fence before one long line, fences only
+    lambda n: "```" + "a" * n, lambda n: "```" * n, lambda n: "```\n" + "\n \t" * n,
+    lambda n: "```py\n" + "\n  ``" * n, lambda n: "x\n" * n + "```",
+]
+
+
+@pytest.mark.parametrize("build", ADVERSARIAL)
+def test_code_extraction_looks_at_each_character_a_bounded_number_of_times(build):
+    small, large = build(15_000), build(150_000)
+    assert examined_by_extraction(large) <= 4 * len(large)
+    assert examined_by_extraction(large) <= 11 * examined_by_extraction(small)
+
+
+def test_code_extraction_of_huge_adversarial_answers_is_right():
+    from task_prompts import extract_code
+
+    assert extract_code("```" + "a" * 150_000) == "```" + "a" * 150_000  # no line after the fence: no block
+    assert extract_code("```" * 50_000) == "```" * 50_000
+    assert extract_code("```python\n" + "x = 1\n" * 50_000 + "```\ntail") == ("x = 1\n" * 50_000).rstrip()
+    assert extract_code("```\n" + "a" * 150_000) == "a" * 150_000  # unclosed: to the end
+
+
+def test_code_extraction_agrees_with_the_old_pattern_on_many_small_answers():
+    import random
+    import re
+
+    from task_prompts import fenced_block
+
+    old = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL)
+    chance = random.Random(8)
+    for _ in range(20_000):
+        answer = "".join(chance.choice(["`", "```", "\n", " ", "\t", "a", "py", "+"])
+                         for _ in range(chance.randint(0, 14)))
+        match = old.search(answer)
+        assert fenced_block(answer) == (match.group(2) if match else None), repr(answer)
+
+
+def reply(text: str, **usage) -> dict:
+    return {"candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 7, **usage}}
+
+
+def test_an_unclosed_fence_before_a_long_line_is_answered_whole_over_http(make_app, serve, emulator):
+    server = serve(make_app(ratelimit_enabled=False, cache_enabled=False))
+    emulator.set_steady_fault("raw", body=reply("```" + "a" * 150_000))
+    answer = requests.post(server.url + "/api/v1/generate/code", json={"prompt": "fence"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["generated_code"] == "```" + "a" * 150_000
