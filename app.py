@@ -85,7 +85,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     if config.ratelimit_trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.ratelimit_trusted_proxies)
     if config.cors_origins:  # "*" only in demo mode unless set; a live key gets no origin until CORS_ORIGINS names it
-        CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "DELETE", "OPTIONS"],
+        CORS(app, origins=_cors_origins(config.cors_origins), methods=["GET", "POST", "DELETE", "OPTIONS"],
              allow_headers=ALLOWED_HEADERS, expose_headers=EXPOSED_HEADERS, max_age=600)
 
     _register_hooks(app, gateway)  # before the limiter's, so ours run after it and see its headers
@@ -175,6 +175,16 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         if outcome is not None:
             _add_cost_headers(response, outcome, overall)
         return response
+
+
+def _cors_origins(origins: tuple[str, ...]) -> list:
+    """The configured origins as flask-cors should match them: each literal exactly.
+
+    flask-cors reads a string holding `[`, `*`, `?`... as a regex and matches it unanchored, so a
+    bracketed IPv6 origin would become a character class; an escaped, anchored pattern keeps every
+    literal literal (`config.is_literal_origin` has already refused anything else)."""
+    return [origin if origin == "*" else re.compile(re.escape(origin) + r"\Z", re.IGNORECASE)
+            for origin in origins]
 
 
 def _settle_retry_after(headers, context) -> None:

@@ -106,3 +106,21 @@ def test_production_refuses_cors_for_every_origin():
     [warning] = star.exposure_warnings()  # allowed outside production, but said out loud
     assert "CORS_ORIGINS=*" in warning
     assert Config.load({"HOST": "0.0.0.0"}).exposure_warnings() == []  # demo mode: nothing to spend
+
+
+@pytest.mark.parametrize("origin", [
+    ".*", "https://*.example.com", "https://example.com/", "https://example.com/app", "example.com",
+    "ftp://example.com", "https://exa_mple.com", "https://example.com:0", "https://example.com:99999",
+    "https://(a|b).example", "https://example.com$", "https://[::1", "https://user@example.com", "https:// x",
+])
+def test_cors_origins_must_be_literal_origins(origin):
+    with pytest.raises(ConfigError) as refused:
+        Config.load({"GOOGLE_API_KEY": "AIzaX", "CORS_ORIGINS": f"http://localhost:3000,{origin}"})
+    assert repr(origin) in str(refused.value) and "CORS_ORIGINS" in str(refused.value)
+
+
+def test_literal_origins_and_star_outside_production_are_accepted():
+    origins = "http://localhost:3000, https://app.example.com, http://127.0.0.1:8080, http://[::1]:5173"
+    config = Config.load({"GOOGLE_API_KEY": "AIzaX", "CORS_ORIGINS": origins})
+    assert len(config.cors_origins) == 4
+    assert Config.load({"GOOGLE_API_KEY": "AIzaX", "CORS_ORIGINS": "*"}).cors_origins == ("*",)

@@ -245,3 +245,20 @@ def test_the_stream_documents_an_event_stream_not_a_json_object(make_app, serve)
     assert operation["responses"]["400"]["schema"] == {"$ref": "#/definitions/Error"}
     assert spec["paths"]["/generate/text"]["post"]["responses"]["200"]["schema"] == {
         "$ref": "#/definitions/TextResponse"}
+
+
+def test_named_origins_match_exactly_and_look_alikes_get_no_cors(make_app, serve):
+    import pytest
+
+    from config import ConfigError
+
+    for pattern in (".*", "https://*.example.com"):  # read as unanchored regexes by flask-cors
+        with pytest.raises(ConfigError):
+            make_app(ratelimit_enabled=False, cors_origins=(pattern,))
+    server = serve(make_app(ratelimit_enabled=False, cors_origins=("https://app.example.com", "http://[::1]:5173")))
+    for origin in ("https://app.example.com", "HTTPS://APP.EXAMPLE.COM", "http://[::1]:5173"):
+        assert preflight(server.url, origin).headers["Access-Control-Allow-Origin"] == origin
+    for look_alike in ("https://app.example.com.attacker.io", "https://appxexample.com", "http://1:5173",
+                       "http://[::1]:51735", "http://:5173", "https://app.example.co"):
+        answer = preflight(server.url, look_alike)
+        assert "Access-Control-Allow-Origin" not in answer.headers, look_alike
