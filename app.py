@@ -19,14 +19,16 @@ import logging
 import re
 import sys
 import time
+from urllib.parse import urlsplit
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_restx import Api
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import RequestRedirect
 
 import auth
 import key_cli
@@ -57,7 +59,19 @@ ALLOWED_HEADERS = ["Content-Type", "Authorization", "X-Requested-With", "X-API-K
 
 
 class GatewayFlask(Flask):
-    """Flask that leaves our own errors to `routes.error_payload`'s logging (no traceback per 502)."""
+    """Flask that leaves our own errors to `routes.error_payload`'s logging (no traceback per 502),
+    and whose routing redirects (`/swagger` -> `/swagger/`) point at a path on this server."""
+
+    def handle_http_exception(self, e):
+        """Werkzeug's RequestRedirect skips every error handler and answers HTML with an absolute
+        Location built from the client's Host header (`http://evil.example/...`): answer it with the
+        path alone instead, and no HTML."""
+        if isinstance(e, RequestRedirect):
+            target = urlsplit(e.new_url)
+            location = "/" + target.path.lstrip("/")  # never `//host`: a browser reads that as another site
+            location += f"?{target.query}" if target.query else ""
+            return Response(status=e.code, headers={"Location": location}, mimetype="text/plain")
+        return super().handle_http_exception(e)
 
     def log_exception(self, exc_info) -> None:
         if not isinstance(exc_info[1], GatewayError):
@@ -71,6 +85,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     gateway = build_gateway(config, retry_overrides=retry_overrides)
 
     app = GatewayFlask(__name__)
+    app.url_map.merge_slashes = False  # `/api/v1//health` is a JSON 404, not a redirect built from Host
     app.json = BodyJSONProvider(app)
     app.config.update(
         MAX_CONTENT_LENGTH=config.request_max_bytes,
