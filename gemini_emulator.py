@@ -29,8 +29,8 @@ Besides HTTP errors, hangs, drops and bad bodies, an upstream that misbehaves wh
   (cut) or the wait (stall); bad_chunk is then a malformed body, error_chunk a 200 error object.
 * ``rate_limit``: a 429 with RetryInfo and Retry-After from ``retry_delay`` (seconds); a string
   ``retry_delay`` is sent verbatim (``"nans"``), with ``retry_after`` as the raw header if given.
-* ``raw``: serve ``body`` (any JSON) as a 200 reply, or ``events`` as a stream's chunks:
-  off-contract replies, lying usage.
+* ``raw``: serve ``body`` (any JSON, or bytes sent verbatim) as a 200 reply, or ``events`` as a
+  stream's chunks: off-contract replies, lying usage, numbers or nesting no encoder would write.
 
 Dripped and stalled replies are recorded in ``deliveries`` (bytes sent of the total, and
 whether the client closed the connection first); ``wait_delivery()`` returns the next finished one.
@@ -512,7 +512,8 @@ def _reply_events(text: str, stream: bool, prompt_tokens: int, meta: dict, with_
 
 
 def _sse_event(event: Any) -> bytes:
-    return b"data: " + json.dumps(event).encode("utf-8") + b"\r\n\r\n"
+    """One event; bytes are sent verbatim (JSON that Python's own encoder would not write)."""
+    return b"data: " + (event if isinstance(event, bytes) else json.dumps(event).encode("utf-8")) + b"\r\n\r\n"
 
 
 def _chunk(data: bytes) -> bytes:

@@ -137,3 +137,38 @@ def test_an_unclosed_fence_before_a_long_line_is_answered_whole_over_http(make_a
     answer = requests.post(server.url + "/api/v1/generate/code", json={"prompt": "fence"}, timeout=30)
     assert answer.status_code == 200, answer.text
     assert answer.json()["generated_code"] == "```" + "a" * 150_000
+
+
+# --- 13: replies the JSON parser cannot hold; usage that goes down mid-stream -------------------------
+
+HUGE_NUMBER = (b'{"candidates":[{"content":{"parts":[{"text":"hi"}]}}],'
+               b'"usageMetadata":{"promptTokenCount":' + b"9" * 5000 + b',"candidatesTokenCount":1}}')
+DEEP = b'{"candidates":' + b"[" * 5000 + b"]" * 5000 + b"}"
+
+
+@pytest.mark.parametrize("body", [HUGE_NUMBER, DEEP], ids=["5000-digit number", "5000 deep"])
+def test_replies_the_parser_cannot_hold_are_bad_answers(make_app, serve, emulator, body):
+    server = serve(make_app(ratelimit_enabled=False, cache_enabled=False, retry_max_attempts=1))
+    emulator.set_steady_fault("raw", body=body, events=[body])
+    assert_error(requests.post(server.url + TEXT, json={"prompt": "big"}, timeout=30), 502, "upstream_bad_answer")
+    answer = requests.post(server.url + STREAM, json={"prompt": "big"}, timeout=30)
+    if answer.headers["Content-Type"].startswith("application/json"):  # the stream could not start
+        assert_error(answer, 502, "upstream_bad_answer")
+    else:
+        assert '"code": "upstream_bad_answer"' in answer.text or '"code":"upstream_bad_answer"' in answer.text
+
+
+def test_a_stream_is_billed_from_the_largest_usage_it_reported(make_app, serve, emulator):
+    app = make_app(ratelimit_enabled=False, cache_enabled=False)
+    server = serve(app)
+    emulator.set_steady_fault("raw", events=[
+        reply("long answer ", promptTokenCount=1000, candidatesTokenCount=1000),
+        reply("then a tiny count", promptTokenCount=1, candidatesTokenCount=1),
+    ])
+    answer = requests.post(server.url + STREAM, json={"prompt": "shrinking usage"}, timeout=30)
+    assert answer.status_code == 200 and "event: done" in answer.text, answer.text
+    done = answer.text.split("event: done")[1].split("data: ", 1)[1].split("\n", 1)[0]
+    import json
+
+    usage = json.loads(done)["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["source"]) == (1000, 1000, "provider")
