@@ -21,6 +21,11 @@ MAX_CATEGORIES = 50
 MAX_CATEGORY_CHARS = 100
 MAX_LANGUAGE_CHARS = 40
 NOT_BLANK = r"\S"
+# A language name goes into the code prompt's `Language:` line: letters, digits, spaces and + # . - _
+# only (no newline or control character that could start a line of its own). `$(?!\n)`: Python's `$`
+# also matches before a final newline. One way to match each string, so no backtracking.
+LANGUAGE_PATTERN = r"^ *[A-Za-z0-9+#._-][A-Za-z0-9+#._ -]*$(?!\n)"
+LANGUAGE_RULE = f"must be 1 to {MAX_LANGUAGE_CHARS} letters, digits, spaces or + # . - _ (not blank)"
 
 # The API-key schemes of the spec (Swagger 2.0 has no `bearer` type: the Authorization header is an
 # apiKey whose value is "Bearer <key>"). Each is enough on its own: SECURITY lists them as alternatives,
@@ -135,9 +140,9 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
         code_request=RequestSchema.of(api.model("CodeGeneration", {
             "prompt": prompt_field("What the code should do",
                                    "Create a Python function to calculate fibonacci numbers"),
-            "language": fields.String(min_length=1, max_length=MAX_LANGUAGE_CHARS, pattern=NOT_BLANK,
+            "language": fields.String(min_length=1, max_length=MAX_LANGUAGE_CHARS, pattern=LANGUAGE_PATTERN,
                                       default="python", example="python",
-                                      description="Programming language (default python)"),
+                                      description=f"Programming language (default python): {LANGUAGE_RULE}"),
             "cache": cache_field,
         }), api),
         classify_request=RequestSchema.of(api.model("TextClassification", {
@@ -227,7 +232,7 @@ def _describe(error) -> tuple[str, str]:
         "type": f"must be {_TYPE_WORDS.get(limit, limit)}{where}",
         "minLength": f"must not be empty{where}",
         "maxLength": f"must be at most {limit} characters{where}",
-        "pattern": f"must not be blank{where}",
+        "pattern": LANGUAGE_RULE if limit == LANGUAGE_PATTERN else f"must not be blank{where}",
         "minItems": f"needs at least {limit} items",
         "maxItems": f"allows at most {limit} items",
         "uniqueItems": "must not contain duplicates",

@@ -19,14 +19,16 @@ import logging
 import re
 import sys
 import time
+from urllib.parse import urlsplit
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_restx import Api
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import RequestRedirect
 
 import auth
 import key_cli
@@ -59,7 +61,19 @@ ALLOWED_HEADERS = ["Content-Type", "Authorization", "X-Requested-With", "X-API-K
 
 
 class GatewayFlask(Flask):
-    """Flask that leaves our own errors to `routes.error_payload`'s logging (no traceback per 502)."""
+    """Flask that leaves our own errors to `routes.error_payload`'s logging (no traceback per 502),
+    and whose routing redirects (`/swagger` -> `/swagger/`) point at a path on this server."""
+
+    def handle_http_exception(self, e):
+        """Werkzeug's RequestRedirect skips every error handler and answers HTML with an absolute
+        Location built from the client's Host header (`http://evil.example/...`): answer it with the
+        path alone instead, and no HTML."""
+        if isinstance(e, RequestRedirect):
+            target = urlsplit(e.new_url)
+            location = "/" + target.path.lstrip("/")  # never `//host`: a browser reads that as another site
+            location += f"?{target.query}" if target.query else ""
+            return Response(status=e.code, headers={"Location": location}, mimetype="text/plain")
+        return super().handle_http_exception(e)
 
     def log_exception(self, exc_info) -> None:
         if not isinstance(exc_info[1], GatewayError):
@@ -73,6 +87,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     gateway = build_gateway(config, retry_overrides=retry_overrides)
 
     app = GatewayFlask(__name__)
+    app.url_map.merge_slashes = False  # `/api/v1//health` is a JSON 404, not a redirect built from Host
     app.json = BodyJSONProvider(app)
     app.config.update(
         MAX_CONTENT_LENGTH=config.request_max_bytes,
@@ -87,7 +102,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     if config.ratelimit_trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.ratelimit_trusted_proxies)
     if config.cors_origins:  # "*" only in demo mode unless set; a live key gets no origin until CORS_ORIGINS names it
-        CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "DELETE", "OPTIONS"],
+        CORS(app, origins=_cors_origins(config.cors_origins), methods=["GET", "POST", "DELETE", "OPTIONS"],
              allow_headers=ALLOWED_HEADERS, expose_headers=EXPOSED_HEADERS, max_age=600)
 
     _register_hooks(app, gateway)  # before the limiter's, so ours run after it and see its headers
@@ -180,6 +195,16 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         if outcome is not None:
             _add_cost_headers(response, outcome, overall)
         return response
+
+
+def _cors_origins(origins: tuple[str, ...]) -> list:
+    """The configured origins as flask-cors should match them: each literal exactly.
+
+    flask-cors reads a string holding `[`, `*`, `?`... as a regex and matches it unanchored, so a
+    bracketed IPv6 origin would become a character class; an escaped, anchored pattern keeps every
+    literal literal (`config.is_literal_origin` has already refused anything else)."""
+    return [origin if origin == "*" else re.compile(re.escape(origin) + r"\Z", re.IGNORECASE)
+            for origin in origins]
 
 
 def _settle_retry_after(headers, context) -> None:

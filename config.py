@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,18 @@ def _as_number(name: str, raw: str, kind: type, minimum: float, maximum: float =
     if value > maximum:
         raise ConfigError(f"{name} must be at most {maximum}, got {raw!r}")
     return value
+
+
+# A literal origin as browsers send it: http(s), a host name or IPv4 of letters, digits, dots and
+# hyphens, or a bracketed IPv6 address, and an optional port. Nothing that could read as a pattern:
+# flask-cors compiles values that look like regexes and matches them unanchored.
+_LITERAL_ORIGIN = re.compile(r"https?://(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?")
+
+
+def is_literal_origin(origin: str) -> bool:
+    """True for `scheme://host[:port]` with a port in 1..65535, exactly; see _LITERAL_ORIGIN."""
+    match = _LITERAL_ORIGIN.fullmatch(origin)
+    return match is not None and (match["port"] is None or 1 <= int(match["port"]) <= 65535)
 
 
 def _as_list(raw: str) -> tuple[str, ...]:
@@ -158,6 +171,12 @@ class Config:
             raise ConfigError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {self.log_level!r}")
         if self.retry_max_wait_seconds < self.retry_min_wait_seconds:
             raise ConfigError("RETRY_MAX_WAIT_SECONDS must not be below RETRY_MIN_WAIT_SECONDS")
+        for origin in self.cors_origins:
+            if origin != "*" and not is_literal_origin(origin):
+                raise ConfigError(
+                    f"CORS_ORIGINS holds {origin[:100]!r}, which is not an origin: name each web app as "
+                    "scheme://host[:port] (http or https, no path, no wildcard or pattern), or use * alone "
+                    "outside production")
         if self.is_production:
             if not self.google_api_key:
                 raise ConfigError("APP_ENV=production needs GOOGLE_API_KEY (demo mode is for development only)")

@@ -30,6 +30,24 @@ given the same shape by `routes.error_payload`.
 
 from __future__ import annotations
 
+import math
+
+MAX_RETRY_AFTER_SECONDS = 86400.0  # a day: longer hints are the provider's mistake, not a plan
+
+
+def sane_retry_after(value: object, maximum: float = MAX_RETRY_AFTER_SECONDS) -> float | None:
+    """A retry hint we can act on: a finite, non-negative number of seconds, at most `maximum`.
+
+    Anything else (nan, inf, negative, not a number) is ignored (None): the hint comes from the
+    provider's reply, and nan or inf would break the Retry-After header or the retry wait."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, maximum)
+
 
 class GatewayError(Exception):
     """Base of every error the gateway reports to a client."""

@@ -27,8 +27,10 @@ Besides HTTP errors, hangs, drops and bad bodies, an upstream that misbehaves wh
   (default 1), then closes mid-stream, sends a chunk that is not JSON, sends an error object,
   or waits ``seconds`` (default 60) and closes. A plain call gets half its body then the close
   (cut) or the wait (stall); bad_chunk is then a malformed body, error_chunk a 200 error object.
-* ``raw``: serve ``body`` (any JSON) as a 200 reply, or ``events`` as a stream's chunks:
-  off-contract replies, lying usage.
+* ``rate_limit``: a 429 with RetryInfo and Retry-After from ``retry_delay`` (seconds); a string
+  ``retry_delay`` is sent verbatim (``"nans"``), with ``retry_after`` as the raw header if given.
+* ``raw``: serve ``body`` (any JSON, or bytes sent verbatim) as a 200 reply, or ``events`` as a
+  stream's chunks: off-contract replies, lying usage, numbers or nesting no encoder would write.
 
 Dripped and stalled replies are recorded in ``deliveries`` (bytes sent of the total, and
 whether the client closed the connection first); ``wait_delivery()`` returns the next finished one.
@@ -469,10 +471,14 @@ class _Handler(BaseHTTPRequestHandler):
             code, status, message = _ERROR_FAULTS[fault]
             if fault != "rate_limit":
                 return self._send_error(code, status, message)
-            delay = float(params.get("retry_delay", 2))
+            delay = params.get("retry_delay", 2)
+            if isinstance(delay, str):  # a raw hint, as a misbehaving provider might send it ("nans")
+                delay_text, header = delay, params.get("retry_after")
+            else:
+                delay_text, header = f"{float(delay):g}s", params.get("retry_after", str(math.ceil(delay)))
             return self._send_error(code, status, message, details=[
-                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{delay:g}s"}
-            ], headers={"Retry-After": str(math.ceil(delay))})
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay_text}
+            ], headers={} if header is None else {"Retry-After": str(header)})
         if fault == "hang":  # an Event wait, so stop() wakes it at once
             self.server.emulator._stopping.wait(float(params.get("seconds", 60)))
         if fault in ("hang", "drop"):
@@ -506,7 +512,8 @@ def _reply_events(text: str, stream: bool, prompt_tokens: int, meta: dict, with_
 
 
 def _sse_event(event: Any) -> bytes:
-    return b"data: " + json.dumps(event).encode("utf-8") + b"\r\n\r\n"
+    """One event; bytes are sent verbatim (JSON that Python's own encoder would not write)."""
+    return b"data: " + (event if isinstance(event, bytes) else json.dumps(event).encode("utf-8")) + b"\r\n\r\n"
 
 
 def _chunk(data: bytes) -> bytes:

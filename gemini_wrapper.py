@@ -53,6 +53,7 @@ from errors import (
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
+    sane_retry_after,
 )
 from gemini_replies import Reply, read_reply
 from retry_policy import RetryPolicy
@@ -247,17 +248,18 @@ class TextStream:
     def __init__(self, first, rest: Iterator, model: str):
         self._first, self._rest, self._model = first, rest, model
         self._parts: list[str] = []
-        self._last: Reply | None = None  # the latest chunk: Gemini reports cumulative usage in each
+        self._last: Reply | None = None  # the latest chunk, with the largest (cumulative) usage seen so far
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
         try:
             chunk = self._first
             while chunk is not None:
-                self._last = read_reply(json.loads(chunk.body))
-                if self._last.text:
-                    self._parts.append(self._last.text)
-                    yield self._last.text
+                reply = read_reply(json.loads(chunk.body))
+                self._last = _with_peak_usage(self._last, reply)
+                if reply.text:
+                    self._parts.append(reply.text)
+                    yield reply.text
                 chunk = next(self._rest, None)
         except GatewayError:
             raise
@@ -269,7 +271,7 @@ class TextStream:
 
     def received(self) -> Completion:
         """What arrived before the stream was cut short, with the usage the provider reported so far
-        (in the last chunk read: Gemini's counts are cumulative)."""
+        (Gemini's counts are cumulative: the largest seen in any chunk)."""
         last = self._last
         if last is None:
             return Completion(text="", model=self._model)
@@ -281,6 +283,21 @@ class TextStream:
         close = getattr(self._rest, "close", None)
         if close is not None:
             close()
+
+
+def _with_peak_usage(previous: Reply | None, reply: Reply) -> Reply:
+    """`reply`, billed with the largest token counts reported so far in the stream.
+
+    Gemini's counts are cumulative, so they never go down; a chunk reporting less (1000 then 1)
+    is not believed, or a provider could stream a long answer and bill it from a last tiny count."""
+    if previous is None:
+        return reply
+    return replace(reply, input_tokens=_larger(previous.input_tokens, reply.input_tokens),
+                   output_tokens=_larger(previous.output_tokens, reply.output_tokens))
+
+
+def _larger(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _completion_from(reply: Reply, model: str, text: str | None = None) -> Completion:
@@ -323,7 +340,9 @@ def translate_provider_error(exc: BaseException) -> GatewayError:
         return UpstreamRejected(f"the provider rejected the call with HTTP {status}", details=provider)
     if isinstance(exc, _CONNECTION_ERRORS):
         return UpstreamUnavailable("the connection to the provider failed")
-    if isinstance(exc, (json.JSONDecodeError, genai_errors.UnknownApiResponseError)):
+    if isinstance(exc, (ValueError, RecursionError, genai_errors.UnknownApiResponseError)):
+        # JSON (ours or the SDK's parse) that cannot be read: malformed, a number over Python's
+        # 4,300-digit limit (ValueError), nesting deeper than the recursion limit, undecodable bytes.
         return UpstreamBadAnswer("the provider's reply could not be read")
     log.error("unexpected provider failure: %s", type(exc).__name__)
     return UpstreamError("the provider call failed unexpectedly")
@@ -340,22 +359,20 @@ def _api_error_of(exc: BaseException) -> genai_errors.APIError | None:
 
 
 def _retry_delay(api_error: genai_errors.APIError | None) -> float | None:
-    """The wait the provider asked for: RetryInfo.retryDelay ("2s", "1.5s"), else Retry-After."""
+    """The wait the provider asked for: RetryInfo.retryDelay ("2s", "1.5s"), else Retry-After.
+
+    Only finite, non-negative hints count, clamped to a day (`errors.sane_retry_after`)."""
     if api_error is None:
         return None
     body = api_error.details if isinstance(api_error.details, dict) else {}
     for detail in (body.get("error") or body).get("details") or []:
         delay = isinstance(detail, dict) and detail.get("retryDelay")
-        if isinstance(delay, str) and delay.endswith("s"):
-            try:
-                return float(delay[:-1])
-            except ValueError:
-                pass
+        if isinstance(delay, str) and delay.endswith("s") and len(delay) <= 32:
+            if (seconds := sane_retry_after(delay[:-1])) is not None:
+                return seconds
     headers = getattr(api_error.response, "headers", None) or {}
-    try:
-        return float(headers.get("retry-after"))
-    except (TypeError, ValueError):
-        return None
+    header = headers.get("retry-after")
+    return sane_retry_after(header) if isinstance(header, str) and len(header) <= 32 else None
 
 
 @functools.cache

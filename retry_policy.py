@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from errors import GatewayError, UpstreamRateLimited, UpstreamTimeout
+from errors import GatewayError, UpstreamRateLimited, UpstreamTimeout, sane_retry_after
 
 log = logging.getLogger("gateway.retry")
 T = TypeVar("T")
@@ -49,9 +49,9 @@ class RetryPolicy:
 
     def wait_before(self, retry_number: int, error: BaseException | None) -> float:
         """Seconds to wait before retry `retry_number` (1 = the first retry)."""
-        hint = getattr(error, "retry_after", None)
+        hint = sane_retry_after(getattr(error, "retry_after", None), self.max_wait)
         if hint is not None:
-            return min(max(float(hint), 0.0), self.max_wait)
+            return hint
         exponential = self.min_wait * 2 ** (retry_number - 1)
         return min(exponential + self.jitter() * self.min_wait, self.max_wait)
 

@@ -22,7 +22,7 @@ from flask_restx import Namespace, Resource
 from werkzeug.exceptions import HTTPException
 
 from api_schema import SECURITY, InvalidBody, Schemas, check_distinct_categories
-from errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body
+from errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body, sane_retry_after
 from gateway import Gateway, RequestInfo
 from metrics import UNROUTED
 from task_service import CacheControl, TaskOutcome
@@ -311,8 +311,8 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
     if isinstance(exc, GatewayError):
         status, code, message, details = exc.status, exc.code, exc.message, exc.details
         headers.update(exc.headers)
-        if exc.retry_after is not None:
-            headers["Retry-After"] = g.retry_after = str(max(1, math.ceil(exc.retry_after)))
+        if (retry_after := sane_retry_after(exc.retry_after)) is not None:
+            headers["Retry-After"] = g.retry_after = str(max(1, math.ceil(retry_after)))
         log.warning("%s: %s", code, message, extra={"request_id": request_id()})
     elif isinstance(exc, HTTPException):
         status, details = exc.code or 500, {}

@@ -25,7 +25,7 @@ REQUEST_PREFIX = "Request:"
 CATEGORIES_PREFIX = "Categories (JSON array):"
 TEXT_PREFIX = "Text:"
 
-_FENCED_BLOCK = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL)
+FENCE = "```"
 _EDGE_NOISE = "\"'`*.,;:!?()[]{}<> \t\r\n"
 # Line breaks that JSON leaves unescaped with ensure_ascii=False (it escapes U+0000-U+001F itself).
 _RAW_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
@@ -61,12 +61,37 @@ def classification_prompt(text: str, categories: list[str]) -> str:
 
 def extract_code(answer: str) -> str:
     """The code inside the first fenced block, or the whole answer if it has no fence."""
-    match = _FENCED_BLOCK.search(answer)
-    code = match.group(2) if match else answer
+    fenced = fenced_block(answer)
+    code = answer if fenced is None else fenced
     code = code.strip("\n").rstrip()
     if not code.strip():
         raise UpstreamBadAnswer("the model returned no code")
     return code
+
+
+def fenced_block(answer: str) -> str | None:
+    """The body of the first fenced block: from the line after the first fence (if a line
+    follows) to the next line that starts with a fence, or to the end; None without one.
+
+    Plain scanning, each character looked at no more than twice: the answer is the provider's
+    (and the prompt can steer it), and the regex this replaces backtracked quadratically on an
+    unclosed fence followed by a long line ("```" + "a" * 150000 took seconds)."""
+    opening = answer.find(FENCE)
+    if opening < 0:
+        return None
+    header_end = answer.find("\n", opening + len(FENCE))  # the rest of the fence line: a language tag
+    if header_end < 0:
+        return None
+    start = header_end + 1
+    newline = answer.find("\n", start)
+    while newline >= 0:
+        after = newline + 1
+        while after < len(answer) and answer[after] in " \t":
+            after += 1
+        if answer[after:after + len(FENCE)] == FENCE:
+            return answer[start:newline]
+        newline = answer.find("\n", after)
+    return answer[start:]
 
 
 def normalise_label(label: str) -> str:

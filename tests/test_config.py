@@ -128,3 +128,21 @@ def test_numbers_that_cannot_work_and_unknown_names_are_refused_at_start_up(envi
 def test_every_flask_limiter_strategy_and_any_log_level_case_is_accepted(strategy):
     config = Config.load({"RATELIMIT_STRATEGY": strategy, "LOG_LEVEL": "debug", "PORT": "65535"})
     assert (config.ratelimit_strategy, config.port) == (strategy, 65535)
+
+
+@pytest.mark.parametrize("origin", [
+    ".*", "https://*.example.com", "https://example.com/", "https://example.com/app", "example.com",
+    "ftp://example.com", "https://exa_mple.com", "https://example.com:0", "https://example.com:99999",
+    "https://(a|b).example", "https://example.com$", "https://[::1", "https://user@example.com", "https:// x",
+])
+def test_cors_origins_must_be_literal_origins(origin):
+    with pytest.raises(ConfigError) as refused:
+        Config.load({"GOOGLE_API_KEY": "AIzaX", "CORS_ORIGINS": f"http://localhost:3000,{origin}"})
+    assert repr(origin) in str(refused.value) and "CORS_ORIGINS" in str(refused.value)
+
+
+def test_literal_origins_and_star_outside_production_are_accepted():
+    origins = "http://localhost:3000, https://app.example.com, http://127.0.0.1:8080, http://[::1]:5173"
+    config = Config.load({"GOOGLE_API_KEY": "AIzaX", "CORS_ORIGINS": origins})
+    assert len(config.cors_origins) == 4
+    assert Config.load({"GOOGLE_API_KEY": "AIzaX", "CORS_ORIGINS": "*"}).cors_origins == ("*",)

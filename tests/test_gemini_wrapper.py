@@ -197,15 +197,16 @@ def test_module_level_functions_use_the_environment(monkeypatch, emulator):
     assert emulator.request_count == 3
 
 
-@pytest.mark.parametrize("exc", [
-    RuntimeError("boom: key=test-key-not-a-secret"),
-    ValueError("Failed to parse response as JSON. Raw response: <html>"),
-    KeyError("candidates"),
+@pytest.mark.parametrize("exc, code", [
+    (RuntimeError("boom: key=test-key-not-a-secret"), "upstream_error"),
+    (ValueError("Failed to parse response as JSON. Raw response: <html>"), "upstream_bad_answer"),  # unreadable
+    (RecursionError("maximum recursion depth exceeded while decoding a JSON array"), "upstream_bad_answer"),
+    (KeyError("candidates"), "upstream_error"),
 ])
-def test_unexpected_failures_are_reported_in_our_own_words(exc):
+def test_unexpected_failures_are_reported_in_our_own_words(exc, code):
     error = gemini_wrapper.translate_provider_error(exc)
     told = f"{error.message} {error.details}"
-    assert error.code == "upstream_error" and type(exc).__name__ not in told
+    assert error.code == code and type(exc).__name__ not in told
     assert "key" not in told.lower() and "<html>" not in told
 
 

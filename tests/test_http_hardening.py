@@ -245,3 +245,50 @@ def test_the_stream_documents_an_event_stream_not_a_json_object(make_app, serve)
     assert operation["responses"]["400"]["schema"] == {"$ref": "#/definitions/Error"}
     assert spec["paths"]["/generate/text"]["post"]["responses"]["200"]["schema"] == {
         "$ref": "#/definitions/TextResponse"}
+
+
+def test_named_origins_match_exactly_and_look_alikes_get_no_cors(make_app, serve):
+    import pytest
+
+    from config import ConfigError
+
+    for pattern in (".*", "https://*.example.com"):  # read as unanchored regexes by flask-cors
+        with pytest.raises(ConfigError):
+            make_app(ratelimit_enabled=False, cors_origins=(pattern,))
+    server = serve(make_app(ratelimit_enabled=False, cors_origins=("https://app.example.com", "http://[::1]:5173")))
+    for origin in ("https://app.example.com", "HTTPS://APP.EXAMPLE.COM", "http://[::1]:5173"):
+        assert preflight(server.url, origin).headers["Access-Control-Allow-Origin"] == origin
+    for look_alike in ("https://app.example.com.attacker.io", "https://appxexample.com", "http://1:5173",
+                       "http://[::1]:51735", "http://:5173", "https://app.example.co"):
+        answer = preflight(server.url, look_alike)
+        assert "Access-Control-Allow-Origin" not in answer.headers, look_alike
+
+
+def raw_request(server, method: str, path: str, body: bytes = b"") -> tuple[int, dict, bytes]:
+    """One request with a hostile Host header, the path sent exactly as written."""
+    import http.client
+
+    connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=10)
+    try:
+        connection.putrequest(method, path, skip_host=True)
+        connection.putheader("Host", "evil.example")
+        if body:
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body or None)
+        answer = connection.getresponse()
+        return answer.status, dict(answer.getheaders()), answer.read()
+    finally:
+        connection.close()
+
+
+def test_double_slashes_are_json_404s_and_redirects_stay_on_this_server(make_app, serve):
+    server = serve(make_app(ratelimit_enabled=False))
+    for method, path, body in (("GET", "/api/v1//health", b""), ("POST", "/api/v1//generate/text", b'{"prompt":"x"}'),
+                               ("GET", "//evil.example/api/v1/health", b"")):
+        status, headers, content = raw_request(server, method, path, body)
+        assert status == 404 and headers["Content-Type"].startswith("application/json"), (path, status, content)
+        assert set(json.loads(content)) == ERROR_KEYS and "Location" not in headers
+    status, headers, content = raw_request(server, "GET", "/swagger?x=1")
+    assert status == 308 and headers["Location"] == "/swagger/?x=1"
+    assert b"<" not in content and "evil.example" not in headers["Location"]
