@@ -29,6 +29,7 @@ from flask_restx import Api
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import auth
+import budgets
 import key_cli
 import key_routes
 import routes
@@ -151,6 +152,9 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
             gateway.keys.touch(key)
             if key.tokens_per_minute is not None and request.path in auth.TASK_OF_PATH:
                 gateway.tokens.check(key.id, key.tokens_per_minute)
+            if key.monthly_budget_usd is not None and request.path in auth.TASK_OF_PATH:
+                context.budget_reservation = gateway.budgets.reserve(
+                    key.id, key.monthly_budget_usd, _estimated_cost(gateway))
         elif not authenticate:
             auth.refuse_anonymous_management(request.path)
         if scan:
@@ -175,6 +179,23 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         if outcome is not None:
             _add_cost_headers(response, outcome, overall)
         return response
+
+
+    @app.teardown_request
+    def release_budget(_exc):
+        """After the request is accounted for (for a stream: when it ends), its budget reservation goes."""
+        reservation = g.pop("budget_reservation", None)
+        if reservation is not None:
+            gateway.budgets.release(reservation)
+
+
+def _estimated_cost(gateway: Gateway) -> float:
+    """What a task request may cost at most (budgets.py says how it is estimated)."""
+    size = request.content_length
+    if size is None:
+        size = len(request.get_data(cache=True))
+    input_tokens, output_tokens = budgets.estimated_tokens(size, gateway.client.max_output_tokens)
+    return gateway.service.prices.cost(gateway.client.model, input_tokens, output_tokens).total
 
 
 def _settle_retry_after(headers, context) -> None:
