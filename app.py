@@ -33,6 +33,7 @@ import budgets
 import key_cli
 import key_routes
 import routes
+import usage_routes
 from api_schema import InvalidBody, bounded_int, register_models
 from config import Config, ConfigError
 from enhanced_logging import log_uncaught_exceptions, redact_log_handlers
@@ -110,6 +111,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget
     api.add_namespace(routes.stats_namespace(gateway, schemas, stats_limit), path="/stats")
     api.add_namespace(key_routes.keys_namespace(gateway, schemas, stats_limit), path="/keys")
+    api.add_namespace(usage_routes.usage_namespace(gateway, schemas, stats_limit), path="/usage")
     app.cli.add_command(key_cli.keys_command)
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
     log.info("client authentication: %s", "on (API keys required; /health and Swagger open)" if config.auth_enabled
