@@ -39,6 +39,7 @@ from config import Config, ConfigError
 from enhanced_logging import log_uncaught_exceptions, redact_log_handlers
 from errors import GatewayError, RequestBlocked
 from gateway import Gateway, build_gateway
+from jwt_auth import JWT_KEY_PREFIX, JwtVerifier
 from task_service import TaskOutcome
 
 __version__ = routes.__version__
@@ -137,6 +138,7 @@ def _key_limit(default: str) -> str:
 def _register_hooks(app: Flask, gateway: Gateway) -> None:
     scan = gateway.config.security_mode != "off"
     authenticate = gateway.config.auth_enabled
+    jwt = JwtVerifier.from_config(gateway.config) if authenticate else None
 
     @app.before_request
     def start_request():
@@ -149,9 +151,10 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         if len(incoming) <= _MAX_REQUEST_ID and _VALID_REQUEST_ID.fullmatch(incoming):
             context.client_request_id = incoming
         if authenticate and auth.needs_key(request.method, request.path):
-            context.api_key = key = auth.authenticate(gateway.keys, request.headers, time.time())
+            context.api_key = key = auth.authenticate(gateway.keys, request.headers, time.time(), jwt)
             auth.authorize(key, request.path)
-            gateway.keys.touch(key)
+            if jwt is None or not key.id.startswith(JWT_KEY_PREFIX):  # a JWT's key has no row to touch
+                gateway.keys.touch(key)
             if key.tokens_per_minute is not None and request.path in auth.TASK_OF_PATH:
                 gateway.tokens.check(key.id, key.tokens_per_minute)
             if key.monthly_budget_usd is not None and request.path in auth.TASK_OF_PATH:
@@ -323,7 +326,7 @@ def _configure_logging(config: Config) -> None:
     )
     for chatty in ("httpx", "httpx2", "google_genai", "google_genai.models"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    redact_log_handlers([config.google_api_key])
+    redact_log_handlers([config.google_api_key, config.auth_jwt_secret])
 
 
 # --- entry points -----------------------------------------------------------------------------
