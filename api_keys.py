@@ -68,7 +68,7 @@ class ApiKey:
     revoked_at: float | None = None
     rate_limit: str | None = None  # a Flask-Limiter string such as "100/minute;1000/day"
     tokens_per_minute: int | None = None
-    monthly_budget_usd: float | None = None  # stored and shown; enforced by the budget check (later)
+    monthly_budget_usd: float | None = None  # enforced by budgets.py (402 budget_exceeded)
     allowed_tasks: tuple[str, ...] | None = None  # None: every task
 
     @property

@@ -31,16 +31,19 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import RequestRedirect
 
 import auth
+import budgets
 import key_cli
 import key_routes
 import routes
 import security_headers
 import swagger_ui
+import usage_routes
 from api_schema import AUTHORIZATIONS, InvalidBody, bounded_int, register_models
 from config import Config, ConfigError
 from enhanced_logging import log_uncaught_exceptions, redact_log_handlers
 from errors import GatewayError, RequestBlocked
 from gateway import Gateway, build_gateway
+from jwt_auth import JWT_KEY_PREFIX, JwtVerifier
 from task_service import TaskOutcome
 
 __version__ = routes.__version__
@@ -129,6 +132,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget
     api.add_namespace(routes.stats_namespace(gateway, schemas, stats_limit), path="/stats")
     api.add_namespace(key_routes.keys_namespace(gateway, schemas, stats_limit), path="/keys")
+    api.add_namespace(usage_routes.usage_namespace(gateway, schemas, stats_limit), path="/usage")
     app.cli.add_command(key_cli.keys_command)
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
     log.info("client authentication: %s", "on (API keys required; /health and Swagger open)" if config.auth_enabled
@@ -154,6 +158,7 @@ def _key_limit(default: str) -> str:
 def _register_hooks(app: Flask, gateway: Gateway) -> None:
     scan = gateway.config.security_mode != "off"
     authenticate = gateway.config.auth_enabled
+    jwt = JwtVerifier.from_config(gateway.config) if authenticate else None
 
     @app.before_request
     def start_request():
@@ -166,11 +171,15 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         if len(incoming) <= _MAX_REQUEST_ID and _VALID_REQUEST_ID.fullmatch(incoming):
             context.client_request_id = incoming
         if authenticate and auth.needs_key(request.method, request.path):
-            context.api_key = key = auth.authenticate(gateway.keys, request.headers, time.time())
+            context.api_key = key = auth.authenticate(gateway.keys, request.headers, time.time(), jwt)
             auth.authorize(key, request.path)
-            gateway.keys.touch(key)
+            if jwt is None or not key.id.startswith(JWT_KEY_PREFIX):  # a JWT's key has no row to touch
+                gateway.keys.touch(key)
             if key.tokens_per_minute is not None and request.path in auth.TASK_OF_PATH:
                 gateway.tokens.check(key.id, key.tokens_per_minute)
+            if key.monthly_budget_usd is not None and request.path in auth.TASK_OF_PATH:
+                context.budget_reservation = gateway.budgets.reserve(
+                    key.id, key.monthly_budget_usd, _estimated_cost(gateway))
         elif not authenticate:
             auth.refuse_anonymous_management(request.path)
         if scan:
@@ -195,6 +204,22 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
         if outcome is not None:
             _add_cost_headers(response, outcome, overall)
         return response
+
+    @app.teardown_request
+    def release_budget(_exc):
+        """After the request is accounted for (for a stream: when it ends), its budget reservation goes."""
+        reservation = g.pop("budget_reservation", None)
+        if reservation is not None:
+            gateway.budgets.release(reservation)
+
+
+def _estimated_cost(gateway: Gateway) -> float:
+    """What a task request may cost at most (budgets.py says how it is estimated)."""
+    size = request.content_length
+    if size is None:
+        size = len(request.get_data(cache=True))
+    input_tokens, output_tokens = budgets.estimated_tokens(size, gateway.client.max_output_tokens)
+    return gateway.service.prices.cost(gateway.client.model, input_tokens, output_tokens).total
 
 
 def _cors_origins(origins: tuple[str, ...]) -> list:
@@ -330,7 +355,7 @@ def _configure_logging(config: Config) -> None:
     )
     for chatty in ("httpx", "httpx2", "google_genai", "google_genai.models"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    redact_log_handlers([config.google_api_key])
+    redact_log_handlers([config.google_api_key, config.auth_jwt_secret])
 
 
 # --- entry points -----------------------------------------------------------------------------

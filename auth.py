@@ -11,6 +11,7 @@ before-request hook and puts the key on the request state (`g.api_key`).
 - Admin operations (`ADMIN_PREFIXES`: key management, the full `/stats`, usage exports) need an
   admin key; `/api/v1/keys/me/usage` is any key's own usage.
 - A task endpoint checks the key's `allowed_tasks`.
+- Optionally (AUTH_JWT_*, `jwt_auth.py`) a Bearer JWT of the configured issuer stands for a key.
 - With authentication off (AUTH_ENABLED=false) keys are not read and requests are anonymous,
   but `/api/v1/keys` is refused (403): keys are then managed with the CLI only.
 """
@@ -21,9 +22,11 @@ from collections.abc import Mapping
 
 from api_keys import ApiKey, KeyStore
 from errors import Forbidden, KeyExpired, KeyRevoked, TaskNotAllowed, Unauthorized
+from jwt_auth import InvalidToken, JwtVerifier, looks_like_jwt
 
 KEY_HEADERS = ("X-API-Key", "X-API-Token")
 MAX_KEY_CHARS = 256  # longer is no key of ours: not even hashed
+MAX_TOKEN_CHARS = 8192  # a JWT longer than this is not even decoded
 OPEN_PATHS = frozenset({"/api/v1/health", "/swagger.json", "/api/v1/swagger.json", "/swagger"})
 OPEN_PREFIXES = ("/swagger/", "/swaggerui/")
 KEYS_PREFIX = "/api/v1/keys"
@@ -53,12 +56,20 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def authenticate(store: KeyStore, headers: Mapping[str, str], now: float) -> ApiKey:
-    """The valid key of a request; Unauthorized, KeyRevoked or KeyExpired otherwise."""
+def authenticate(store: KeyStore, headers: Mapping[str, str], now: float, jwt: JwtVerifier | None = None) -> ApiKey:
+    """The valid key of a request; Unauthorized, KeyRevoked or KeyExpired otherwise. With `jwt` (AUTH_JWT_*),
+    a JWT signed by the configured issuer is accepted too (jwt_auth.py)."""
     presented = presented_key(headers)
     if presented is None:
         raise Unauthorized("An API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                            details={"accepted_headers": ["Authorization: Bearer", *KEY_HEADERS]})
+    if jwt is not None and len(presented) <= MAX_TOKEN_CHARS and looks_like_jwt(presented):
+        try:
+            return jwt.verify(presented, now)
+        except InvalidToken as exc:
+            if exc.expired:
+                raise KeyExpired("The bearer token has expired") from None
+            raise Unauthorized("The bearer token is not valid") from None
     key = store.lookup(presented) if len(presented) <= MAX_KEY_CHARS else None
     if key is None:
         raise Unauthorized("The API key is not valid")

@@ -135,6 +135,12 @@ class Config:
     # Client API keys (api_keys.py, auth.py). Empty AUTH_ENABLED: on in production, off in development/testing.
     auth_enabled: bool = _env("AUTH_ENABLED", "", kind="bool_or_environment")
     auth_allow_anonymous: bool = _env("AUTH_ALLOW_ANONYMOUS", "false", kind=bool)
+    # Optional JWT bearer tokens (jwt_auth.py): an HS256 secret or an RS256 public key file, and the issuer.
+    auth_jwt_secret: str = _env("AUTH_JWT_SECRET", "", secret=True)
+    auth_jwt_public_key_file: str = _env("AUTH_JWT_PUBLIC_KEY_FILE", "")
+    auth_jwt_issuer: str = _env("AUTH_JWT_ISSUER", "")
+    auth_jwt_audience: str = _env("AUTH_JWT_AUDIENCE", "")
+    auth_jwt_leeway_seconds: float = _env("AUTH_JWT_LEEWAY_SECONDS", "30", kind=float, minimum=0)
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides) -> Config:
@@ -177,6 +183,7 @@ class Config:
                     f"CORS_ORIGINS holds {origin[:100]!r}, which is not an origin: name each web app as "
                     "scheme://host[:port] (http or https, no path, no wildcard or pattern), or use * alone "
                     "outside production")
+        self._validate_jwt()
         if self.is_production:
             if not self.google_api_key:
                 raise ConfigError("APP_ENV=production needs GOOGLE_API_KEY (demo mode is for development only)")
@@ -188,6 +195,27 @@ class Config:
             if "*" in self.cors_origins:
                 raise ConfigError("APP_ENV=production refuses CORS_ORIGINS=*: name the origins of your web apps "
                                   "(any page a browser visits could otherwise spend the key)")
+
+    def _validate_jwt(self) -> None:
+        if not (self.auth_jwt_secret or self.auth_jwt_public_key_file):
+            return
+        if self.auth_jwt_secret and self.auth_jwt_public_key_file:
+            raise ConfigError("set AUTH_JWT_SECRET (HS256) or AUTH_JWT_PUBLIC_KEY_FILE (RS256), not both")
+        if not self.auth_jwt_issuer:
+            raise ConfigError("AUTH_JWT_ISSUER is required with AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY_FILE")
+        if self.auth_jwt_secret and len(self.auth_jwt_secret.encode("utf-8")) < 32:
+            raise ConfigError("AUTH_JWT_SECRET must be at least 32 bytes (HS256)")
+        if self.auth_jwt_public_key_file:
+            try:
+                from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+                from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+                key = load_pem_public_key(Path(self.auth_jwt_public_key_file).read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"AUTH_JWT_PUBLIC_KEY_FILE is not a readable PEM public key "
+                                  f"({type(exc).__name__})") from None
+            if not isinstance(key, RSAPublicKey):
+                raise ConfigError("AUTH_JWT_PUBLIC_KEY_FILE must hold an RSA public key (RS256)")
 
     @property
     def is_production(self) -> bool:

@@ -21,6 +21,7 @@ import contextlib
 import csv
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ log = logging.getLogger("gateway.cost")
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_PRICE_FILE = DATA_DIR / "prices.json"
+EXPORT_CHUNK_CHARS = 64 * 1024  # an export's pieces: few writes, and little memory per export
 CL100K_FILE = DATA_DIR / "cl100k_base.tiktoken"
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"  # tiktoken's own expected hash
 CL100K_PATTERN = (
@@ -384,24 +386,43 @@ class CostTracker:
         kind = path.suffix.lower()
         if kind not in (".csv", ".json"):
             raise ValueError(f"export format must be .json or .csv, got {path.name!r}")
-        count = 0
-        with self._snapshot() as reader, path.open("w", newline="", encoding="utf-8") as handle:
+        counted = [0]
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            for chunk in self.export_chunks(kind.removeprefix("."), hours, counted=counted):
+                handle.write(chunk)
+        return counted[0]
+
+    def export_chunks(self, kind: str, hours: float | None = None, *, chunk_chars: int = EXPORT_CHUNK_CHARS,
+                      counted: list[int] | None = None):
+        """The records of the last `hours` (all when None), oldest first, as the text of a CSV file (header
+        first) or a JSON list, in pieces of about `chunk_chars`: rows are fetched from one read snapshot as
+        the pieces are taken, so memory stays bounded whatever the ledger holds (an HTTP export streams them).
+        `counted[0]` is the number of rows written so far. Closing the generator early closes the snapshot."""
+        if kind not in ("csv", "json"):
+            raise ValueError(f"export format must be json or csv, got {kind!r}")
+        counted = counted if counted is not None else [0]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS) if kind == "csv" else None
+        if writer:
+            writer.writeheader()
+        else:
+            buffer.write("[")
+        with self._snapshot() as reader:
             cursor = reader.execute(f"{SELECT} WHERE timestamp >= ? ORDER BY id", (self._since(hours),))
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS) if kind == ".csv" else None
-            if writer:
-                writer.writeheader()
-            else:
-                handle.write("[")
             for row in self._rows.each(cursor):
                 fields = vars(record_of(row))
                 if writer:
                     writer.writerow(fields)
                 else:
-                    handle.write(("," if count else "") + "\n  " + json.dumps(fields))
-                count += 1
-            if not writer:
-                handle.write("\n]\n")
-        return count
+                    buffer.write(("," if counted[0] else "") + "\n  " + json.dumps(fields))
+                counted[0] += 1
+                if buffer.tell() >= chunk_chars:
+                    yield buffer.getvalue()
+                    buffer.seek(0)
+                    buffer.truncate()
+        if not writer:
+            buffer.write("\n]\n")
+        yield buffer.getvalue()
 
     def _since(self, hours: float | None) -> float:
         return 0.0 if hours is None else self._clock() - hours * 3600

@@ -14,6 +14,7 @@ so no SDK type leaks past the wrapper and retry decisions are made on our own ty
     │   └── KeyExpired                401 key_expired
     ├── Forbidden                     403 forbidden           (a user key on an admin operation)
     │   └── TaskNotAllowed            403 task_not_allowed    (the key's allowed_tasks exclude the task)
+    ├── BudgetExceeded                402 budget_exceeded     (the key's monthly budget; details: budget, spent, reset)
     ├── NotFound                      404 not_found           (an unknown key id)
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── TokenLimitExceeded            429 token_limit_exceeded (the key's tokens_per_minute; has retry_after)
@@ -100,6 +101,11 @@ class Forbidden(GatewayError):
 
 class TaskNotAllowed(Forbidden):
     code = "task_not_allowed"
+
+
+class BudgetExceeded(GatewayError):
+    status = 402
+    code = "budget_exceeded"
 
 
 class NotFound(GatewayError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import demo_mode
 from api_keys import KeyStore
+from budgets import BudgetGuard
 from config import Config, ConfigError
 from cost_tracker import CostRecord, CostTracker, PriceTable, TokenCounter
 from enhanced_logging import RequestLogger, SecurityScanner
@@ -48,7 +49,8 @@ class RequestInfo:
 # request, a 400 included, passed the rate limiter first, so its rows grow only as fast as the limit allows.
 # Refusals by authentication (auth.py) are among them: an unauthenticated client must not grow the ledger at all.
 UNBILLED_REFUSALS = frozenset({"rate_limited", "request_blocked", "payload_too_large", "unauthorized", "key_revoked",
-                               "key_expired", "forbidden", "task_not_allowed", "token_limit_exceeded"})
+                               "key_expired", "forbidden", "task_not_allowed", "token_limit_exceeded",
+                               "budget_exceeded"})
 
 
 def _cost_record(request: RequestInfo, status: int, elapsed_ms: float, outcome: TaskOutcome | None,
@@ -80,6 +82,7 @@ class Gateway:
     logger: RequestLogger
     scanner: SecurityScanner
     keys: KeyStore
+    budgets: BudgetGuard  # keys' monthly budgets (budgets.py)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     tokens: TokenWindows = field(default_factory=TokenWindows)  # per-key tokens per minute (this process)
     started_at: float = field(default_factory=time.monotonic)
@@ -91,6 +94,8 @@ class Gateway:
         overall, summary = None, {}
         if is_task and request.error_code not in UNBILLED_REFUSALS:
             overall = self._record_cost(_cost_record(request, status, elapsed_ms, outcome, self.client.model))
+            if request.key_id is not None and outcome is not None:
+                self.budgets.recorded(request.key_id, outcome.cost.total)
         if outcome is not None:
             if request.key_id is not None and not outcome.cached:
                 self.tokens.add(request.key_id, outcome.input_tokens + outcome.output_tokens)
@@ -132,6 +137,7 @@ class Gateway:
         self.logger.close()
         self.tracker.close()
         self.keys.close()
+        self.budgets.close()
 
 
 def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gateway:
@@ -167,5 +173,5 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
     return Gateway(
         config=config, upstream=upstream, client=client, service=service, cache=cache, tracker=tracker,
         logger=logger, scanner=SecurityScanner(config.request_max_bytes), keys=KeyStore(config.cost_ledger_path),
-        metrics=metrics,
+        budgets=BudgetGuard(config.cost_ledger_path), metrics=metrics,
     )

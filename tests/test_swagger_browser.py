@@ -28,6 +28,7 @@ OPERATIONS = {  # Swagger UI's element id of each operation -> its path
     "operations-keys-get_own_usage": "/keys/me/usage",
     "operations-keys-delete_key": "/keys/{key_id}",
     "operations-keys-get_key_usage": "/keys/{key_id}/usage",
+    "operations-usage-get_usage_export": "/usage/export",
 }
 SCHEMES = {"Bearer": ("Authorization", "Bearer mtk_browser_test_key"),
            "ApiKey": ("X-API-Key", "mtk_browser_test_key_2"),
