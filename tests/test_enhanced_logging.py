@@ -318,3 +318,19 @@ def test_redactor_with_secrets_adds_only_new_ones():
     assert first.with_secrets(["first-secret", "", "ab"]) is first
     both = first.with_secrets(["second-secret"])
     assert both.redact_text("first-secret second-secret") == f"{REDACTED} {REDACTED}"
+
+
+@pytest.mark.parametrize("text", [
+    "api_key=abcdef123", "X-API-KEY: abc", "\u212aey=abc", "paſſword: hunter22", "ſecret=abc", "TOKEN = 'abc'",
+    "Authorization: Basic dXNlcjpwYXNz", "bearer abcdefghijklmnopq", "AIza" + "x" * 35, "mtk_" + "y" * 30,
+    "passwd=x", "a plain sentence with no credential", "request 0123456789abcdef",
+])
+def test_the_plain_word_prefilter_never_skips_what_the_patterns_would_redact(text):
+    """The word check before the RE2 patterns is only a shortcut: it must pass every text they would change."""
+    import enhanced_logging
+
+    changed_by_patterns = any(pattern.sub(replacement, text) != text
+                              for pattern, replacement in enhanced_logging._CREDENTIAL_PATTERNS)
+    passes_prefilter = any(word in text.casefold() for word in enhanced_logging._CREDENTIAL_WORDS)
+    assert passes_prefilter or not changed_by_patterns
+    assert (enhanced_logging.Redactor().redact_text(text) != text) == changed_by_patterns
