@@ -101,11 +101,16 @@ def normalise_label(label: str) -> str:
 def match_category(answer: str, categories: list[str]) -> str:
     """Map the model's answer onto exactly one of `categories`, as the caller wrote it.
 
-    Exact match after trimming quotes, punctuation, case and whitespace first; then an answer
-    that names exactly one category as a whole word ("The sentiment is positive."). Anything
-    else is an error: returning a label the caller did not offer would be silently wrong.
+    Exact match first (case and whitespace aside), so a category that starts or ends with
+    punctuation, such as "(draft)", is not trimmed into another one; then after trimming quotes and
+    punctuation; then an answer that names exactly one category as a whole word ("The sentiment is
+    positive."). Anything else is an error: returning a label the caller did not offer would be
+    silently wrong.
     """
     by_normal_form = {normalise_label(category): category for category in categories}
+    exact = normalise_label(answer)
+    if exact in by_normal_form:
+        return by_normal_form[exact]
     cleaned = normalise_label(answer.strip(_EDGE_NOISE))
     if cleaned in by_normal_form:
         return by_normal_form[cleaned]
