@@ -71,6 +71,7 @@ class _Spend:
     ledger: float = 0.0  # the SUM read from the ledger
     read_at: float = float("-inf")  # monotonic time of that read
     own: float = 0.0  # this process's records committed since (or during) that read
+    unreplayed: float = 0.0  # this process's records waiting in the ledger's spool (not in any SUM yet)
     reserved: float = 0.0  # estimates of this process's requests in flight
     reading: bool = False  # a thread is re-reading the ledger for this key
 
@@ -89,8 +90,10 @@ class BudgetGuard:
     """Per-process check of keys' monthly budgets (thread-safe)."""
 
     def __init__(self, ledger_path: Path | str, *, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic, refresh_seconds: float = REFRESH_SECONDS):
+                 monotonic: Callable[[], float] = time.monotonic, refresh_seconds: float = REFRESH_SECONDS,
+                 spooled: Callable[[], int] = lambda: 0):
         self._clock, self._monotonic, self._refresh = clock, monotonic, refresh_seconds
+        self._spooled = spooled  # records of this process waiting in the ledger's spool (CostTracker.spooled)
         self._lock = threading.Lock()  # the figures below; never held during a query
         self._spend: dict[str, _Spend] = {}
         self._db_lock = threading.Lock()
@@ -103,15 +106,15 @@ class BudgetGuard:
         self._refresh_if_stale(key_id, month)
         with self._lock:
             spend = self._entry(key_id, month)
-            spent = spend.ledger + spend.own
+            spent = spend.ledger + spend.own + spend.unreplayed
             if spent + spend.reserved >= budget:
                 in_flight = spend.reserved
             else:
                 spend.reserved += estimate
                 return Reservation(key_id, month, estimate)
         reset = next_month(month).isoformat()
-        why = ("its monthly budget is spent" if spent >= budget
-               else "what is left of its monthly budget is held by its requests in flight")
+        why = ("monthly budget is spent" if spent >= budget
+               else "remaining monthly budget is held by its requests in flight")
         raise BudgetExceeded(f"This API key's {why}; it resets on {reset} (UTC)",
                              details={"key_id": key_id, "budget": budget, "spent": round(spent, 10),
                                       "in_flight": round(in_flight, 10), "reset": reset})
@@ -126,14 +129,18 @@ class BudgetGuard:
             if spend is not None and spend.month == reservation.month:
                 spend.reserved = max(0.0, spend.reserved - reservation.amount)
 
-    def recorded(self, key_id: str, cost: float) -> None:
-        """A ledger record of `key_id` costing `cost` was committed by this process."""
+    def recorded(self, key_id: str, cost: float, *, spooled: bool = False) -> None:
+        """A ledger record of `key_id` costing `cost` was committed by this process (or, `spooled`,
+        kept in the ledger's spool until it can be: no SUM sees it until then, so it is kept apart)."""
         if cost <= 0:
             return
         with self._lock:
             spend = self._spend.get(key_id)
             if spend is not None and spend.month == month_of(self._clock()):
-                spend.own += cost
+                if spooled:
+                    spend.unreplayed += cost
+                else:
+                    spend.own += cost
 
     def state(self, key_id: str) -> dict:
         """This process's view of a key's month (tests and diagnostics)."""
@@ -169,6 +176,8 @@ class BudgetGuard:
             if total is not None and spend.month == month:
                 spend.ledger, spend.read_at = total, now
                 spend.own -= own_before  # what was recorded during the read may be in the SUM too: kept (refuse-side)
+                if not self._spooled():
+                    spend.unreplayed = 0.0  # the spool is replayed: those records are in this SUM
 
     def close(self) -> None:
         with self._db_lock:

@@ -95,7 +95,7 @@ class Gateway:
         if is_task and request.error_code not in UNBILLED_REFUSALS:
             overall = self._record_cost(_cost_record(request, status, elapsed_ms, outcome, self.client.model))
             if request.key_id is not None and outcome is not None:
-                self.budgets.recorded(request.key_id, outcome.cost.total)
+                self.budgets.recorded(request.key_id, outcome.cost.total, spooled=self.tracker.spooled > 0)
         if outcome is not None:
             if request.key_id is not None and not outcome.cached:
                 self.tokens.add(request.key_id, outcome.input_tokens + outcome.output_tokens)
@@ -173,5 +173,5 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
     return Gateway(
         config=config, upstream=upstream, client=client, service=service, cache=cache, tracker=tracker,
         logger=logger, scanner=SecurityScanner(config.request_max_bytes), keys=KeyStore(config.cost_ledger_path),
-        budgets=BudgetGuard(config.cost_ledger_path), metrics=metrics,
+        budgets=BudgetGuard(config.cost_ledger_path, spooled=lambda: tracker.spooled), metrics=metrics,
     )

@@ -226,3 +226,27 @@ def test_the_spec_documents_402_on_the_task_endpoints(make_app):
     spec = make_app().test_client().get("/swagger.json").get_json()
     for path in ("/generate/text", "/generate/code", "/generate/text/stream", "/classify/text"):
         assert "402" in spec["paths"][path]["post"]["responses"]
+
+
+def test_a_budget_holds_while_the_ledger_is_locked_and_records_wait_in_the_spool(budgeted, emulator):
+    """Found by attack: with the write lock held elsewhere, records went to the spool, the re-read SUM
+    did not see them and the key's own spend was dropped at each re-read: 6-20 times the budget."""
+    import sqlite3
+
+    app, key, secret = budgeted(0.0001, cost_ledger_write_timeout_seconds=0.05)
+    gateway = app.extensions["gateway"]
+    gateway.budgets._refresh = 0.0  # re-read the ledger before every request: the case that lost the spend
+    client = app.test_client()
+    holder = sqlite3.connect(gateway.config.cost_ledger_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        statuses = [client.post(TEXT, json={"prompt": f"locked ledger, part {n}"}, headers=bearer(secret)).status_code
+                    for n in range(60)]
+        assert gateway.tracker.spooled > 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert 402 in statuses and statuses.index(402) >= 2
+    gateway.tracker.replay_spool()
+    spent, costs = key_spend(app, key.id)
+    assert spent - max(costs) < 0.0001  # at most the one request that crossed the budget
