@@ -185,7 +185,12 @@ def _expiry(value, now: float) -> float:
         raise InvalidKeyField("expires_at", "must be a date (YYYY-MM-DD) or an ISO 8601 date-time") from None
     if moment.timestamp() <= now:
         raise InvalidKeyField("expires_at", "must be in the future")
+    if moment.timestamp() >= _LATEST_EXPIRY:  # later ones cannot be shown as dates (year 10000 in UTC)
+        raise InvalidKeyField("expires_at", "must be before 9000-01-01")
     return moment.timestamp()
+
+
+_LATEST_EXPIRY = datetime(9000, 1, 1, tzinfo=UTC).timestamp()
 
 
 # --- the store --------------------------------------------------------------------------------

@@ -77,7 +77,12 @@ class JwtVerifier:
             raise InvalidToken("the token has expired", expired=True) from None
         except jwt.PyJWTError as exc:
             raise InvalidToken(type(exc).__name__) from None
-        return key_of_claims(claims, self._issuer, time.time() if now is None else now)
+        except (RecursionError, ValueError, OverflowError, TypeError):  # PyJWT parses JSON before the signature
+            raise InvalidToken("the token cannot be read") from None
+        try:
+            return key_of_claims(claims, self._issuer, time.time() if now is None else now)
+        except (ValueError, OverflowError, TypeError):  # e.g. an exp of 10**400 from the issuer itself
+            raise InvalidToken("a claim is out of range") from None
 
 
 def looks_like_jwt(presented: str) -> bool:

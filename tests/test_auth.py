@@ -168,6 +168,7 @@ def test_admins_create_list_revoke_keys_and_the_key_is_shown_once(secured):
     ({}, "name"), ({"name": "  "}, "name"), ({"name": "x", "scope": "root"}, "scope"),
     ({"name": "x", "rate_limit": "lots"}, "rate_limit"), ({"name": "x", "rate_limit": 5}, "rate_limit"),
     ({"name": "x", "expires_at": "tomorrow"}, "expires_at"), ({"name": "x", "expires_at": "2001-01-01"}, "expires_at"),
+    ({"name": "x", "expires_at": "9999-12-31T23:59:59-12:00"}, "expires_at"),  # year 10000 in UTC: not showable
     ({"name": "x", "allowed_tasks": ["text", "poetry"]}, "allowed_tasks"), ({"name": "x", "allowed_tasks": []},
                                                                             "allowed_tasks"),
     ({"name": "x", "tokens_per_minute": 0}, "tokens_per_minute"), ({"name": "x", "tokens_per_minute": 1.5},

@@ -78,6 +78,13 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def _signed_raw(payload: bytes) -> str:
+    """A correctly signed HS256 token around any payload bytes (the issuer's own, however odd)."""
+    signing_input = _b64(b'{"alg":"HS256","typ":"JWT"}') + "." + _b64(payload)
+    signature = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + _b64(signature)
+
+
 @pytest.mark.parametrize(("name", "bad"), [
     ("wrong secret", lambda: token(key="x" * 40)),
     ("wrong issuer", lambda: token(iss="https://other.example")),
@@ -89,6 +96,11 @@ def _b64(data: bytes) -> str:
     ("bad limit claim", lambda: token(rate_limit="lots")),
     ("bad task claim", lambda: token(allowed_tasks=["poetry"])),
     ("tampered", lambda: token()[:-2] + "AA"),
+    ("deeply nested header, unsigned", lambda: _b64(b'{"alg":"HS256","x":' + b"[" * 2500 + b"]" * 2500 + b"}")
+     + "." + _b64(b'{"sub":"a"}') + "." + _b64(b"junk")),
+    ("exp beyond any float, signed", lambda: token(exp=10**400)),
+    ("deeply nested payload, signed", lambda: _signed_raw(b'{"iss":"' + ISSUER.encode() + b'","sub":"a","x":'
+                                                          + b"[" * 2500 + b"]" * 2500 + b"}")),
 ])
 def test_tokens_that_are_not_the_issuers_or_carry_bad_claims_are_401(hs_app, name, bad):
     response = hs_app.test_client().post(TEXT, json={"prompt": "x"}, headers=bearer(bad()))
