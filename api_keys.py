@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+from errors import StoreBusy
+
 KEY_PREFIX = "mtk_"
 SCOPES = ("user", "admin")
 TASKS = ("text", "code", "classify")  # what `allowed_tasks` may name (the stream is a `text` task)
+WRITE_WAIT_SECONDS = 5.0  # how long creating or revoking a key waits for the database's write lock
 LAST_USED_EVERY = 60.0  # seconds between two writes of one key's last_used_at by one process
 MAX_NAME_CHARS = 100
 
@@ -231,7 +234,6 @@ class KeyStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._write(_SCHEMA)
         self._version = -1
         self._by_hash: dict[str, ApiKey] = {}
         self._hash_of: dict[str, str] = {}  # key id -> its hash
@@ -239,6 +241,12 @@ class KeyStore:
         # last_used_at goes through its own connection that never waits for the database's write lock,
         # so lookups (on the connection above) never queue behind it
         self._toucher = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
+        # Creating and revoking keys also has its own connection: a write waiting for the database's lock
+        # must not hold the lock every lookup takes (one did: authentication froze for 30 s)
+        self._writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                       timeout=WRITE_WAIT_SECONDS)
+        self._write_lock = threading.Lock()
+        self._write(_SCHEMA)
         self._touch_lock = threading.Lock()
         self.reloads = 0
 
@@ -320,20 +328,26 @@ class KeyStore:
         return [_key_of(row)[1] for row in rows]
 
     def _write(self, statements: list) -> None:
-        """Run statements in one write transaction."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        """Run statements in one write transaction; StoreBusy (503) if the database stays locked."""
+        with self._write_lock:
+            try:
+                self._writer.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreBusy("The key store is busy (another writer holds the database); try again",
+                                retry_after=1) from exc
             try:
                 for statement in statements:
                     sql, params = statement if isinstance(statement, tuple) else (statement, ())
-                    self._db.execute(sql, params)
-                self._db.execute("COMMIT")
+                    self._writer.execute(sql, params)
+                self._writer.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._writer.execute("ROLLBACK")
                 raise
 
     def close(self) -> None:
         with self._touch_lock:
             self._toucher.close()
+        with self._write_lock:
+            self._writer.close()
         with self._lock:
             self._db.close()

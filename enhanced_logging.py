@@ -67,8 +67,8 @@ _CREDENTIAL_TEXT = [
      rf"([{_WS}]*[\"']?[{_WS}]*[:=][{_WS}]*[\"']?)(?:bearer[{_WS}]+|basic[{_WS}]+)?[^{_WS}\"',;&}}]+",
      rf"\1\2{REDACTED}", True),
     (r"\bbearer[" + _WS + r"]+[A-Za-z0-9._~+/\-]{12,}=*", f"Bearer {REDACTED}", True),
-    (r"\bAIza[0-9A-Za-z_\-]{30,}", REDACTED, False),
-    (r"\bmtk_[0-9A-Za-z_\-]{20,}", REDACTED, False),  # the gateway's own client API keys (api_keys.py)
+    (r"AIza[0-9A-Za-z_\-]{30,}", REDACTED, False),  # no \b: a key glued to a word is still a key
+    (r"mtk_[0-9A-Za-z_\-]{20,}", REDACTED, False),  # the gateway's own client API keys (api_keys.py)
 ]
 _CREDENTIAL_PATTERNS = [(re2.compile(f"(?i){pattern}" if fold else pattern), replacement)
                         for pattern, replacement, fold in _CREDENTIAL_TEXT]

@@ -18,6 +18,7 @@ so no SDK type leaks past the wrapper and retry decisions are made on our own ty
     ├── NotFound                      404 not_found           (an unknown key id)
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── TokenLimitExceeded            429 token_limit_exceeded (the key's tokens_per_minute; has retry_after)
+    ├── StoreBusy                     503 store_busy          (the database stayed locked; has retry_after)
     └── UpstreamError                 502 upstream_error      (provider failed; base class)
         ├── UpstreamRateLimited       429 upstream_rate_limited   retryable, has retry_after
         ├── UpstreamUnavailable       502 upstream_unavailable    retryable (5xx, dropped connection)
@@ -116,6 +117,11 @@ class NotFound(GatewayError):
 class TokenLimitExceeded(GatewayError):
     status = 429
     code = "token_limit_exceeded"
+
+
+class StoreBusy(GatewayError):
+    status = 503
+    code = "store_busy"
 
 
 class UnsupportedMediaType(GatewayError):

@@ -412,3 +412,38 @@ def test_client_keys_are_redacted_wherever_they_appear_in_log_text():
         assert secret not in redactor.redact_text(text) and REDACTED in redactor.redact_text(text)
     headers = redactor.redact({"X-API-Token": secret, "X-API-Key": secret, "Authorization": f"Bearer {secret}"})
     assert set(headers.values()) == {REDACTED}
+
+
+def test_a_key_write_waiting_on_a_locked_database_never_holds_up_authentication(make_app, serve):
+    """Found by attack: a key create waiting for the write lock held the lock every lookup takes, so
+    every request of that worker waited up to 30 s, and the create ended in a 500."""
+    import threading
+
+    import requests
+
+    app = make_app(auth_enabled=True, ratelimit_enabled=False)
+    gateway = app.extensions["gateway"]
+    _, admin = gateway.keys.create(name="ops", scope="admin")
+    _, user = gateway.keys.create(name="caller")
+    server = serve(app)
+    holder = sqlite3.connect(gateway.config.cost_ledger_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    created = {}
+    try:
+        def create():
+            created["response"] = requests.post(f"{server.url}/api/v1/keys", json={"name": "late"},
+                                                headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+
+        writer = threading.Thread(target=create)
+        writer.start()
+        answered = requests.get(f"{server.url}/api/v1/keys/me/usage", headers={"Authorization": f"Bearer {user}"},
+                                timeout=30)
+        assert answered.status_code == 200 and writer.is_alive()  # answered while the create still waits
+        writer.join(timeout=30)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    refused = created["response"]
+    assert refused.status_code == 503 and refused.json()["code"] == "store_busy"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert [key.name for key in gateway.keys.list()] == ["ops", "caller"]  # nothing half-made

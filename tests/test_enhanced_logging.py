@@ -334,3 +334,13 @@ def test_the_plain_word_prefilter_never_skips_what_the_patterns_would_redact(tex
     passes_prefilter = any(word in text.casefold() for word in enhanced_logging._CREDENTIAL_WORDS)
     assert passes_prefilter or not changed_by_patterns
     assert (enhanced_logging.Redactor().redact_text(text) != text) == changed_by_patterns
+
+
+def test_a_key_glued_to_a_word_is_still_redacted():
+    """Found by attack: `\\bmtk_...` missed `/api/v1/x_mtk_...` and `User-Agent: appmtk_...`."""
+    from enhanced_logging import Redactor
+
+    client_key, google_key = "mtk_" + "Q" * 43, "AIza" + "Z" * 35
+    for text in (f"/api/v1/x_{client_key}", f"app{client_key}", f"id{google_key}", f"_{google_key}"):
+        clean = Redactor().redact_text(text)
+        assert client_key not in clean and google_key not in clean and REDACTED in clean
