@@ -125,7 +125,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     schemas = register_models(api, config.request_max_prompt_chars)
     _register_error_handlers(app, api)
     app.add_url_rule("/swagger.json", "swagger_spec", lambda: jsonify(api.__schema__))
-    task_limit = limiter.limit(lambda: _key_limit(config.ratelimit_task_limits))  # a key's own limit wins
+    task_limit = _task_limit(limiter, config.ratelimit_task_limits)
     api.add_namespace(routes.health_namespace(gateway, schemas), path="/health")
     api.add_namespace(routes.generate_namespace(gateway, schemas, task_limit), path="/generate")
     api.add_namespace(routes.classify_namespace(gateway, schemas, task_limit), path="/classify")
@@ -150,9 +150,22 @@ def _limit_key() -> str:
     return f"key:{key.id}" if key is not None else get_remote_address()
 
 
-def _key_limit(default: str) -> str:
+def _task_limit(limiter: Limiter, default: str):
+    """The task endpoints' limits: `default` on each endpoint, or, for a key with its own `rate_limit`,
+    that limit over all task endpoints together (requests per key, whichever task they ask for)."""
+    per_endpoint = limiter.limit(default, exempt_when=_has_own_limit)
+    per_key = limiter.shared_limit(lambda: g.api_key.rate_limit, scope="key-own-limit",
+                                   exempt_when=lambda: not _has_own_limit())
+
+    def decorate(view):
+        return per_key(per_endpoint(view))
+
+    return decorate
+
+
+def _has_own_limit() -> bool:
     key = g.get("api_key")
-    return key.rate_limit if key is not None and key.rate_limit else default
+    return key is not None and bool(key.rate_limit)
 
 
 def _register_hooks(app: Flask, gateway: Gateway) -> None:

@@ -447,3 +447,17 @@ def test_a_key_write_waiting_on_a_locked_database_never_holds_up_authentication(
     assert refused.status_code == 503 and refused.json()["code"] == "store_busy"
     assert int(refused.headers["Retry-After"]) >= 1
     assert [key.name for key in gateway.keys.list()] == ["ops", "caller"]  # nothing half-made
+
+
+def test_a_keys_own_limit_counts_over_every_task_endpoint_together(make_app):
+    """Found by attack: a key with `5/minute` got 5 on each task endpoint (20 a minute per worker)."""
+    app = make_app(auth_enabled=True, ratelimit_task_limits="100 per minute")
+    _, tight = app.extensions["gateway"].keys.create(name="tight", rate_limit="2/minute")
+    _, plain = app.extensions["gateway"].keys.create(name="plain")
+    client = app.test_client()
+    assert ask(client, tight, body={"prompt": "a"}).status_code == 200
+    assert ask(client, tight, path=CODE, body={"prompt": "b"}).status_code == 200
+    assert_error(ask(client, tight, path=CLASSIFY, body={"text": "c", "categories": ["x", "y"]}), 429, "rate_limited")
+    assert_error(ask(client, tight, body={"prompt": "d"}), 429, "rate_limited")
+    for path, body in ((TEXT, {"prompt": "e"}), (CODE, {"prompt": "f"})):  # keys without their own: per endpoint
+        assert ask(client, plain, path=path, body=body).status_code == 200
