@@ -154,8 +154,8 @@ def _task_limit(limiter: Limiter, default: str):
     """The task endpoints' limits: `default` on each endpoint, or, for a key with its own `rate_limit`,
     that limit over all task endpoints together (requests per key, whichever task they ask for)."""
     per_endpoint = limiter.limit(default, exempt_when=_has_own_limit)
-    per_key = limiter.shared_limit(lambda: g.api_key.rate_limit, scope="key-own-limit",
-                                   exempt_when=lambda: not _has_own_limit())
+    per_key = limiter.shared_limit(lambda: g.api_key.rate_limit if _has_own_limit() else default,  # read even
+                                   scope="key-own-limit", exempt_when=lambda: not _has_own_limit())  # when exempt
 
     def decorate(view):
         return per_key(per_endpoint(view))
