@@ -17,6 +17,10 @@ from errors import InvalidRequest, NotFound, Unauthorized, UnsupportedMediaType
 from gateway import Gateway
 
 
+def _no_such_key(key_id: str) -> NotFound:
+    return NotFound("No API key has this id", details={"key_id": key_id[:64]})
+
+
 def _nullable(field):
     """The same field, documented as possibly null in answers (Swagger 2.0 `x-nullable`): unset settings are null."""
     schema = {**field.__schema__, "x-nullable": True}
@@ -117,7 +121,7 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
             """Revoke a key (admin)."""
             key = gateway.keys.revoke(key_id)
             if key is None:
-                raise NotFound("No API key has this id", details={"key_id": key_id[:64]})
+                raise _no_such_key(key_id)
             return key.public()
 
     @ns.route("/<string:key_id>/usage")
@@ -132,7 +136,7 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
             """One key's requests, tokens, cost, cache hits and savings in a month (admin)."""
             key = gateway.keys.get(key_id)
             if key is None:
-                raise NotFound("No API key has this id", details={"key_id": key_id[:64]})
+                raise _no_such_key(key_id)
             return _usage(gateway, key)
 
     @ns.route("/me/usage")

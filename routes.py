@@ -220,7 +220,7 @@ def stats_namespace(gateway: Gateway, schemas: Schemas, stats_limit) -> Namespac
         @stats_limit
         def get(self):
             """Requests, latency percentiles, cache, costs and savings, retries, limits, security events."""
-            hours = _hours_argument()
+            hours = hours_argument(MAX_STATS_HOURS)
             process = gateway.metrics.snapshot()
             return {
                 "uptime_seconds": round(time.monotonic() - gateway.started_at, 3),
@@ -233,15 +233,18 @@ def stats_namespace(gateway: Gateway, schemas: Schemas, stats_limit) -> Namespac
     return ns
 
 
-def _hours_argument() -> float:
-    raw = request.args.get("hours", "24")
+def hours_argument(maximum: float, default: str | None = "24") -> float | None:
+    """The `hours` query argument, in (0, maximum] (NaN and infinity fail too); `default` when absent."""
+    raw = request.args.get("hours", default)
+    if raw is None:
+        return None
     try:
         hours = float(raw)
     except ValueError:
-        hours = -1.0
-    if not 0 < hours <= MAX_STATS_HOURS:
-        raise InvalidRequest(f"Invalid input: 'hours' must be a number above 0 and at most {MAX_STATS_HOURS}",
-                             details={"fields": {"hours": f"must be in (0, {MAX_STATS_HOURS}]"}})
+        hours = math.nan
+    if not 0 < hours <= maximum:
+        raise InvalidRequest(f"Invalid input: 'hours' must be a number above 0 and at most {maximum}",
+                             details={"fields": {"hours": f"must be in (0, {maximum}]"}})
     return hours
 
 

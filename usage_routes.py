@@ -8,7 +8,6 @@ amount in memory and never blocks the ledger's writers (a WAL reader). Admin-onl
 
 from __future__ import annotations
 
-import math
 import time
 
 from flask import Response, request
@@ -17,6 +16,7 @@ from flask_restx import Namespace, Resource
 from api_schema import Schemas
 from errors import InvalidRequest
 from gateway import Gateway
+from routes import hours_argument
 
 FORMATS = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
 MAX_EXPORT_HOURS = 24 * 366 * 100  # any finite window a person would ask for
@@ -42,7 +42,7 @@ def usage_namespace(gateway: Gateway, schemas: Schemas, limit) -> Namespace:
         @limit
         def get(self):
             """Export the cost ledger (every task request's tokens, cost, cache, status, key id) as CSV or JSON."""
-            kind, hours = _format_argument(), _hours_argument()
+            kind, hours = _format_argument(), hours_argument(MAX_EXPORT_HOURS, default=None)
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             chunks = gateway.tracker.export_chunks(kind, hours)
             return Response(chunks, mimetype=FORMATS[kind].split(";")[0], headers={
@@ -60,17 +60,3 @@ def _format_argument() -> str:
         raise InvalidRequest("Invalid input: 'format' must be csv or json",
                              details={"fields": {"format": "must be csv or json"}})
     return kind
-
-
-def _hours_argument() -> float | None:
-    raw = request.args.get("hours")
-    if raw is None:
-        return None
-    try:
-        hours = float(raw)
-    except ValueError:
-        hours = math.nan
-    if not 0 < hours <= MAX_EXPORT_HOURS:  # NaN and infinity fail too
-        raise InvalidRequest(f"Invalid input: 'hours' must be a number above 0 and at most {MAX_EXPORT_HOURS}",
-                             details={"fields": {"hours": f"must be in (0, {MAX_EXPORT_HOURS}]"}})
-    return hours
