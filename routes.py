@@ -22,14 +22,14 @@ from flask_restx import Namespace, Resource
 from werkzeug.exceptions import HTTPException
 
 from api_schema import SECURITY, InvalidBody, Schemas, check_distinct_categories
+from auth import TASK_OF_PATH
 from errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body, sane_retry_after
 from gateway import Gateway, RequestInfo
 from metrics import UNROUTED
 from task_service import CacheControl, TaskOutcome
 
 __version__ = "1.0.0"
-TASK_ENDPOINTS = frozenset({"/api/v1/generate/text", "/api/v1/generate/code", "/api/v1/classify/text",
-                            "/api/v1/generate/text/stream"})
+TASK_ENDPOINTS = frozenset(TASK_OF_PATH)  # one table of task paths (auth.py), for the ledger too
 # The /stats window is capped at 31 days: a month's billing. Its work grows with the rows in the window
 # (SQLite scans them once, see ledger_stats.py); longer reviews use CostTracker.export_records.
 MAX_STATS_HOURS = 24 * 31
