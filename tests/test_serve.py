@@ -23,35 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.test_startup import ROOT, environment, free_port, stop, wait_for_health
-
-posix_only = pytest.mark.skipif(os.name != "posix", reason="signals, rlimits and /proc are POSIX")
-linux_only = pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts descriptors in /proc")
-several_workers = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="several workers need SO_REUSEPORT")
-
-
-@pytest.fixture
-def launch(tmp_path):
-    """launch(*args, **settings) starts serve.py on a free port in demo mode -> (supervisor, port).
-
-    Whatever a test leaves running is stopped afterwards, workers included."""
-    started: list[subprocess.Popen] = []
-
-    def start(*args: str, preexec_fn=None, **settings) -> tuple[subprocess.Popen, int]:
-        port = free_port()
-        env = environment(RATELIMIT_ENABLED="false", LOG_CONSOLE="false", LOG_DIR=str(tmp_path / "logs"),
-                          COST_LEDGER_PATH=str(tmp_path / "ledger.sqlite3"), GEMINI_POOL_SHARDS="2", **settings)
-        process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
-                                    *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, preexec_fn=preexec_fn)
-        started.append(process)
-        wait_for_health(port, process)
-        return process, port
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            stop(process)
+from tests.support.marks import linux_only, posix_only, several_workers
+from tests.support.processes import ROOT, environment, free_port, stop, wait_for_health
 
 
 def health_pid(port: int) -> int:
