@@ -45,7 +45,10 @@ class LiveServer:
         if self._closed:
             return
         self._closed = True
-        self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self._sockets, ignore_all=True))
+        try:
+            self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self._sockets, ignore_all=True))
+        except OSError:  # the trigger is gone (seen once in a full run, cause not found): close from here
+            wasyncore.close_all(self._sockets, ignore_all=True)
         self.thread.join(CLOSE_TIMEOUT_SECONDS)
         self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=CLOSE_TIMEOUT_SECONDS)
 
