@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 
-from flask import g, request
+from flask import request
 from flask_restx import Namespace, Resource, fields
 
 from gateway.auth.keys import SCOPES, TASKS, InvalidKeyField, parse_key_settings
 from gateway.container import Gateway
 from gateway.errors import InvalidRequest, NotFound, Unauthorized, UnsupportedMediaType
+from gateway.http.request_state import state
 
 
 def _no_such_key(key_id: str) -> NotFound:
@@ -148,7 +149,7 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
         @admin_limit
         def get(self):
             """The calling key's own usage in a month (any key)."""
-            key = g.get("api_key")
+            key = state().api_key
             if key is None:
                 raise Unauthorized("Send your API key to read its usage")
             return _usage(gateway, gateway.keys.get(key.id) or key)
