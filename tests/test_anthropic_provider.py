@@ -120,6 +120,16 @@ def test_only_system_messages_is_a_clear_error(provider, emu):
     assert emu.request_count == 0
 
 
+@pytest.mark.parametrize(("params", "field"), [
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": 2.5}, "temperature"),
+    ({"top_p": float("inf")}, "top_p"), ({"top_p": "0.5"}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"), ({"stop": (None,)}, "stop")])
+def test_unusable_parameters_are_clear_errors_before_any_call(provider, emu, params, field):
+    with pytest.raises(InvalidRequest) as caught:
+        provider.complete(ask(**params), 5.0)
+    assert caught.value.details == {"field": field} and emu.request_count == 0
+
+
 def test_bad_constructor_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="api_key"):
         AnthropicProvider(api_key="")
@@ -279,8 +289,9 @@ def test_a_hang_ends_at_the_deadline(provider, emu):
     assert isinstance(_ends_by(0.6, lambda: provider.complete(ask(), 0.6)), UpstreamTimeout)
 
 
-def test_a_dripping_reply_ends_at_the_deadline(provider, emu):
-    emu.inject("drip", interval=0.5)  # a byte every 0.5 s: no read ever times out by itself
+@pytest.mark.parametrize("headers", [False, True])
+def test_a_dripping_reply_ends_at_the_deadline(provider, emu, headers):
+    emu.inject("drip", interval=0.5, headers=headers)  # a byte every 0.5 s: no read ever times out by itself
     assert isinstance(_ends_by(1.0, lambda: provider.complete(ask(), 1.0)), UpstreamTimeout)
     delivery = emu.wait_delivery(5)
     assert delivery.client_closed and delivery.sent < delivery.total
