@@ -93,6 +93,15 @@ def test_defaults_max_tokens_and_clamps_temperature_to_anthropics_range(emu):
     assert emu.requests[-1]["json"]["max_tokens"] == 300 and emu.requests[-1]["json"]["temperature"] == 1.0
 
 
+def test_a_base_url_with_a_path_prefix_is_kept(emu):
+    made = AnthropicProvider(api_key=KEY, base_url=f"{emu.base_url}/proxy/anthropic")
+    try:
+        assert made.complete(ask(), 5.0).text
+    finally:
+        made.close()
+    assert emu.requests[-1]["path"] == "/proxy/anthropic/v1/messages"
+
+
 def test_a_stop_sequence_cuts_the_answer(provider):
     completion = provider.complete(ask("Tell me about the sea", stop=("deterministic",)), 5.0)
     assert completion.finish_reason == "stop_sequence" and "deterministic" not in completion.text

@@ -28,6 +28,7 @@ should not fail on it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -187,7 +188,8 @@ class AnthropicStream:
 
     def close(self) -> None:
         """Release the provider's connection now (the client went away, or the stream ended)."""
-        self._chunks.close()
+        with contextlib.suppress(ValueError):  # "generator already executing" in another thread:
+            self._chunks.close()  # closing the response below ends that thread's read instead
         self._response.close()
 
     def _read(self) -> Iterator[Chunk]:

@@ -207,8 +207,9 @@ class _Handler(_GeminiHandler):
             body = None
         if path.startswith("/_emulator/"):
             return self._control(path, body)
-        action = next((a for a in ("messages", "count_tokens") if path.rstrip("/").endswith(
-            "/v1/messages" if a == "messages" else "/v1/messages/count_tokens")), None)
+        endpoint = path.rstrip("/")  # after any prefix of the base URL
+        action = ("count_tokens" if endpoint.endswith("/v1/messages/count_tokens")
+                  else "messages" if endpoint.endswith("/v1/messages") else None)
         if self.command != "POST" or action is None:
             return self._send_error(404, "not_found_error", f"Not found: {self.command} {path}")
         self._messages(action, path, body)
