@@ -159,7 +159,8 @@ def _retry_headers(params: dict) -> dict[str, str]:
         seconds, millis = str(math.ceil(delay)), str(round(delay * 1000))
     else:  # a hint as a misbehaving server might send it ("nans", "-1", "inf")
         seconds = millis = str(delay)
-    headers = {"retry-after": params.get("retry_after", seconds), "retry-after-ms": params.get("retry_after_ms", millis)}
+    headers = {"retry-after": params.get("retry_after", seconds),
+               "retry-after-ms": params.get("retry_after_ms", millis)}
     return {name: str(value) for name, value in headers.items() if value is not None}
 
 
@@ -238,8 +239,8 @@ class _Handler(_GeminiHandler):
         delay = emu.reply_delay + (float(params.get("seconds", 1)) if fault == "slow" else 0)
         if delay > 0 and emu._stopping.wait(delay):
             return self._drop()  # the emulator is stopping
-        users = [m for m in messages if m.get("role") == "user"]
-        text = "" if fault == "empty" else reply_for_prompt(prompt, _text_of(users[-1].get("content")) if users else None)
+        users = [_text_of(m.get("content")) for m in messages if m.get("role") == "user"]
+        text = "" if fault == "empty" else reply_for_prompt(prompt, users[-1] if users else None)
         text, finish = _shaped(text.replace("local Gemini emulator", "local OpenAI-compatible emulator"), body)
         usage = None if fault == "no_usage" else {"prompt_tokens": _tokens(prompt), "completion_tokens": _tokens(text),
                                                    "total_tokens": _tokens(prompt) + _tokens(text)}
