@@ -24,7 +24,8 @@ and text answers) and usage is its four-characters-per-token estimate. The fault
 what differs is the wire: ``rate_limit`` is a 429 with ``retry-after`` (whole seconds) and
 ``retry-after-ms`` from ``retry_delay`` (a string is sent verbatim; ``retry_after`` /
 ``retry_after_ms`` set a header raw, None leaves it out); every error fault takes ``status`` to
-answer another code (``permission_denied`` with ``status=401``, ``bad_request`` with 404 or 422);
+answer another code (``permission_denied`` with ``status=401``, ``bad_request`` with 404 or 422)
+and ``code`` for the error's ``code`` (``rate_limit`` with ``code="insufficient_quota"``);
 ``safety_block`` is ``finish_reason: "content_filter"`` with no content; ``error_chunk`` is an
 OpenAI error object.
 
@@ -42,7 +43,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from gemini_emulator import (
+from gateway.providers.emulators.gemini import (
     _REPLY_FAULTS,
     GeminiEmulator,
     _chunk,
@@ -51,8 +52,8 @@ from gemini_emulator import (
     _tokens,
     reply_for_prompt,
 )
-from gemini_emulator import _Handler as _GeminiHandler
-from gemini_emulator import _Server as _GeminiServer
+from gateway.providers.emulators.gemini import _Handler as _GeminiHandler
+from gateway.providers.emulators.gemini import _Server as _GeminiServer
 
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "emulator-chat")
 _ERRORS = {  # fault -> (HTTP status, error type, error code, message)
@@ -281,7 +282,8 @@ class _Handler(_GeminiHandler):
         if fault in _ERRORS:
             status, kind, code, message = _ERRORS[fault]
             headers = _retry_headers(params) if fault == "rate_limit" else {}
-            return self._send_error(int(params.get("status", status)), kind, message, {"code": code}, headers)
+            return self._send_error(int(params.get("status", status)), kind, message,
+                                    {"code": params.get("code", code)}, headers)
         if fault == "hang":  # an Event wait, so stop() wakes it at once
             self.server.emulator._stopping.wait(float(params.get("seconds", 60)))
         if fault in ("hang", "drop"):
