@@ -96,7 +96,7 @@ def _body_problem(body: Any, deployment: str | None) -> tuple[str | None, str] |
     """(param, message) of the first thing OpenAI would refuse in this body, or None."""
     if not isinstance(body, dict):
         return None, "We could not parse the JSON body of your request."
-    model = body.get("model", deployment)
+    model = body.get("model") or deployment  # Azure's path names the deployment; the body may say null
     if not (isinstance(model, str) and model):
         return "model", "You must provide a model parameter."
     messages = body.get("messages")
@@ -222,7 +222,7 @@ class _Handler(_GeminiHandler):
         emu = self.server.emulator
         stream = isinstance(body, dict) and body.get("stream") is True
         headers = {name.lower(): value for name, value in self.headers.items() if name.lower() not in _SECRET_HEADERS}
-        model = body.get("model", deployment) if isinstance(body, dict) else deployment
+        model = (body.get("model") or deployment) if isinstance(body, dict) else deployment
         number = emu._record({"method": self.command, "path": path, "model": model, "json": body, "stream": stream,
                               "has_key": bool(key), "headers": headers}, key)
         if self._key_refused(key):
