@@ -251,6 +251,7 @@ def test_bad_streams_are_translated(emu, provider, fault, error, chunks_before):
     ([{"choices": "nope"}, b"[DONE]"], UpstreamBadAnswer),
     ([{"choices": [{"delta": {"content": 5}}]}, b"[DONE]"], UpstreamBadAnswer),
     ([b"[DONE]"], UpstreamBadAnswer),  # no answer at all
+    ([{"choices": [{"delta": {"content": "x" * (2 << 20)}}]}, b"[DONE]"], UpstreamBadAnswer),  # an event over 1 MiB
 ])
 def test_off_contract_streams_are_errors(emu, provider, events, error):
     emu.inject("raw", events=events)
@@ -355,6 +356,11 @@ def test_no_time_left_is_a_timeout_without_a_call(emu, provider, seconds_left):
     with pytest.raises(UpstreamTimeout):
         provider.complete(ask(), seconds_left)
     assert emu.request_count == 0
+
+
+def test_an_endless_deadline_is_not_a_crash(provider):
+    assert provider.complete(ask(), float("inf")).text
+    assert provider.complete(ask(), 1e300).text
 
 
 # ------------------------------------------------------------------ under the retry policy
