@@ -156,6 +156,7 @@ def test_closing_a_stream_early_releases_it(emu, provider):
     ({"retry_delay": "1e999"}, None),
     ({"retry_delay": "-5"}, None),
     ({"retry_delay": 10**9, "retry_after_ms": None}, 86400.0),  # clamped to a day
+    ({"retry_delay": 10**6}, 86400.0),  # retry-after-ms 10**9: also a day, not 10**9 ms clamped first
     ({"retry_after": None, "retry_after_ms": None}, None),
 ])
 def test_a_429_is_rate_limited_with_the_providers_delay(emu, provider, params, expected):

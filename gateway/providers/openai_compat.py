@@ -5,8 +5,8 @@ answer ``POST {base_url}/chat/completions`` with the same JSON and SSE shapes. L
 take any non-empty key. Azure OpenAI, either way:
 
 * its v1 API: ``base_url="https://RESOURCE.openai.azure.com/openai/v1"`` and the Azure key as
-  ``api_key`` (the model is the deployment name); add ``default_headers={"api-key": KEY}`` for
-  a gateway in front of Azure that wants that header;
+  ``api_key`` (the model is the deployment name), as Microsoft's examples use the plain OpenAI
+  client; ``default_headers={"api-key": KEY}`` if something in between wants Azure's header;
 * the classic deployments API: ``base_url="https://RESOURCE.openai.azure.com"`` and
   ``azure_api_version="2024-10-21"``: LangChain's `AzureChatOpenAI` builds the `AzureOpenAI`
   client, which sends ``api-key`` and posts to ``/openai/deployments/{model}/chat/completions``.
@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -73,7 +74,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _LONGEST_CALL = 86400.0  # seconds
 _ROLES = frozenset({"system", "user", "assistant"})
 _BLOCK_REASONS = frozenset({"content_filter"})
-_IDENTIFIER = re.compile(r"[\w.\[\]-]{1,64}")  # the error `code` / `param` a provider may name, shown if this plain
+_IDENTIFIER = re.compile(r"[\w.\[\]-]{1,64}")  # a provider's error `code` / `param` is passed on only if this plain
 
 
 class OpenAICompatProvider:
@@ -91,7 +92,7 @@ class OpenAICompatProvider:
         stream_usage: bool = True,
         max_connections: int = 64,
         pool_shards: int = 4,
-        verify=True,
+        verify: bool | ssl.SSLContext = True,
     ):
         """`stream_usage=False` for a server that refuses `stream_options` (usage is then estimated);
         `verify` is httpx's (True, False or an `ssl.SSLContext`)."""
@@ -308,7 +309,7 @@ def retry_after_of(headers: Mapping[str, str], now: Callable[[], float] = time.t
 
     Only finite, non-negative hints count, clamped to a day (`errors.sane_retry_after`)."""
     millis = headers.get("retry-after-ms")
-    if millis and len(millis) <= 32 and (value := sane_retry_after(millis)) is not None:
+    if millis and len(millis) <= 32 and (value := sane_retry_after(millis, math.inf)) is not None:
         return sane_retry_after(value / 1000)
     seconds = headers.get("retry-after")
     if not seconds or len(seconds) > 64:
