@@ -231,3 +231,4 @@ def test_command_line_runs_until_stopped():
     finally:
         process.terminate()
         process.wait(timeout=10)
+        process.stdout.close()

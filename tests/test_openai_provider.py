@@ -8,6 +8,7 @@ The deadline tests run on the real clock, as in production: their bound is the d
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import time
 from email.utils import formatdate
@@ -54,7 +55,8 @@ def make_provider(emu):
 
     def build(**options) -> OpenAICompatProvider:
         options.setdefault("base_url", emu.base_url)
-        provider = OpenAICompatProvider(api_key=options.pop("api_key", KEY), pool_shards=1, **options)
+        options.setdefault("pool_shards", 1)
+        provider = OpenAICompatProvider(api_key=options.pop("api_key", KEY), **options)
         providers.append(provider)
         return provider
 
@@ -394,3 +396,11 @@ def test_azure_deployments_through_azure_chat_openai(emu, make_provider):
     record = emu.requests[0]
     assert record["path"] == f"/openai/deployments/{MODEL}/chat/completions"
     assert emu.keys_seen == [KEY]
+
+
+def test_threads_share_the_provider(emu, make_provider):
+    provider = make_provider(pool_shards=2, max_connections=4)
+    emu.reply_delay = 0.05
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(lambda n: provider.complete(ask(f"question {n}"), 5.0).text, range(16)))
+    assert all(text.startswith("Demo reply to: question") for text in texts) and emu.request_count == 16
