@@ -50,7 +50,7 @@ CLIENT_REQUEST_ID_HEADER = "X-Client-Request-ID"  # the client's X-Request-ID, e
 _MAX_REQUEST_ID = 128
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 COST_HEADERS = ["X-Cached", "X-Tokens-Input", "X-Tokens-Output", "X-Cost-Input", "X-Cost-Output",
-                "X-Cost-Total", "X-Cost-Saved", "X-Cost-Overall"]
+                "X-Cost-Total", "X-Cost-Saved", "X-Cost-Overall", "X-Model", "X-Provider", "X-Fallback-Used"]
 EXPOSED_HEADERS = [
     REQUEST_ID_HEADER, CLIENT_REQUEST_ID_HEADER, "X-Response-Time-ms", "Retry-After",
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", *COST_HEADERS,
@@ -323,6 +323,9 @@ class BodyJSONProvider(DefaultJSONProvider):
 
 
 def _add_cost_headers(response, outcome: TaskOutcome, overall: float) -> None:
+    response.headers["X-Model"] = outcome.model_id  # who answered: a fallback, when the asked model failed
+    response.headers["X-Provider"] = outcome.provider
+    response.headers["X-Fallback-Used"] = "true" if outcome.fallback_used else "false"
     response.headers["X-Cached"] = "true" if outcome.cached else "false"
     response.headers["X-Tokens-Input"] = str(outcome.input_tokens)
     response.headers["X-Tokens-Output"] = str(outcome.output_tokens)
