@@ -156,7 +156,7 @@ class CircuitBreaker:
     def _retry_after(self, now: float) -> float:
         if self._state is CircuitState.OPEN:
             return max(0.0, self._opened_at + self.cool_down - now)
-        if self._state is CircuitState.HALF_OPEN and not self._probe_in_flight:
+        if self._state is CircuitState.HALF_OPEN:
             return PROBE_BUSY_RETRY_AFTER
         return 0.0
 
