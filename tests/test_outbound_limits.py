@@ -56,7 +56,8 @@ def test_requests_per_minute_ceiling_refuses_with_the_gateways_own_429(wall):
     with pytest.raises(UpstreamRateLimited) as refused:
         outbound.acquire(request(), seconds_left=30)
     error = refused.value
-    assert error.status == 429 and error.code == "upstream_rate_limited" and error.retryable
+    assert error.status == 429 and error.code == "upstream_rate_limited"
+    assert error.retryable is False  # final for this request: the limiter did the waiting
     assert error.retry_after == pytest.approx(40.0, abs=0.01)  # when the first of the three leaves the minute
     assert "gateway's own ceiling of 3 requests per minute for openai" in error.message
     assert error.details == {"scope": "openai", "ceiling": "requests_per_minute", "limit": 3, "source": "gateway"}

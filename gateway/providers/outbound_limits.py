@@ -30,8 +30,10 @@ A request over a ceiling waits (injected `sleep`) when the window frees up soon 
 `max_wait` seconds, and never so long that less than `min_call_seconds` of its deadline would be
 left for the call. Otherwise it is refused with `UpstreamRateLimited` (429
 `upstream_rate_limited`, `retry_after` = when the window frees up), whose message says it is the
-gateway's own ceiling, not the provider's answer. Being retryable, the refusal lets a retry
-policy try again after `retry_after` if its deadline allows, and a fallback chain move on.
+gateway's own ceiling, not the provider's answer. The refusal is final for this request:
+it is marked not retryable (on the instance), because the limiter already waited as long as it
+should; a retry policy would otherwise sleep `retry_after` more for the same model, where a
+fallback chain moves on to its next model at once.
 
 If the storage fails (Redis down), the call is let through with a warning: the provider's own
 429 still protects its quota, and a broken counter must not turn into an outage.
@@ -222,11 +224,13 @@ class OutboundLimiter:
     def _refusal(self, ceiling: str, wait: float) -> UpstreamRateLimited:
         limit = self.requests_per_minute if ceiling == "requests_per_minute" else self.tokens_per_minute
         unit = "requests" if ceiling == "requests_per_minute" else "tokens"
-        return UpstreamRateLimited(
+        refusal = UpstreamRateLimited(
             f"the gateway's own ceiling of {limit} {unit} per minute for {self.scope} is reached "
             "(set to stay under the provider's quota); retry after the time in Retry-After",
             details={"scope": self.scope, "ceiling": ceiling, "limit": limit, "source": "gateway"},
             retry_after=math.ceil(wait * 1000) / 1000)
+        refusal.retryable = False  # the wait was ours to make, and was made: no retry on top of it
+        return refusal
 
 
 def _count(value: int | None) -> int:
