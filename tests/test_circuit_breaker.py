@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from errors import (
+from gateway.errors import (
     CircuitOpen,
     ContentBlocked,
     InvalidRequest,

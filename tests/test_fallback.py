@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from errors import (
+from gateway.errors import (
     CircuitOpen,
     ContentBlocked,
     InvalidRequest,
@@ -26,7 +26,7 @@ from gateway.providers.base import Chunk, Completion, GenerationParams, Message,
 from gateway.providers.circuit_breaker import CircuitBreaker, CircuitState
 from gateway.providers.fallback import Candidate, ChainAnswer, FailedModel, FallbackChain, falls_back
 from gateway.providers.outbound_limits import OutboundLimiter
-from retry_policy import RetryPolicy
+from gateway.providers.retry_policy import RetryPolicy
 from tests.fakes import FakeClock
 
 

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from errors import UpstreamRateLimited
+from gateway.errors import UpstreamRateLimited
 from gateway.providers.base import Completion, GenerationParams, Message, ProviderRequest
 from gateway.providers.outbound_limits import OutboundLimiter, estimate_input_tokens, outbound_storage
 from tests.fakes import FakeClock

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import TypeVar
 
-from errors import CircuitOpen, GatewayError
+from gateway.errors import CircuitOpen, GatewayError
 
 log = logging.getLogger("gateway.circuit")
 T = TypeVar("T")

@@ -42,14 +42,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
-from errors import (
+from gateway.errors import (
     GatewayError,
     UpstreamBadAnswer,
     UpstreamError,
     UpstreamRejected,
     UpstreamTimeout,
 )
-from retry_policy import RetryPolicy
+from gateway.providers.retry_policy import RetryPolicy
 
 if TYPE_CHECKING:
     from gateway.providers.base import Chunk, ChunkStream, Completion, Provider, ProviderRequest

@@ -56,7 +56,7 @@ from limits.errors import StorageError
 from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-from errors import UpstreamRateLimited
+from gateway.errors import UpstreamRateLimited
 
 if TYPE_CHECKING:
     from gateway.providers.base import Completion, ProviderRequest
