@@ -236,13 +236,23 @@ def test_tokens_per_minute_never_lets_more_through_under_threads():
 def test_a_storage_that_fails_lets_the_call_through_with_a_warning(caplog):
     with socket.create_server(("127.0.0.1", 0)) as placeholder:
         port = placeholder.getsockname()[1]  # closed again below: nothing listens there
-    storage = outbound_storage(f"redis://127.0.0.1:{port}?socket_connect_timeout=0.5")
+    storage = outbound_storage(f"redis://127.0.0.1:{port}")
     outbound = OutboundLimiter("openai", requests_per_minute=1, storage=storage, max_wait=0)
     caplog.set_level(logging.WARNING, logger="gateway.outbound")
     for _ in range(3):
         assert outbound.acquire(request(), seconds_left=30).tokens == 0
     assert len(caplog.records) == 3 and "goes through unlimited" in caplog.records[0].getMessage()
     assert outbound.snapshot()["storage"] == "unavailable"
+
+
+def test_a_redis_that_never_answers_costs_at_most_its_timeout(caplog):
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections (backlog), never answers
+        storage = outbound_storage(f"redis://127.0.0.1:{silent.getsockname()[1]}?socket_timeout=0.2")
+        outbound = OutboundLimiter("openai", requests_per_minute=1, storage=storage, max_wait=0)
+        started = time.monotonic()
+        assert outbound.acquire(request(), seconds_left=30).tokens == 0  # let through, unlimited
+        assert time.monotonic() - started < 5
+    assert "goes through unlimited" in caplog.text
 
 
 def redis_is_up() -> bool:

@@ -69,12 +69,21 @@ WINDOW_EDGE = 0.001  # `limits` still counts an entry exactly one period old: wa
 NAMESPACE = "outbound"  # in the storage keys: apart from Flask-Limiter's own counters
 
 
+REDIS_TIMEOUT_SECONDS = 1.0  # a Redis that does not answer must not hold a request past its deadline
+
+
 def outbound_storage(uri: str = "memory://") -> Storage:
     """The `limits` storage for a URI (`memory://`, `redis://host:port/db`, ...): one per process,
-    shared by every limiter. Storage errors surface as `limits.errors.StorageError`."""
+    shared by every limiter. Storage errors surface as `limits.errors.StorageError`.
+
+    Redis gets 1 s connect and read timeouts unless the URI sets its own (`?socket_timeout=`):
+    redis-py waits forever by default, and a stalled Redis would hang every provider call."""
     if uri.startswith("memory://"):
         return MemoryStorage(wrap_exceptions=True)
-    return storage_from_string(uri, wrap_exceptions=True)  # type: ignore[return-value]
+    options: dict = {"wrap_exceptions": True}
+    if uri.split(":", 1)[0] in ("redis", "rediss", "valkey", "valkeys"):
+        options.update(socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+    return storage_from_string(uri, **options)  # type: ignore[return-value]
 
 
 def estimate_input_tokens(request: ProviderRequest) -> int:
