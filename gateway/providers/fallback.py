@@ -7,7 +7,8 @@ single attempts; each attempt asks the breaker for a permit (an open circuit ref
 with CircuitOpen), takes its place under the outbound ceilings (which may wait briefly or
 refuse with the gateway's own 429), calls the provider once with what is left of the deadline,
 and reports the outcome to the breaker. A refusal by the ceilings is not the upstream's failure:
-the breaker hears nothing of it.
+the breaker hears nothing of it, and the chain moves on to the next model at once (the limiter
+marks its refusal not retryable: it already waited as long as it should).
 
 When to move on to the next model, decided here:
 - on an upstream fault once the model's retries are spent: UpstreamRateLimited, UpstreamUnavailable,
