@@ -357,3 +357,58 @@ def test_no_real_sleep_anywhere(monkeypatch):
     answer = FallbackChain(make_policy(clock)).complete(
         [candidate("a", failing), candidate("b", ScriptedProvider("b"))], build)
     assert answer.model_id == "b"
+
+
+# --- the real Gemini provider, through google-genai over loopback, as the failing model -------
+
+def gemini_provider_for(emulator):
+    import gemini_wrapper
+
+    provider_class = getattr(gemini_wrapper, "GeminiProvider", None)
+    if provider_class is None:  # only before the branch has the Provider-protocol Gemini from main
+        pytest.skip("gemini_wrapper.GeminiProvider (the Gemini Provider) is not on this branch yet")
+    return provider_class(api_key="test-key-not-a-secret", base_url=emulator.base_url, pool_shards=1)
+
+
+def test_a_steadily_failing_gemini_opens_its_breaker_and_the_fallback_answers(emulator):
+    emulator.set_steady_fault("server_error")
+    gemini = gemini_provider_for(emulator)
+    try:
+        clock = FakeClock()
+        breaker = CircuitBreaker("gemini-flash", failure_threshold=2, cool_down=30, clock=clock.now)
+        fallback = ScriptedProvider("openai", "from the fallback")
+        models = [Candidate("gemini-flash", gemini, "gemini-2.0-flash", breaker=breaker),
+                  candidate("gpt-mini", fallback)]
+        chain = FallbackChain(make_policy(clock, max_attempts=3))
+
+        answer = chain.complete(models, build)
+        assert answer.model_id == "gpt-mini" and answer.fallback_used
+        assert answer.failed == (FailedModel("gemini-flash", "circuit_open", 503),)
+        assert emulator.stats()["request_count"] == 2  # two HTTP 500s opened it; the third attempt was refused
+        assert breaker.state is CircuitState.OPEN
+
+        assert chain.complete(models, build).model_id == "gpt-mini"
+        assert emulator.stats()["request_count"] == 2  # skipped during the cool-down: no call at all
+
+        emulator.clear_faults()
+        clock.advance(30)  # the cool-down is over: the next request's attempt is the probe
+        answer = chain.complete(models, build)
+        assert answer.model_id == "gemini-flash" and answer.completion.text and not answer.fallback_used
+        assert breaker.state is CircuitState.CLOSED and emulator.stats()["request_count"] == 3
+    finally:
+        gemini.close()
+
+
+def test_a_gemini_stream_that_cannot_open_falls_back_before_any_text(emulator):
+    emulator.set_steady_fault("server_error")
+    gemini = gemini_provider_for(emulator)
+    try:
+        clock = FakeClock()
+        fallback = ScriptedProvider("openai", [Chunk("streamed "), Chunk("by the fallback")])
+        stream = FallbackChain(make_policy(clock, max_attempts=2)).open_stream(
+            [Candidate("gemini-flash", gemini, "gemini-2.0-flash"), candidate("gpt-mini", fallback)], build)
+        assert "".join(chunk.text for chunk in stream) == "streamed by the fallback"
+        assert stream.failed == (FailedModel("gemini-flash", "upstream_unavailable", 502),)
+        assert emulator.stats()["request_count"] == 2
+    finally:
+        gemini.close()
