@@ -21,10 +21,13 @@ so no SDK type leaks past the wrapper and retry decisions are made on our own ty
     ├── StoreBusy                     503 store_busy          (the database stayed locked; has retry_after)
     └── UpstreamError                 502 upstream_error      (provider failed; base class)
         ├── UpstreamRateLimited       429 upstream_rate_limited   retryable, has retry_after
+        │                                 (the provider's 429, or the gateway's own outbound ceiling)
         ├── UpstreamUnavailable       502 upstream_unavailable    retryable (5xx, dropped connection)
         ├── UpstreamTimeout           504 upstream_timeout        retryable per attempt; final on deadline
         ├── UpstreamRejected          502 upstream_rejected       (provider said 4xx to our call)
-        └── UpstreamBadAnswer         502 upstream_bad_answer     (malformed or off-contract reply)
+        ├── UpstreamBadAnswer         502 upstream_bad_answer     (malformed or off-contract reply)
+        └── CircuitOpen               503 circuit_open            not retried (the model's circuit breaker
+                                          is open: no call made); has retry_after; fallbacks move on
 
 404, 405 and 413 from Flask and the gateway's own 429 (Flask-Limiter) are HTTP exceptions,
 given the same shape by `routes.error_payload`.
@@ -157,6 +160,17 @@ class UpstreamRejected(UpstreamError):
 
 class UpstreamBadAnswer(UpstreamError):
     code = "upstream_bad_answer"
+
+
+class CircuitOpen(UpstreamError):
+    """The model kept failing, so the gateway stopped calling it for a cool-down: no call was made.
+
+    Not retryable: retrying the same model within its cool-down is refused again at once; a
+    fallback chain moves on to its next model instead. `retry_after` is the time until the
+    breaker lets a probe call through."""
+
+    status = 503
+    code = "circuit_open"
 
 
 def error_body(message: str, code: str, details: dict, request_id: str) -> dict:
