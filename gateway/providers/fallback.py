@@ -44,12 +44,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
 from gateway.errors import (
+    ContentBlocked,
     GatewayError,
     UpstreamBadAnswer,
     UpstreamError,
     UpstreamRejected,
     UpstreamTimeout,
 )
+from gateway.providers.base import BLOCKED_FINISH_REASONS
 from gateway.providers.retry_policy import RetryPolicy
 
 if TYPE_CHECKING:
@@ -237,7 +239,8 @@ class ChainStream:
 def _open_until_text(candidate: Candidate, request: ProviderRequest,
                      seconds_left: float) -> tuple[ChunkStream, Iterator[Chunk], list[Chunk]]:
     """Open the stream and read up to its first chunk with text (a role-only or usage-only chunk
-    first is kept for the client). A stream that ends without text is a bad answer."""
+    first is kept for the client). A stream that ends without text is a bad answer, or a safety
+    block when a chunk said so (a verdict on the prompt: no fallback, billed $0 like a plain call)."""
     stream = candidate.provider.open_stream(request, seconds_left)
     try:
         chunks = iter(stream)
@@ -246,6 +249,9 @@ def _open_until_text(candidate: Candidate, request: ProviderRequest,
             head.append(chunk)
             if chunk.text:
                 return stream, chunks, head
+        blocked = [chunk.finish_reason for chunk in head if chunk.finish_reason in BLOCKED_FINISH_REASONS]
+        if blocked:
+            raise ContentBlocked("the provider's safety filter blocked this request", details={"reason": blocked[0]})
         raise UpstreamBadAnswer("the provider closed the stream without any text")
     except BaseException:
         stream.close()

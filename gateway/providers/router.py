@@ -1,10 +1,9 @@
-"""Which model answers a request: the public model ids, their providers, retries and fallbacks.
+"""Which model answers a request: the public model ids, their routes, and the fallback chain.
 
 The task service asks for an ordered list of public model ids (the requested one, then its
-fallbacks) and gets back the answer with the model that gave it. Each model is tried under the
-retry policy (one deadline for the whole request); a model whose retries end in a retryable
-failure hands over to the next; a non-retryable one (a 400, a safety block, a rejected call)
-ends the request, since another model would be asked the same thing.
+fallbacks) and gets back the answer with the model that gave it. `FallbackChain` does the
+trying (retries per model under one deadline, circuit breakers, outbound ceilings; when to
+move on is decided there); this module maps ids to routes and the chain's answers to `Routed`.
 """
 
 from __future__ import annotations
@@ -12,18 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gateway.errors import GatewayError
-from gateway.providers.base import Completion, GenerationParams, Message, Provider, ProviderRequest, TextStream
+from gateway.providers.base import Completion, GenerationParams, Message, ProviderRequest, TextStream
+from gateway.providers.fallback import Candidate, FallbackChain
 from gateway.providers.retry_policy import RetryPolicy
 
-
-@dataclass(frozen=True)
-class ModelRoute:
-    """One public model id and how to reach it."""
-
-    model_id: str  # what clients ask for and what the ledger records
-    provider: Provider
-    upstream: str  # the vendor's own model name
+ModelRoute = Candidate  # one public model id and how to reach it (provider, upstream name, breaker, limiter)
 
 
 @dataclass(frozen=True)
@@ -43,36 +35,29 @@ class Routed:
 class ModelRouter:
     routes: dict[str, ModelRoute]
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    chain: FallbackChain | None = None
 
-    def complete(self, model_ids: Sequence[str], messages: tuple[Message, ...],
-                 params: GenerationParams) -> Routed:
-        def attempt(route: ModelRoute, seconds_left: float) -> Completion:
-            return route.provider.complete(ProviderRequest(route.upstream, messages, params), seconds_left)
+    def __post_init__(self) -> None:
+        if self.chain is None:
+            self.chain = FallbackChain(self.policy)
 
-        route, failed, completion = self._first_success(model_ids, attempt, "call")
-        return Routed(route, failed, completion)
+    def complete(self, model_ids: Sequence[str], messages: tuple[Message, ...], params: GenerationParams) -> Routed:
+        answer = self.chain.complete([self.routes[model_id] for model_id in model_ids],
+                                     lambda route: ProviderRequest(route.upstream, messages, params))
+        return Routed(self.routes[answer.model_id], _failed(answer.failed), answer.completion)
 
     def open_stream(self, model_ids: Sequence[str], messages: tuple[Message, ...],
                     params: GenerationParams) -> tuple[TextStream, Routed]:
-        """Retries and fallbacks cover opening the stream, up to its first chunk."""
-        def attempt(route: ModelRoute, seconds_left: float) -> TextStream:
-            chunks = route.provider.open_stream(ProviderRequest(route.upstream, messages, params), seconds_left)
-            return TextStream.opened(chunks, route.upstream)
+        """Retries and fallbacks cover opening the stream, up to its first text."""
+        stream = self.chain.open_stream([self.routes[model_id] for model_id in model_ids],
+                                        lambda route: ProviderRequest(route.upstream, messages, params))
+        route = self.routes[stream.model_id]
+        return TextStream(stream, route.upstream), Routed(route, _failed(stream.failed))
 
-        route, failed, stream = self._first_success(model_ids, attempt, "stream")
-        return stream, Routed(route, failed)
+    def circuits(self) -> dict[str, dict]:
+        """Each model's circuit breaker state, for /status."""
+        return {model_id: route.breaker.snapshot() for model_id, route in self.routes.items() if route.breaker}
 
-    def _first_success(self, model_ids: Sequence[str], attempt, what: str):
-        failed: list[tuple[str, str]] = []
-        for index, model_id in enumerate(model_ids):
-            route = self.routes[model_id]
-            try:
-                result = self.policy.run(lambda seconds_left, route=route: attempt(route, seconds_left),
-                                         label=f"{route.provider.name} {what} ({model_id})")
-            except GatewayError as error:
-                if not error.retryable or index == len(model_ids) - 1:
-                    raise
-                failed.append((model_id, error.code))
-                continue
-            return route, tuple(failed), result
-        raise AssertionError("no model to try")  # callers always pass at least one
+
+def _failed(failed) -> tuple[tuple[str, str], ...]:
+    return tuple((model.model_id, model.code) for model in failed)
