@@ -30,21 +30,16 @@ from flask_restx import Api
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import RequestRedirect
 
-import auth
-import budgets
-import key_cli
-import key_routes
-import routes
-import security_headers
-import swagger_ui
-import usage_routes
-from api_schema import AUTHORIZATIONS, InvalidBody, bounded_int, register_models
-from config import Config, ConfigError
 from enhanced_logging import log_uncaught_exceptions, redact_log_handlers
-from errors import GatewayError, RequestBlocked
-from gateway import Gateway, build_gateway
-from jwt_auth import JWT_KEY_PREFIX, JwtVerifier
-from task_service import TaskOutcome
+from gateway.auth import budgets
+from gateway.auth import guard as auth
+from gateway.auth.jwt_tokens import JWT_KEY_PREFIX, JwtVerifier
+from gateway.config import Config, ConfigError
+from gateway.container import Gateway, build_gateway
+from gateway.errors import GatewayError, RequestBlocked
+from gateway.http import key_cli, key_routes, routes, security_headers, swagger_ui, usage_routes
+from gateway.http.schemas import AUTHORIZATIONS, InvalidBody, bounded_int, register_models
+from gateway.tasks.service import TaskOutcome
 
 __version__ = routes.__version__
 log = logging.getLogger("gateway.http")
@@ -405,7 +400,7 @@ def main() -> None:
     shown_host = "localhost" if config.host in ("0.0.0.0", "::") else config.host
     print(f" * Running on http://{config.host}:{config.port}")
     print(f" * Swagger UI available at: http://{shown_host}:{config.port}/swagger/", flush=True)
-    import serve  # waitress with the production launcher's settings, in development too
+    from gateway import serve  # waitress with the production launcher's settings, in development too
 
     serve.serve_app(application)
 

@@ -32,11 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import key_usage
-import ledger_stats
-from ledger_schema import COLUMNS, INSERT, OPTIONAL_COLUMNS, SELECT, CostRecord, migrate, record_of
-from ledger_spool import LedgerSpool
-from ledger_stats import percentiles  # noqa: F401 - part of this module's interface
+from gateway.storage import key_usage, ledger_stats
+from gateway.storage.ledger_schema import COLUMNS, INSERT, OPTIONAL_COLUMNS, SELECT, CostRecord, migrate, record_of
+from gateway.storage.ledger_spool import LedgerSpool
+from gateway.storage.ledger_stats import percentiles  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger("gateway.cost")
 

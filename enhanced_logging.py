@@ -40,7 +40,7 @@ from typing import Any
 
 import re2
 
-from security_scanner import SCAN_MAX_CHARS, ScanResult, SecurityEvent, SecurityScanner
+from gateway.observability.security_scanner import SCAN_MAX_CHARS, ScanResult, SecurityEvent, SecurityScanner
 
 __all__ = ["LOG_FILES", "REDACTED", "SCAN_MAX_CHARS", "RedactingFormatter", "Redactor", "RequestLogger",
            "ScanResult", "SecurityEvent", "SecurityScanner", "redact_log_handlers"]

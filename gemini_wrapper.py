@@ -41,10 +41,8 @@ import certifi
 from google.genai import errors as genai_errors
 from langchain_google_genai import ChatGoogleGenerativeAI
 
-import task_prompts
-import upstream_deadline
-from config import Config
-from errors import (
+from gateway.config import Config
+from gateway.errors import (
     ContentBlocked,
     GatewayError,
     UpstreamBadAnswer,
@@ -55,8 +53,10 @@ from errors import (
     UpstreamUnavailable,
     sane_retry_after,
 )
-from gemini_replies import Reply, read_reply
-from retry_policy import RetryPolicy
+from gateway.providers import deadline as upstream_deadline
+from gateway.providers.gemini_replies import Reply, read_reply
+from gateway.providers.retry_policy import RetryPolicy
+from gateway.tasks import prompts as task_prompts
 
 log = logging.getLogger("gateway.gemini")
 
@@ -378,7 +378,7 @@ def _retry_delay(api_error: genai_errors.APIError | None) -> float | None:
 @functools.cache
 def default_client() -> GeminiClient:
     """The client behind the module-level functions, built from the environment once."""
-    import demo_mode
+    from gateway.providers import demo as demo_mode
 
     config = Config.load()
     return GeminiClient.for_upstream(config, demo_mode.resolve_upstream(config))

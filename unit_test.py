@@ -22,8 +22,8 @@ from waitress.server import create_server
 
 import gemini_wrapper
 from app import create_app
-from config import Config, ConfigError
-from gemini_emulator import GeminiEmulator
+from gateway.config import Config, ConfigError
+from gateway.providers.emulators.gemini import GeminiEmulator
 from gemini_wrapper import GeminiClient
 
 HERE = Path(__file__).resolve().parent

@@ -17,9 +17,9 @@ import json
 
 import httpx
 
-import upstream_deadline
 from bench.harness import emulator
 from bench.layers import KEY, MODEL, timed
+from gateway.providers import deadline as upstream_deadline
 from gemini_wrapper import GeminiClient
 
 

@@ -12,8 +12,8 @@ import threading
 import pytest
 
 from app import create_app
-from config import Config
-from gemini_emulator import GeminiEmulator
+from gateway.config import Config
+from gateway.providers.emulators.gemini import GeminiEmulator
 from gemini_wrapper import GeminiClient
 from tests.fakes import FakeClock
 

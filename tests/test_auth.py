@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from api_keys import KEY_PREFIX, KeyStore, hash_key
-from config import Config, ConfigError
-from ledger_schema import migrate
+from gateway.auth.keys import KEY_PREFIX, KeyStore, hash_key
+from gateway.config import Config, ConfigError
+from gateway.storage.ledger_schema import migrate
 
 TEXT = "/api/v1/generate/text"
 CODE = "/api/v1/generate/code"
@@ -403,8 +403,8 @@ def test_the_spec_documents_401_and_403_on_the_keys_operations(secured):
 
 
 def test_client_keys_are_redacted_wherever_they_appear_in_log_text():
-    from api_keys import generate_key
     from enhanced_logging import REDACTED, Redactor
+    from gateway.auth.keys import generate_key
 
     secret = generate_key()
     redactor = Redactor()

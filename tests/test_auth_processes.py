@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from api_keys import KeyStore, hash_key
+from gateway.auth.keys import KeyStore, hash_key
 from tests.conftest import TEST_KEY
 from tests.test_serve import launch, several_workers  # noqa: F401 - `launch` is a fixture
 from tests.test_startup import ROOT, environment, free_port, stop, wait_for_health

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 import pytest
 import requests
 
-import budgets
-from errors import BudgetExceeded
-from key_usage import month_of
+from gateway.auth import budgets
+from gateway.errors import BudgetExceeded
+from gateway.storage.key_usage import month_of
 
 TEXT = "/api/v1/generate/text"
 STREAM = "/api/v1/generate/text/stream"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ALL_INTERFACES, Config, ConfigError, settings_table
+from gateway.config import ALL_INTERFACES, Config, ConfigError, settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,8 +25,8 @@ from google import genai
 from google.genai import errors, types
 from langchain_google_genai import ChatGoogleGenerativeAI
 
-from gemini_emulator import FAULTS, GeminiEmulator, classify
-from task_prompts import (
+from gateway.providers.emulators.gemini import FAULTS, GeminiEmulator, classify
+from gateway.tasks.prompts import (
     CODE_MARKER,
     LANGUAGE_PREFIX,
     REQUEST_PREFIX,
@@ -491,8 +491,8 @@ def test_context_manager_starts_and_stops():
 
 def test_command_line_runs_until_stopped():
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "gemini_emulator.py"), "--port", "0"],  # ROOT: the project folder
-        stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "gateway.providers.emulators.gemini", "--port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)  # ROOT: the project folder
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             line = pool.submit(process.stdout.readline).result(timeout=10)

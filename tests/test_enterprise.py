@@ -45,7 +45,7 @@ def test_a_miss_is_billed_from_provider_usage_with_cost_headers(app, emulator):
 
 def test_a_reply_without_usage_is_billed_from_a_tiktoken_estimate(app, emulator):
     from cost_tracker import TokenCounter
-    from task_prompts import text_prompt
+    from gateway.tasks.prompts import text_prompt
 
     emulator.inject("no_usage")
     response = app.test_client().post(TEXT, json={"prompt": "Estimate my tokens please"})

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import gemini_wrapper
-from errors import (
+from gateway.errors import (
     ContentBlocked,
     UpstreamBadAnswer,
     UpstreamRateLimited,
@@ -211,7 +211,7 @@ def test_unexpected_failures_are_reported_in_our_own_words(exc, code):
 
 
 def test_the_shards_send_through_the_deadline_transport(make_client):
-    from upstream_deadline import DeadlineTransport
+    from gateway.providers.deadline import DeadlineTransport
 
     client = make_client()
     assert all(isinstance(api._httpx_client._transport, DeadlineTransport) for api in client._transports)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import requests
 
-import errors
-import routes
-import serve
+from gateway import errors, serve
+from gateway.http import routes
 from tests.conftest import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,7 +249,7 @@ def test_the_stream_documents_an_event_stream_not_a_json_object(make_app, serve)
 def test_named_origins_match_exactly_and_look_alikes_get_no_cors(make_app, serve):
     import pytest
 
-    from config import ConfigError
+    from gateway.config import ConfigError
 
     for pattern in (".*", "https://*.example.com"):  # read as unanchored regexes by flask-cors
         with pytest.raises(ConfigError):

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from config import Config, ConfigError
+from gateway.config import Config, ConfigError
 
 SECRET = "s" * 40
 ISSUER = "https://issuer.example"

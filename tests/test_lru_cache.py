@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from errors import UpstreamRateLimited
+from gateway.errors import UpstreamRateLimited
 from lru_cache import LRUCache, ResponseCache
 from tests.fakes import FakeClock
 

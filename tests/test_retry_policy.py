@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from errors import (
+from gateway.errors import (
     ContentBlocked,
     UpstreamBadAnswer,
     UpstreamRateLimited,
@@ -14,7 +14,7 @@ from errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from retry_policy import RetryPolicy
+from gateway.providers.retry_policy import RetryPolicy
 from tests.fakes import FakeClock
 
 

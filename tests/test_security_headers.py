@@ -10,8 +10,8 @@ import threading
 
 import requests
 
-import serve
-from security_headers import API_CSP, HSTS_VALUE, SWAGGER_CSP
+from gateway import serve
+from gateway.http.security_headers import API_CSP, HSTS_VALUE, SWAGGER_CSP
 
 ALWAYS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
 API = {**ALWAYS, "Content-Security-Policy": API_CSP, "Cache-Control": "no-store"}

@@ -13,7 +13,7 @@ import threading
 import pytest
 import requests
 
-from security_scanner import SCAN_MAX_CHARS, SecurityEvent, SecurityScanner
+from gateway.observability.security_scanner import SCAN_MAX_CHARS, SecurityEvent, SecurityScanner
 
 
 def scan(scanner: SecurityScanner | None = None, *, path: str = "/api/v1/generate/text", query: str = "",
@@ -129,7 +129,7 @@ def test_every_kind_of_finding_omits_the_text():
 def test_patterns_run_on_re2():
     import re2
 
-    import security_scanner
+    from gateway.observability import security_scanner
 
     patterns = [security_scanner._ANY_URL_FINDING, security_scanner._ANY_BODY_FINDING, security_scanner._SCANNER_UA,
                 *(p for _, _, url, body in security_scanner._CHECKS for p in (url, body) if p is not None)]

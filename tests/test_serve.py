@@ -151,6 +151,7 @@ def test_settings_come_from_the_dotenv_file_next_to_the_launcher(tmp_path):
     checkout.mkdir()
     for module in ROOT.glob("*.py"):  # the modules and their data, not the checkout's .venv or .git
         shutil.copy2(module, checkout)
+    shutil.copytree(ROOT / "gateway", checkout / "gateway", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data", checkout / "data")
     port = free_port()
     (checkout / ".env").write_text(f"HOST=127.0.0.1\nPORT={port}\nLOG_DIR={tmp_path / 'env-logs'}\n"

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from errors import UpstreamBadAnswer
-from gemini_emulator import _classification
-from task_prompts import classification_prompt, code_prompt, extract_code, match_category
+from gateway.errors import UpstreamBadAnswer
+from gateway.providers.emulators.gemini import _classification
+from gateway.tasks.prompts import classification_prompt, code_prompt, extract_code, match_category
 
 CATEGORIES = ["positive", "negative", "neutral"]
 

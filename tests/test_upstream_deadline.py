@@ -80,7 +80,7 @@ def test_a_slow_answer_within_the_deadline_is_unaffected(make_app, serve, emulat
 
 def test_the_environments_proxy_is_kept(monkeypatch):
     """httpx takes proxies from the environment only for a transport it builds itself: ours looks them up."""
-    import upstream_deadline
+    from gateway.providers import deadline as upstream_deadline
 
     monkeypatch.setenv("HTTPS_PROXY", "proxy.internal:3128")
     monkeypatch.setenv("NO_PROXY", "example.com")

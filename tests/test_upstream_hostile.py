@@ -48,15 +48,15 @@ def test_odd_retry_hints_are_ignored_or_clamped_never_a_500(make_app, serve, emu
 def test_a_non_finite_hint_set_by_anyone_still_gives_a_finite_wait_and_header(make_app):
     import math
 
-    from errors import UpstreamRateLimited
-    from retry_policy import RetryPolicy
+    from gateway.errors import UpstreamRateLimited
+    from gateway.providers.retry_policy import RetryPolicy
 
     policy = RetryPolicy(min_wait=1, max_wait=60, jitter=lambda: 0.0)
     for hint in (math.nan, math.inf, -math.inf, -3.0):
         assert policy.wait_before(2, UpstreamRateLimited("x", retry_after=hint)) == 2.0  # the exponential wait
     app = make_app(ratelimit_enabled=False)
     with app.test_request_context():
-        import routes
+        from gateway.http import routes
 
         _, status, headers = routes.error_payload(UpstreamRateLimited("x", retry_after=math.inf))
     assert status == 429 and "Retry-After" not in headers
@@ -82,7 +82,7 @@ class CountingStr(str):
 
 
 def examined_by_extraction(answer: str) -> int:
-    from task_prompts import fenced_block
+    from gateway.tasks.prompts import fenced_block
 
     CountingStr.examined = 0
     fenced_block(CountingStr(answer))
@@ -103,7 +103,7 @@ def test_code_extraction_looks_at_each_character_a_bounded_number_of_times(build
 
 
 def test_code_extraction_of_huge_adversarial_answers_is_right():
-    from task_prompts import extract_code
+    from gateway.tasks.prompts import extract_code
 
     assert extract_code("```" + "a" * 150_000) == "```" + "a" * 150_000  # no line after the fence: no block
     assert extract_code("```" * 50_000) == "```" * 50_000
@@ -115,7 +115,7 @@ def test_code_extraction_agrees_with_the_old_pattern_on_many_small_answers():
     import random
     import re
 
-    from task_prompts import fenced_block
+    from gateway.tasks.prompts import fenced_block
 
     old = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL)
     chance = random.Random(8)

@@ -15,8 +15,8 @@ import pytest
 import requests
 from waitress.server import create_server
 
-import serve
-from ledger_schema import COLUMNS
+from gateway import serve
+from gateway.storage.ledger_schema import COLUMNS
 from tests.test_ledger_stats import bulk_insert
 
 EXPORT = "/api/v1/usage/export"

@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from errors import BudgetExceeded
-from key_usage import month_bounds, month_of
+from gateway.errors import BudgetExceeded
+from gateway.storage.key_usage import month_bounds, month_of
 
 REFRESH_SECONDS = 1.0  # how stale a key's month spend may be before it is read again from the ledger
 DEFAULT_OUTPUT_TOKENS = 8192  # the output estimate without GEMINI_MAX_OUTPUT_TOKENS: gemini-2.0-flash's cap

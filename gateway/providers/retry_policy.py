@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from errors import GatewayError, UpstreamRateLimited, UpstreamTimeout, sane_retry_after
+from gateway.errors import GatewayError, UpstreamRateLimited, UpstreamTimeout, sane_retry_after
 
 log = logging.getLogger("gateway.retry")
 T = TypeVar("T")

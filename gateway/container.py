@@ -12,17 +12,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import demo_mode
-from api_keys import KeyStore
-from budgets import BudgetGuard
-from config import Config, ConfigError
 from cost_tracker import CostRecord, CostTracker, PriceTable, TokenCounter
 from enhanced_logging import RequestLogger, SecurityScanner
+from gateway.auth.budgets import BudgetGuard
+from gateway.auth.keys import KeyStore
+from gateway.auth.token_window import TokenWindows
+from gateway.config import Config, ConfigError
+from gateway.observability.metrics import UNROUTED, GatewayMetrics
+from gateway.providers import demo as demo_mode
+from gateway.tasks.service import TaskOutcome, TaskService
 from gemini_wrapper import GeminiClient
 from lru_cache import ResponseCache
-from metrics import UNROUTED, GatewayMetrics
-from task_service import TaskOutcome, TaskService
-from token_window import TokenWindows
 
 log = logging.getLogger("gateway")
 

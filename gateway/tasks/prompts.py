@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 
-from errors import UpstreamBadAnswer
+from gateway.errors import UpstreamBadAnswer
 
 CODE_MARKER = "Task: generate code"
 LANGUAGE_PREFIX = "Language:"

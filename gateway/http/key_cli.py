@@ -20,7 +20,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from api_keys import SCOPES, InvalidKeyField, parse_key_settings
+from gateway.auth.keys import SCOPES, InvalidKeyField, parse_key_settings
 
 keys_command = AppGroup("keys", help="Create, list and revoke API keys; show a key's usage.")
 

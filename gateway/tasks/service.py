@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-import task_prompts
 from cost_tracker import Cost, PriceTable, TokenCounter
-from errors import ContentBlocked
+from gateway.errors import ContentBlocked
+from gateway.tasks import prompts as task_prompts
 from gemini_wrapper import TASK_TEMPERATURES, Completion, GeminiClient, TextStream
 from lru_cache import ResponseCache
 

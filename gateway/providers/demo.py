@@ -12,7 +12,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from config import Config
+from gateway.config import Config
 
 log = logging.getLogger("gateway.upstream")
 
@@ -35,7 +35,7 @@ class Upstream:
 @functools.cache
 def _demo_emulator():
     """One emulator per process, started on first use and shared by every app instance."""
-    from gemini_emulator import GeminiEmulator
+    from gateway.providers.emulators.gemini import GeminiEmulator
 
     return GeminiEmulator(host="127.0.0.1", port=0).start()
 

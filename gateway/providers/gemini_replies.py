@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from errors import UpstreamBadAnswer
+from gateway.errors import UpstreamBadAnswer
 
 log = logging.getLogger("gateway.gemini")
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from api_keys import ApiKey, KeyStore
-from errors import Forbidden, KeyExpired, KeyRevoked, TaskNotAllowed, Unauthorized
-from jwt_auth import InvalidToken, JwtVerifier, looks_like_jwt
+from gateway.auth.jwt_tokens import InvalidToken, JwtVerifier, looks_like_jwt
+from gateway.auth.keys import ApiKey, KeyStore
+from gateway.errors import Forbidden, KeyExpired, KeyRevoked, TaskNotAllowed, Unauthorized
 
 KEY_HEADERS = ("X-API-Key", "X-API-Token")
 MAX_KEY_CHARS = 256  # longer is no key of ours: not even hashed

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from api_keys import SCOPES, ApiKey, InvalidKeyField, parse_key_settings
+from gateway.auth.keys import SCOPES, ApiKey, InvalidKeyField, parse_key_settings
 
 JWT_KEY_PREFIX = "jwt:"
 MAX_SUBJECT_CHARS = 100

@@ -12,9 +12,9 @@ import copy
 from flask import g, request
 from flask_restx import Namespace, Resource, fields
 
-from api_keys import SCOPES, TASKS, InvalidKeyField, parse_key_settings
-from errors import InvalidRequest, NotFound, Unauthorized, UnsupportedMediaType
-from gateway import Gateway
+from gateway.auth.keys import SCOPES, TASKS, InvalidKeyField, parse_key_settings
+from gateway.container import Gateway
+from gateway.errors import InvalidRequest, NotFound, Unauthorized, UnsupportedMediaType
 
 
 def _no_such_key(key_id: str) -> NotFound:

@@ -58,7 +58,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
-from task_prompts import (  # the gateway's prompt markers: one definition for both sides
+from gateway.tasks.prompts import (  # the gateway's prompt markers: one definition for both sides
     CATEGORIES_PREFIX,
     CODE_MARKER,
     LANGUAGE_PREFIX,

@@ -13,10 +13,10 @@ import time
 from flask import Response, request
 from flask_restx import Namespace, Resource
 
-from api_schema import Schemas
-from errors import InvalidRequest
-from gateway import Gateway
-from routes import hours_argument
+from gateway.container import Gateway
+from gateway.errors import InvalidRequest
+from gateway.http.routes import hours_argument
+from gateway.http.schemas import Schemas
 
 FORMATS = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
 MAX_EXPORT_HOURS = 24 * 366 * 100  # any finite window a person would ask for

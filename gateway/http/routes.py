@@ -21,12 +21,12 @@ from flask import Response, current_app, g, request, stream_with_context
 from flask_restx import Namespace, Resource
 from werkzeug.exceptions import HTTPException
 
-from api_schema import SECURITY, InvalidBody, Schemas, check_distinct_categories
-from auth import TASK_OF_PATH
-from errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body, sane_retry_after
-from gateway import Gateway, RequestInfo
-from metrics import UNROUTED
-from task_service import CacheControl, TaskOutcome
+from gateway.auth.guard import TASK_OF_PATH
+from gateway.container import Gateway, RequestInfo
+from gateway.errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body, sane_retry_after
+from gateway.http.schemas import SECURITY, InvalidBody, Schemas, check_distinct_categories
+from gateway.observability.metrics import UNROUTED
+from gateway.tasks.service import CacheControl, TaskOutcome
 
 __version__ = "1.0.0"
 TASK_ENDPOINTS = frozenset(TASK_OF_PATH)  # one table of task paths (auth.py), for the ledger too

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from errors import TokenLimitExceeded
+from gateway.errors import TokenLimitExceeded
 
 WINDOW_SECONDS = 60.0
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from errors import StoreBusy
+from gateway.errors import StoreBusy
 
 KEY_PREFIX = "mtk_"
 SCOPES = ("user", "admin")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from flask_restx import Api, Model, fields
 from jsonschema import Draft4Validator
 
-from errors import InvalidRequest
-from task_prompts import normalise_label
+from gateway.errors import InvalidRequest
+from gateway.tasks.prompts import normalise_label
 
 MAX_NUMBER_DIGITS = 100  # no field takes a number; a longer one is refused before int() spends time on it
 MAX_CATEGORIES = 50
