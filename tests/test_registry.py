@@ -7,7 +7,8 @@ import json
 import pytest
 
 from cost_tracker import Price, PriceTable
-from gateway.config import ConfigError
+from gateway.config import Config, ConfigError
+from gateway.container import build_gateway
 from gateway.errors import InvalidRequest, ProviderNotConfigured
 from gateway.providers import registry
 from gateway.providers.registry import ModelRegistry, ModelSpec
@@ -272,3 +273,42 @@ def test_a_missing_file_or_a_directory_is_a_config_error(tmp_path):
         registry.load(tmp_path / "absent.json")
     with pytest.raises(ConfigError, match="cannot be read"):
         registry.load(tmp_path)
+
+
+# --- the registry of a gateway instance: from its Config ---
+
+def test_the_config_gives_the_file_the_default_model_and_the_keys(tmp_path):
+    path = write(tmp_path, {"g": GEMINI, "o": {"provider": "openai", "input_per_million": 1, "output_per_million": 2},
+                            "az": {"provider": "openai", "key_env": "AZURE_OPENAI_API_KEY", "input_per_million": 1,
+                                   "output_per_million": 2}})
+    config = Config.load({"GOOGLE_API_KEY": "AIzaX", "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": "http://127.0.0.1:9",
+                          "MODELS_FILE": str(path), "DEFAULT_MODEL": "o", "COST_OUTPUT_PRICE_PER_MILLION": "7"})
+    models = registry.from_config(config, environ={"AZURE_OPENAI_API_KEY": "az-key", "ANTHROPIC_API_KEY": "ignored"})
+    assert models.default.id == "o" and models.price("o") == Price(1.0, 7.0) and not models.demo
+    assert models.configured("g") and models.configured("o") and models.configured("az")
+    assert models.api_key("o") == "sk-test" and models.base_url("o") == "http://127.0.0.1:9"
+    assert models.api_key("az") == "az-key"  # an entry's own variable: from the process environment
+    # the Config is the source of the variables it knows: the environment's copy is not read
+    assert registry.from_config(Config.load({"MODELS_FILE": str(path), "DEFAULT_MODEL": "g", "GOOGLE_API_KEY": "k"}),
+                                environ={"OPENAI_API_KEY": "sk-env"}).missing_key("o") == "OPENAI_API_KEY"
+
+
+def test_without_any_setting_the_config_gives_the_shipped_registry_in_demo_mode():
+    models = registry.from_config(Config.load({}))
+    assert models.default.id == "gemini-2.0-flash" and models.demo and models.configured("claude-haiku-4-5")
+
+
+def test_the_retired_price_file_setting_is_refused_with_its_replacement():
+    with pytest.raises(ConfigError, match="COST_PRICE_FILE is no longer read: .*MODELS_FILE"):
+        Config.load({"COST_PRICE_FILE": "prices.json"})
+
+
+def test_production_refuses_to_start_with_a_configured_model_without_a_price(tmp_path):
+    path = write(tmp_path, {"g": GEMINI, "o": {"provider": "openai", "input_per_million": None,
+                                               "output_per_million": None}})
+    settings = {"app_env": "production", "google_api_key": "AIzaX", "models_file": str(path), "default_model": "g",
+                "log_dir": tmp_path / "logs", "cost_ledger_path": tmp_path / "ledger.sqlite3", "log_console": False}
+    build_gateway(Config.load({}, **settings)).close()  # its key is not set: it cannot be called, nothing to price
+    with pytest.raises(ConfigError, match="configured models without a price: o"):
+        build_gateway(Config.load({}, **settings, openai_api_key="sk-test"))
+    build_gateway(Config.load({}, **{**settings, "app_env": "testing"}, openai_api_key="sk-test")).close()  # a warning

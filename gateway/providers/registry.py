@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from collections import ChainMap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cost_tracker import Price
-from gateway.config import ConfigError
+from gateway.config import Config, ConfigError
 from gateway.errors import InvalidRequest, ProviderNotConfigured
 
 DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[2] / "data" / "models.json"
@@ -209,6 +211,20 @@ class ModelRegistry:
 
 
 # --- loading -------------------------------------------------------------------------------------
+
+def from_config(config: Config, environ: Mapping[str, str] | None = None) -> ModelRegistry:
+    """The registry of one gateway instance: MODELS_FILE, DEFAULT_MODEL (else GEMINI_MODEL), the
+    COST_*_PRICE_PER_MILLION overrides of the default model, demo mode, and the keys and base URLs
+    the Config holds. A key variable the Config does not know (an entry's own `key_env`, such as
+    AZURE_OPENAI_API_KEY) is read from `environ` (default: the process environment)."""
+    known = {"GOOGLE_API_KEY": config.google_api_key, "GEMINI_BASE_URL": config.gemini_base_url,
+             "OPENAI_API_KEY": config.openai_api_key, "OPENAI_BASE_URL": config.openai_base_url,
+             "ANTHROPIC_API_KEY": config.anthropic_api_key, "ANTHROPIC_BASE_URL": config.anthropic_base_url}
+    env = ChainMap(known, os.environ if environ is None else environ)
+    return load(config.models_file or None, env, default_model=config.default_model or None,
+                gemini_model=config.gemini_model, input_price=config.cost_input_price_per_million,
+                output_price=config.cost_output_price_per_million, demo=config.demo_mode)
+
 
 def load(path: Path | str | None = None, env: Mapping[str, str] | None = None, *, default_model: str | None = None,
          gemini_model: str | None = None, input_price: float | None = None, output_price: float | None = None,
