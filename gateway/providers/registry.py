@@ -113,6 +113,11 @@ class ModelRegistry:
             raise InvalidRequest(f"Invalid input: 'model' {reason}", details={"fields": {"model": reason}})
         return spec
 
+    def resolve(self, model: str) -> str | None:
+        """The id of the model a public id or alias names, or None (what API keys' allowed_models store)."""
+        spec = self.find(model)
+        return None if spec is None else spec.id
+
     def __contains__(self, model: object) -> bool:
         return isinstance(model, str) and model in self._by_name
 
