@@ -288,6 +288,7 @@ def test_the_config_gives_the_file_the_default_model_and_the_keys(tmp_path):
     assert models.configured("g") and models.configured("o") and models.configured("az")
     assert models.api_key("o") == "sk-test" and models.base_url("o") == "http://127.0.0.1:9"
     assert models.api_key("az") == "az-key"  # an entry's own variable: from the process environment
+    assert "sk-test" not in repr(config) and "sk-test" not in repr(models)
     # the Config is the source of the variables it knows: the environment's copy is not read
     assert registry.from_config(Config.load({"MODELS_FILE": str(path), "DEFAULT_MODEL": "g", "GOOGLE_API_KEY": "k"}),
                                 environ={"OPENAI_API_KEY": "sk-env"}).missing_key("o") == "OPENAI_API_KEY"
