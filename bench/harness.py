@@ -128,8 +128,8 @@ def stop_tree(process: subprocess.Popen) -> None:
 def emulator(delay: float = 0.0):
     """A Gemini emulator process; yields its base URL."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "gemini_emulator.py"), "--port", str(port),
-                                "--delay", str(delay)], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "gateway.providers.emulators.gemini", "--port", str(port),
+                                "--delay", str(delay)], cwd=ROOT, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url + "/_emulator/stats", process)

@@ -43,7 +43,7 @@ def test_any_key_lists_the_models_with_prices_and_whether_each_is_configured(sec
     body = response.get_json()
     assert body["default_model"] == "gemini-2.0-flash"
     rows = {row["id"]: row for row in body["models"]}
-    assert list(rows) == app.extensions["gateway"].models.ids()
+    assert list(rows) == app.extensions["gateway"].registry.ids()
     assert rows["gemini-2.0-flash"]["configured"] and rows["gemini-2.0-flash"]["default"]  # the test key is set
     assert rows["gpt-4o-mini"] == {
         "id": "gpt-4o-mini", "provider": "openai", "upstream": "gpt-4o-mini", "aliases": [], "input_per_million": 0.15,

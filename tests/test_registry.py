@@ -174,7 +174,7 @@ def test_task_defaults_are_the_models_own_or_empty(tmp_path):
 
 def test_the_listing_shows_prices_and_configuration_never_a_key_or_base_url():
     models = registry.load(env={"OPENAI_API_KEY": "sk-secret-value", "OPENAI_BASE_URL": "http://10.0.0.7:8000/v1"})
-    listing = models.models()
+    listing = models.describe()
     assert [row["id"] for row in listing] == models.ids()
     mini = next(row for row in listing if row["id"] == "gpt-4o-mini")
     assert mini == {"id": "gpt-4o-mini", "provider": "openai", "upstream": "gpt-4o-mini", "aliases": [],

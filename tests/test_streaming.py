@@ -73,7 +73,8 @@ def test_stream_the_client_abandons_is_recorded_priced_and_released(make_app, em
     first = next(chunks)
     assert first.startswith(b"event: chunk")
     gateway = app.extensions["gateway"]
-    pools = [transport._httpx_client._transport.inner._pool for transport in gateway.client._transports]
+    provider = gateway.router.routes[gateway.service.default_model].provider
+    pools = [transport._httpx_client._transport.inner._pool for transport in provider._transports]
     assert sum(len(pool._requests) for pool in pools) == 1  # the provider's stream is open
     response.close()  # what the server does when the client disconnects: the generator is closed
     records = gateway.tracker.records()

@@ -45,7 +45,7 @@ def create_key(**options) -> None:
     """Create a key and print it (the only time it is shown)."""
     try:
         settings = parse_key_settings({name: value for name, value in options.items() if value is not None},
-                                      resolve_model=_gateway().models.resolve)
+                                      resolve_model=_gateway().registry.resolve)
     except InvalidKeyField as exc:
         raise click.BadParameter(exc.reason, param_hint=f"--{_OPTION_OF.get(exc.field, exc.field)}") from None
     key, secret = _gateway().keys.create(**settings)

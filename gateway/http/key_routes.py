@@ -7,12 +7,13 @@ and the ledger. Creating a key is the only answer that ever contains a key.
 
 from __future__ import annotations
 
-from flask import g, request
+from flask import request
 from flask_restx import Namespace, Resource, fields
 
 from gateway.auth.keys import SCOPES, TASKS, InvalidKeyField, parse_key_settings
 from gateway.container import Gateway
 from gateway.errors import InvalidRequest, NotFound, Unauthorized, UnsupportedMediaType
+from gateway.http.request_state import state
 from gateway.http.schemas import nullable as _nullable
 
 
@@ -92,7 +93,7 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
                 raise InvalidRequest("The request body must be a JSON object",
                                      details={"fields": {"body": "must be an object"}})
             try:
-                key, secret = gateway.keys.create(**parse_key_settings(body, resolve_model=gateway.models.resolve))
+                key, secret = gateway.keys.create(**parse_key_settings(body, resolve_model=gateway.registry.resolve))
             except InvalidKeyField as exc:
                 raise InvalidRequest(f"Invalid input: '{exc.field}' {exc.reason}",
                                      details={"fields": {exc.field: exc.reason}}) from None
@@ -142,7 +143,7 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
         @admin_limit
         def get(self):
             """The calling key's own usage in a month (any key)."""
-            key = g.get("api_key")
+            key = state().api_key
             if key is None:
                 raise Unauthorized("Send your API key to read its usage")
             return _usage(gateway, gateway.keys.get(key.id) or key)

@@ -50,6 +50,6 @@ def models_namespace(gateway: Gateway, schemas: Schemas, limit) -> Namespace:
         @limit
         def get(self):
             """List the models a request may name, with their provider, prices and whether each can be called."""
-            return {"default_model": gateway.models.default.id, "models": gateway.models.models()}
+            return {"default_model": gateway.registry.default.id, "models": gateway.registry.describe()}
 
     return ns

@@ -163,7 +163,7 @@ class ModelRegistry:
         """The model's own sampling defaults for a task (empty: the task's defaults apply)."""
         return self._spec(model).defaults.get(task, {})
 
-    def describe(self, model: str | ModelSpec) -> dict:
+    def describe_model(self, model: str | ModelSpec) -> dict:
         """One model as `GET /api/v1/models` shows it: never a key, never a base URL (internal hosts)."""
         spec = self._spec(model)
         return {
@@ -175,9 +175,9 @@ class ModelRegistry:
             "default": spec.id == self.default.id,
         }
 
-    def models(self) -> list[dict]:
-        """Every model, in file order, as `describe` shows it."""
-        return [self.describe(spec) for spec in self._specs.values()]
+    def describe(self) -> list[dict]:
+        """Every model, in file order, as `describe_model` shows it (`GET /api/v1/models`, `/status`)."""
+        return [self.describe_model(spec) for spec in self._specs.values()]
 
     def _spec(self, model: str | ModelSpec) -> ModelSpec:
         return model if isinstance(model, ModelSpec) else self.get(model)
