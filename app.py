@@ -37,7 +37,16 @@ from gateway.auth.jwt_tokens import JWT_KEY_PREFIX, JwtVerifier
 from gateway.config import Config, ConfigError
 from gateway.container import Gateway, build_gateway
 from gateway.errors import GatewayError, RequestBlocked
-from gateway.http import key_cli, key_routes, routes, security_headers, swagger_ui, task_routes, usage_routes
+from gateway.http import (
+    key_cli,
+    key_routes,
+    model_routes,
+    routes,
+    security_headers,
+    swagger_ui,
+    task_routes,
+    usage_routes,
+)
 from gateway.http.request_state import RequestState, state
 from gateway.http.schemas import AUTHORIZATIONS, InvalidBody, bounded_int, register_models
 from gateway.tasks.service import TaskOutcome
@@ -129,6 +138,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     api.add_namespace(routes.stats_namespace(gateway, schemas, stats_limit), path="/stats")
     api.add_namespace(key_routes.keys_namespace(gateway, schemas, stats_limit), path="/keys")
     api.add_namespace(usage_routes.usage_namespace(gateway, schemas, stats_limit), path="/usage")
+    api.add_namespace(model_routes.models_namespace(gateway, schemas, stats_limit), path="/models")
     app.cli.add_command(key_cli.keys_command)
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
     log.info("client authentication: %s", "on (API keys required; /health and Swagger open)" if config.auth_enabled
@@ -367,7 +377,8 @@ def _configure_logging(config: Config) -> None:
     )
     for chatty in ("httpx", "httpx2", "google_genai", "google_genai.models"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    redact_log_handlers([config.google_api_key, config.auth_jwt_secret])
+    redact_log_handlers([config.google_api_key, config.openai_api_key, config.anthropic_api_key,
+                         config.auth_jwt_secret])
 
 
 # --- entry points -----------------------------------------------------------------------------

@@ -22,6 +22,9 @@ ENVIRONMENTS = ("development", "testing", "production")
 SECURITY_MODES = ("log", "block", "off")
 RATELIMIT_STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")  # Flask-Limiter 4.1's names
 GOOGLE_KEY_PREFIX = "AIza"
+RETIRED_SETTINGS = {  # set one of these and the gateway refuses to start instead of silently ignoring it
+    "COST_PRICE_FILE": "prices now live in the model registry; set MODELS_FILE to your copy of data/models.json",
+}
 ALL_INTERFACES = ("0.0.0.0", "::", "[::]", "*", "")  # wildcard bind addresses: reachable from other machines
 
 
@@ -91,6 +94,14 @@ class Config:
     gemini_max_connections: int = _env("GEMINI_MAX_CONNECTIONS", "256", kind=int, minimum=1)
     gemini_pool_shards: int = _env("GEMINI_POOL_SHARDS", "8", kind=int, minimum=1)
 
+    # The model registry (gateway/providers/registry.py) and the other providers' keys and endpoints.
+    models_file: str = _env("MODELS_FILE", "")  # empty: the bundled data/models.json
+    default_model: str = _env("DEFAULT_MODEL", "")  # empty: GEMINI_MODEL
+    openai_api_key: str = _env("OPENAI_API_KEY", "", secret=True)
+    openai_base_url: str = _env("OPENAI_BASE_URL", "")
+    anthropic_api_key: str = _env("ANTHROPIC_API_KEY", "", secret=True)
+    anthropic_base_url: str = _env("ANTHROPIC_BASE_URL", "")
+
     retry_max_attempts: int = _env("RETRY_MAX_ATTEMPTS", "5", kind=int, minimum=1)
     retry_min_wait_seconds: float = _env("RETRY_MIN_WAIT_SECONDS", "1", kind=float, minimum=0)
     retry_max_wait_seconds: float = _env("RETRY_MAX_WAIT_SECONDS", "60", kind=float, minimum=0)
@@ -118,7 +129,6 @@ class Config:
     cost_ledger_path: Path = _env("COST_LEDGER_PATH", "var/cost_ledger.sqlite3", kind=Path)
     cost_ledger_write_timeout_seconds: float = _env("COST_LEDGER_WRITE_TIMEOUT_SECONDS", "2", kind=float,
                                                     minimum=0.01)
-    cost_price_file: str = _env("COST_PRICE_FILE", "")
     cost_input_price_per_million: float | None = _env("COST_INPUT_PRICE_PER_MILLION", "", kind=float, minimum=0)
     cost_output_price_per_million: float | None = _env("COST_OUTPUT_PRICE_PER_MILLION", "", kind=float, minimum=0)
 
@@ -146,6 +156,9 @@ class Config:
     def load(cls, environ: Mapping[str, str] | None = None, **overrides) -> Config:
         """Read settings from `environ` (default: os.environ), then apply keyword overrides."""
         environ = os.environ if environ is None else environ
+        for retired, successor in RETIRED_SETTINGS.items():
+            if environ.get(retired, "").strip():
+                raise ConfigError(f"{retired} is no longer read: {successor}")
         values = {}
         for spec in dataclasses.fields(cls):
             if spec.name in overrides:

@@ -17,10 +17,12 @@ from enhanced_logging import RequestLogger, SecurityScanner
 from gateway.auth.budgets import BudgetGuard
 from gateway.auth.keys import KeyStore
 from gateway.auth.token_window import TokenWindows
-from gateway.config import Config, ConfigError
+from gateway.config import Config
 from gateway.observability.metrics import UNROUTED, GatewayMetrics
 from gateway.providers import demo as demo_mode
+from gateway.providers import registry as model_registry
 from gateway.providers.catalog import ModelCatalog
+from gateway.providers.registry import ModelRegistry
 from gateway.providers.router import ModelRoute, ModelRouter
 from gateway.tasks.service import TaskOutcome, TaskService
 from gemini_wrapper import GeminiProvider, retry_policy_from
@@ -52,8 +54,8 @@ class RequestInfo:
 # request, a 400 included, passed the rate limiter first, so its rows grow only as fast as the limit allows.
 # Refusals by authentication (auth.py) are among them: an unauthenticated client must not grow the ledger at all.
 UNBILLED_REFUSALS = frozenset({"rate_limited", "request_blocked", "payload_too_large", "unauthorized", "key_revoked",
-                               "key_expired", "forbidden", "task_not_allowed", "token_limit_exceeded",
-                               "budget_exceeded"})
+                               "key_expired", "forbidden", "task_not_allowed", "model_not_allowed",
+                               "token_limit_exceeded", "budget_exceeded"})
 
 
 def _cost_record(request: RequestInfo, status: int, elapsed_ms: float, outcome: TaskOutcome | None) -> CostRecord:
@@ -87,6 +89,7 @@ class Gateway:
     scanner: SecurityScanner
     keys: KeyStore
     budgets: BudgetGuard  # keys' monthly budgets (budgets.py)
+    registry: ModelRegistry  # the servable models, their providers, keys and prices (data/models.json)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     tokens: TokenWindows = field(default_factory=TokenWindows)  # per-key tokens per minute (this process)
     started_at: float = field(default_factory=time.monotonic)
@@ -149,15 +152,14 @@ class Gateway:
 
 def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gateway:
     """Build every part from `config`. `retry_overrides` replace retry policy fields (tests inject sleep/clock)."""
-    prices = PriceTable.load(
-        config.cost_price_file or None, model=config.gemini_model,
-        input_override=config.cost_input_price_per_million, output_override=config.cost_output_price_per_million,
-    )
-    if not prices.knows(config.gemini_model):
-        message = f"no price for model {config.gemini_model!r}: add it to the price file or set COST_*_PER_MILLION"
+    registry = model_registry.from_config(config)
+    if registry.unpriced_configured():
         if config.is_production:
-            raise ConfigError(message)
-        log.warning("%s; its requests are recorded at $0", message)
+            registry.require_prices()
+        log.warning("configured models without a price, recorded at $0: %s (set their prices in the model registry, "
+                    "MODELS_FILE, or COST_*_PRICE_PER_MILLION for the default model)",
+                    ", ".join(registry.unpriced_configured()))
+    prices = PriceTable(registry.prices())
     metrics = GatewayMetrics()
     upstream = demo_mode.resolve_upstream(config)
     policy = retry_policy_from(config, on_retry=metrics.count_retry, **(retry_overrides or {}))
@@ -168,7 +170,8 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
     logger = RequestLogger(
         config.log_dir, max_bytes=config.log_max_bytes, backup_count=config.log_backup_count,
         console=config.log_console, console_level=config.log_level,
-        secrets=[config.google_api_key], log_full_prompts=config.log_full_prompts,
+        secrets=[config.google_api_key, config.openai_api_key, config.anthropic_api_key],
+        log_full_prompts=config.log_full_prompts,
     )
     cache = ResponseCache(
         {
@@ -186,5 +189,6 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
         config=config, upstream=upstream, router=router, service=service,
         models=ModelCatalog(frozenset(router.routes), config.gemini_model), cache=cache, tracker=tracker,
         logger=logger, scanner=SecurityScanner(config.request_max_bytes), keys=KeyStore(config.cost_ledger_path),
-        budgets=BudgetGuard(config.cost_ledger_path, spooled=lambda: tracker.spooled), metrics=metrics,
+        budgets=BudgetGuard(config.cost_ledger_path, spooled=lambda: tracker.spooled), registry=registry,
+        metrics=metrics,
     )

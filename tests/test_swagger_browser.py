@@ -29,6 +29,7 @@ OPERATIONS = {  # Swagger UI's element id of each operation -> its path
     "operations-keys-delete_key": "/keys/{key_id}",
     "operations-keys-get_key_usage": "/keys/{key_id}/usage",
     "operations-usage-get_usage_export": "/usage/export",
+    "operations-models-get_models": "/models",
 }
 SCHEMES = {"Bearer": ("Authorization", "Bearer mtk_browser_test_key"),
            "ApiKey": ("X-API-Key", "mtk_browser_test_key_2"),

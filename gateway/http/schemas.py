@@ -8,6 +8,7 @@ RESTX's `validate=True`) to word each failure for a person, name the field, and 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from flask_restx import Api, Model, fields
@@ -41,6 +42,14 @@ AUTHORIZATIONS = {
     "ApiToken": {"type": "apiKey", "in": "header", "name": "X-API-Token", "description": "Your gateway key"},
 }
 SECURITY = list(AUTHORIZATIONS)
+
+
+def nullable(field):
+    """The same field, documented as possibly null in answers (Swagger 2.0 `x-nullable`): unset settings are null."""
+    schema = {**field.__schema__, "x-nullable": True}
+    clone = copy.copy(field)
+    clone.__dict__["__schema__"] = schema  # __schema__ is a cached_property: set its cached value on the copy
+    return clone
 
 
 class InvalidBody(ValueError):
