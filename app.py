@@ -41,6 +41,7 @@ from gateway.http import (
     key_cli,
     key_routes,
     model_routes,
+    probe_routes,
     routes,
     security_headers,
     swagger_ui,
@@ -133,6 +134,8 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     task_limit = _task_limit(limiter, config.ratelimit_task_limits)
     api.add_namespace(routes.health_namespace(gateway, schemas), path="/health")
     for namespace, path in task_routes.task_namespaces(gateway, schemas, task_limit):
+        api.add_namespace(namespace, path=path)
+    for namespace, path in probe_routes.probe_namespaces(gateway, schemas):
         api.add_namespace(namespace, path=path)
     stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget
     api.add_namespace(routes.stats_namespace(gateway, schemas, stats_limit), path="/stats")

@@ -102,6 +102,22 @@ class Config:
     anthropic_api_key: str = _env("ANTHROPIC_API_KEY", "", secret=True)
     anthropic_base_url: str = _env("ANTHROPIC_BASE_URL", "")
 
+    # Fallbacks (gateway/providers/fallback.py): per task, the models tried in order when the asked one
+    # keeps failing (comma-separated public ids; a request's own `fallbacks` replaces them).
+    fallbacks_text: tuple = _env("FALLBACKS_TEXT", "", kind=tuple)
+    fallbacks_code: tuple = _env("FALLBACKS_CODE", "", kind=tuple)
+    fallbacks_classify: tuple = _env("FALLBACKS_CLASSIFY", "", kind=tuple)
+    # Circuit breaker per model: open after this many failed calls in a row, probe again after the cool-down.
+    circuit_failure_threshold: int = _env("CIRCUIT_FAILURE_THRESHOLD", "5", kind=int, minimum=1)
+    circuit_cool_down_seconds: float = _env("CIRCUIT_COOL_DOWN_SECONDS", "30", kind=float, minimum=0.1)
+    # Outbound ceilings per provider (0 = none), to stay under the provider's quota instead of meeting its 429s.
+    gemini_requests_per_minute: int = _env("GEMINI_REQUESTS_PER_MINUTE", "0", kind=int, minimum=0)
+    gemini_tokens_per_minute: int = _env("GEMINI_TOKENS_PER_MINUTE", "0", kind=int, minimum=0)
+    openai_requests_per_minute: int = _env("OPENAI_REQUESTS_PER_MINUTE", "0", kind=int, minimum=0)
+    openai_tokens_per_minute: int = _env("OPENAI_TOKENS_PER_MINUTE", "0", kind=int, minimum=0)
+    anthropic_requests_per_minute: int = _env("ANTHROPIC_REQUESTS_PER_MINUTE", "0", kind=int, minimum=0)
+    anthropic_tokens_per_minute: int = _env("ANTHROPIC_TOKENS_PER_MINUTE", "0", kind=int, minimum=0)
+
     retry_max_attempts: int = _env("RETRY_MAX_ATTEMPTS", "5", kind=int, minimum=1)
     retry_min_wait_seconds: float = _env("RETRY_MIN_WAIT_SECONDS", "1", kind=float, minimum=0)
     retry_max_wait_seconds: float = _env("RETRY_MAX_WAIT_SECONDS", "60", kind=float, minimum=0)
@@ -171,7 +187,8 @@ class Config:
             raise ConfigError(f"unknown settings: {', '.join(sorted(overrides))}")
         if values["auth_enabled"] is None:  # AUTH_ENABLED unset: by environment
             values["auth_enabled"] = values["app_env"] == "production"
-        if not values["cors_origins"] and not values["google_api_key"] and values["app_env"] != "production":
+        live = values["google_api_key"] or values["openai_api_key"] or values["anthropic_api_key"]
+        if not values["cors_origins"] and not live and values["app_env"] != "production":
             values["cors_origins"] = ("*",)  # demo mode only: with a live key, no origin until CORS_ORIGINS names it
         config = cls(**values)
         config.validate()
@@ -198,8 +215,9 @@ class Config:
                     "outside production")
         self._validate_jwt()
         if self.is_production:
-            if not self.google_api_key:
-                raise ConfigError("APP_ENV=production needs GOOGLE_API_KEY (demo mode is for development only)")
+            if not self.has_provider_key:
+                raise ConfigError("APP_ENV=production needs a provider key: GOOGLE_API_KEY, OPENAI_API_KEY or "
+                                  "ANTHROPIC_API_KEY (demo mode is for development only)")
             if not self.ratelimit_enabled:
                 raise ConfigError("APP_ENV=production refuses RATELIMIT_ENABLED=false")
             if not self.auth_enabled and not self.auth_allow_anonymous:
@@ -235,9 +253,13 @@ class Config:
         return self.app_env == "production"
 
     @property
+    def has_provider_key(self) -> bool:
+        return bool(self.google_api_key or self.openai_api_key or self.anthropic_api_key)
+
+    @property
     def demo_mode(self) -> bool:
-        """No key outside production: answer from the built-in emulator instead of Gemini."""
-        return not self.google_api_key and not self.is_production
+        """No provider key outside production: answer from the built-in emulators instead."""
+        return not self.has_provider_key and not self.is_production
 
     def exposure_warnings(self, host: str | None = None) -> list[str]:
         """Start-up warnings for a live key that strangers could spend (client authentication off).

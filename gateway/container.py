@@ -22,10 +22,11 @@ from gateway.observability.metrics import UNROUTED, GatewayMetrics
 from gateway.providers import demo as demo_mode
 from gateway.providers import registry as model_registry
 from gateway.providers.catalog import ModelCatalog
+from gateway.providers.factory import build_routes
 from gateway.providers.registry import ModelRegistry
-from gateway.providers.router import ModelRoute, ModelRouter
+from gateway.providers.router import ModelRouter
 from gateway.tasks.service import TaskOutcome, TaskService
-from gemini_wrapper import GeminiProvider, retry_policy_from
+from gemini_wrapper import retry_policy_from
 from lru_cache import ResponseCache
 
 log = logging.getLogger("gateway")
@@ -163,10 +164,9 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
     metrics = GatewayMetrics()
     upstream = demo_mode.resolve_upstream(config)
     policy = retry_policy_from(config, on_retry=metrics.count_retry, **(retry_overrides or {}))
-    gemini = GeminiProvider(api_key=upstream.api_key, base_url=upstream.base_url or config.gemini_base_url or None,
-                            max_connections=config.gemini_max_connections, pool_shards=config.gemini_pool_shards,
-                            model=config.gemini_model)
-    router = ModelRouter({config.gemini_model: ModelRoute(config.gemini_model, gemini, config.gemini_model)}, policy)
+    router = ModelRouter(build_routes(registry, config), policy)
+    models = ModelCatalog(registry, {"text": config.fallbacks_text, "code": config.fallbacks_code,
+                                     "classify": config.fallbacks_classify})
     logger = RequestLogger(
         config.log_dir, max_bytes=config.log_max_bytes, backup_count=config.log_backup_count,
         console=config.log_console, console_level=config.log_level,
@@ -183,11 +183,12 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
     )
     tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record),
                           write_timeout=config.cost_ledger_write_timeout_seconds)
-    service = TaskService(router, cache, prices.cost, TokenCounter(), default_model=config.gemini_model,
-                          max_output_tokens=config.gemini_max_output_tokens or None)
+    service = TaskService(router, cache, prices.cost, TokenCounter(), default_model=registry.default.id,
+                          max_output_tokens=config.gemini_max_output_tokens or None,
+                          model_defaults=registry.task_defaults)
     return Gateway(
         config=config, upstream=upstream, router=router, service=service,
-        models=ModelCatalog(frozenset(router.routes), config.gemini_model), cache=cache, tracker=tracker,
+        models=models, cache=cache, tracker=tracker,
         logger=logger, scanner=SecurityScanner(config.request_max_bytes), keys=KeyStore(config.cost_ledger_path),
         budgets=BudgetGuard(config.cost_ledger_path, spooled=lambda: tracker.spooled), registry=registry,
         metrics=metrics,

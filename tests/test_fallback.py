@@ -170,14 +170,19 @@ def test_an_open_breaker_skips_its_model_without_calling_it():
     assert answer.failed == (FailedModel("a", "circuit_open", 503),) and answer.model_id == "b"
 
 
-def test_failures_feed_the_breaker_which_opens_during_the_retries():
+def test_the_breaker_hears_one_verdict_per_request_not_one_per_retry():
     clock = FakeClock()
     breaker = CircuitBreaker("a", failure_threshold=2, cool_down=30, clock=clock.now)
     failing, fallback = ScriptedProvider("a", UpstreamUnavailable), ScriptedProvider("b", "b answers")
-    chain = FallbackChain(make_policy(clock, max_attempts=5))
+    chain = FallbackChain(make_policy(clock, max_attempts=3))
     answer = chain.complete([candidate("a", failing, breaker=breaker), candidate("b", fallback)], build)
-    assert len(failing.calls) == 2 and breaker.state is CircuitState.OPEN  # the third attempt was refused
-    assert answer.failed == (FailedModel("a", "circuit_open", 503),)
+    # one request's three failed attempts are one failure: a blip retried by one request opens nothing
+    assert len(failing.calls) == 3 and breaker.state is CircuitState.CLOSED
+    assert answer.failed == (FailedModel("a", "upstream_unavailable", 502),)
+    chain.complete([candidate("a", failing, breaker=breaker), candidate("b", fallback)], build)
+    assert len(failing.calls) == 6 and breaker.state is CircuitState.OPEN  # the second failed request opens it
+    answer = chain.complete([candidate("a", failing, breaker=breaker), candidate("b", fallback)], build)
+    assert len(failing.calls) == 6 and answer.failed == (FailedModel("a", "circuit_open", 503),)  # skipped
     clock.advance(30)  # cool-down over: the next request's first attempt is the probe
     failing.outcomes = ["recovered"]
     answer = chain.complete([candidate("a", failing, breaker=breaker), candidate("b", fallback)], build)
@@ -383,18 +388,21 @@ def test_a_steadily_failing_gemini_opens_its_breaker_and_the_fallback_answers(em
 
         answer = chain.complete(models, build)
         assert answer.model_id == "gpt-mini" and answer.fallback_used
-        assert answer.failed == (FailedModel("gemini-flash", "circuit_open", 503),)
-        assert emulator.stats()["request_count"] == 2  # two HTTP 500s opened it; the third attempt was refused
+        assert answer.failed == (FailedModel("gemini-flash", "upstream_unavailable", 502),)
+        assert emulator.stats()["request_count"] == 3 and breaker.state is CircuitState.CLOSED  # one request: 1 failure
+        assert chain.complete(models, build).model_id == "gpt-mini"
+        assert emulator.stats()["request_count"] == 6  # the second request that failed on it opened it
         assert breaker.state is CircuitState.OPEN
 
-        assert chain.complete(models, build).model_id == "gpt-mini"
-        assert emulator.stats()["request_count"] == 2  # skipped during the cool-down: no call at all
+        answer = chain.complete(models, build)
+        assert answer.failed == (FailedModel("gemini-flash", "circuit_open", 503),)
+        assert emulator.stats()["request_count"] == 6  # skipped during the cool-down: no call at all
 
         emulator.clear_faults()
         clock.advance(30)  # the cool-down is over: the next request's attempt is the probe
         answer = chain.complete(models, build)
         assert answer.model_id == "gemini-flash" and answer.completion.text and not answer.fallback_used
-        assert breaker.state is CircuitState.CLOSED and emulator.stats()["request_count"] == 3
+        assert breaker.state is CircuitState.CLOSED and emulator.stats()["request_count"] == 7
     finally:
         gemini.close()
 

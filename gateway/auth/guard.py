@@ -29,7 +29,7 @@ from gateway.providers.registry import ModelSpec
 KEY_HEADERS = ("X-API-Key", "X-API-Token")
 MAX_KEY_CHARS = 256  # longer is no key of ours: not even hashed
 MAX_TOKEN_CHARS = 8192  # a JWT longer than this is not even decoded
-OPEN_PATHS = frozenset({"/api/v1/health", "/swagger.json", "/api/v1/swagger.json", "/swagger"})
+OPEN_PATHS = frozenset({"/api/v1/health", "/api/v1/ready", "/swagger.json", "/api/v1/swagger.json", "/swagger"})
 OPEN_PREFIXES = ("/swagger/", "/swaggerui/")
 KEYS_PREFIX = "/api/v1/keys"
 OWN_USAGE_PATH = "/api/v1/keys/me/usage"

@@ -56,6 +56,7 @@ def probe_namespaces(gateway: Gateway, schemas: Schemas) -> list[tuple[Namespace
         def get(self):
             """Report version, uptime, mode, models and their circuits, cache and limit settings"""
             config = gateway.config
+            circuits = gateway.router.circuits()
             return {
                 "version": __version__,
                 "environment": config.app_env,
@@ -63,7 +64,7 @@ def probe_namespaces(gateway: Gateway, schemas: Schemas) -> list[tuple[Namespace
                 "uptime_seconds": round(time.monotonic() - gateway.started_at, 3),
                 "worker": {"pid": os.getpid(), "index": os.environ.get("SERVE_WORKER_INDEX")},
                 "default_model": gateway.service.default_model,
-                "models": gateway.models.describe(),
+                "models": [{**model, "circuit": circuits.get(model["id"])} for model in gateway.models.describe()],
                 "cache": {"enabled": config.cache_enabled, **gateway.cache.stats()["total"]},
                 "rate_limits": {"enabled": config.ratelimit_enabled, "tasks": config.ratelimit_task_limits,
                                 "strategy": config.ratelimit_strategy,

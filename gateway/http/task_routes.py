@@ -65,8 +65,9 @@ def _add_task_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task: 
         inputs = task.inputs(payload)
         current = state()
         current.prompt = inputs[task.prompt_field]
-        options = task_options(payload, gateway)
-        current.model = options.model or gateway.service.default_model
+        current.model = gateway.service.default_model  # what a refused request is recorded under
+        options = task_options(payload, gateway, task.name)
+        current.model = options.model
         outcome = gateway.service.run(task.name, inputs, options, cache_control(payload))
         echoed = {name: inputs[name] for name in task.echo}
         return {task.result_field: outcome.completion.text, **echoed, **answer_fields(outcome)}
@@ -92,8 +93,9 @@ def _add_stream_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task
             inputs = task.inputs(payload)
             current = state()
             current.prompt = inputs[task.prompt_field]
-            options = task_options(payload, gateway)
-            current.model = options.model or gateway.service.default_model
+            current.model = gateway.service.default_model
+            options = task_options(payload, gateway, task.name)
+            current.model = options.model
             started = time.perf_counter()
             opened = gateway.service.open_stream(task.name, inputs, options)  # failures here are plain JSON errors
             current.streaming = True
@@ -130,7 +132,7 @@ def _task_responses(ns: Namespace, schemas: Schemas, success_model,
     return decorate
 
 
-def task_options(payload: dict, gateway: Gateway) -> TaskOptions:
+def task_options(payload: dict, gateway: Gateway, task: str) -> TaskOptions:
     """The per-request options of a validated body; the schema has checked types and ranges already."""
     for name in ("temperature", "top_p"):
         value = payload.get(name)
@@ -141,7 +143,7 @@ def task_options(payload: dict, gateway: Gateway) -> TaskOptions:
     return gateway.models.checked_options(TaskOptions(
         model=payload.get("model"), temperature=payload.get("temperature"), max_tokens=payload.get("max_tokens"),
         top_p=payload.get("top_p"), stop=tuple(payload.get("stop") or ()),
-        fallbacks=None if fallbacks is None else tuple(fallbacks)), state().api_key)
+        fallbacks=None if fallbacks is None else tuple(fallbacks)), state().api_key, task)
 
 
 def cache_control(payload: dict) -> CacheControl:

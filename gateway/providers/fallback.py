@@ -155,8 +155,11 @@ class FallbackChain:
             request = build(candidate)
             policy = replace(self.policy, deadline=budget)
             try:
-                result = policy.run(lambda seconds_left, c=candidate, r=request: attempt(c, r, seconds_left),
-                                    label=f"{candidate.model_id} {what}")
+                # The breaker hears one verdict per request and model, after its retries: one request's
+                # retries of a blip are not "5 failures in a row" (that would open the circuit for everyone).
+                permit = candidate.breaker.acquire() if candidate.breaker is not None else None
+                result = _reported(permit, lambda c=candidate, r=request, p=policy: p.run(
+                    lambda seconds_left: attempt(c, r, seconds_left), label=f"{c.model_id} {what}"))
             except GatewayError as error:
                 if not falls_back(error):
                     if failed:
@@ -175,8 +178,8 @@ class FallbackChain:
 
     def _admit(self, candidate: Candidate, request: ProviderRequest,
                seconds_left: float) -> tuple[Permit | None, Reservation | None, float]:
-        """The breaker's permit, then a place under the outbound ceilings (no verdict if refused)."""
-        permit = candidate.breaker.acquire() if candidate.breaker is not None else None
+        """A place under the outbound ceilings (the breaker's permit is taken per model, in `_first_success`)."""
+        permit = None
         if candidate.limiter is None:
             return permit, None, seconds_left
         started = self.policy.clock()

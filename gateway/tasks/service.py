@@ -10,7 +10,7 @@ their row in `gateway.tasks.table`; models only by their route in the router.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from cost_tracker import Cost, TokenCounter
@@ -94,7 +94,8 @@ class TaskService:
 
     def __init__(self, router: ModelRouter, cache: ResponseCache, price_of: Callable[[str, int, int], Cost],
                  counter: TokenCounter, *, default_model: str, max_output_tokens: int | None = None,
-                 fallbacks: dict[str, tuple[str, ...]] | None = None, tasks: dict[str, TaskDefinition] = TASKS):
+                 model_defaults: Callable[[str, str], Mapping] | None = None,
+                 tasks: dict[str, TaskDefinition] = TASKS):
         self.router = router
         # A request sharing another's call waits no longer than that call may take; then it calls itself.
         self._share_wait_seconds = router.policy.deadline
@@ -103,7 +104,7 @@ class TaskService:
         self.counter = counter
         self.default_model = default_model
         self.max_output_tokens = max_output_tokens or None
-        self.fallbacks = fallbacks or {}
+        self.model_defaults = model_defaults or (lambda _model, _task: {})  # (model id, task) -> its defaults
         self.tasks = tasks
 
     def run(self, task_name: str, inputs: dict, options: TaskOptions = TaskOptions(),
@@ -134,14 +135,16 @@ class TaskService:
         return outcome
 
     def plan(self, task: TaskDefinition, options: TaskOptions) -> tuple[tuple[str, ...], GenerationParams]:
-        """The models to try in order (the requested one, then its fallbacks) and the sampling parameters."""
+        """The models to try in order (the requested one, then its fallbacks: resolved by the HTTP layer's
+        `ModelCatalog`) and the sampling parameters: the request's, else the model's defaults for the task
+        (data/models.json), else the task's."""
         model = options.model or self.default_model
-        fallbacks = options.fallbacks if options.fallbacks is not None else self.fallbacks.get(task.name, ())
-        models = (model, *(fallback for fallback in dict.fromkeys(fallbacks) if fallback != model))
+        models = (model, *(fallback for fallback in options.fallbacks or () if fallback != model))
+        defaults = self.model_defaults(model, task.name)
         params = GenerationParams(
-            temperature=task.temperature if options.temperature is None else options.temperature,
-            max_tokens=options.max_tokens or self.max_output_tokens,
-            top_p=options.top_p, stop=tuple(options.stop))
+            temperature=_first(options.temperature, defaults.get("temperature"), task.temperature),
+            max_tokens=_first(options.max_tokens, defaults.get("max_tokens"), self.max_output_tokens),
+            top_p=_first(options.top_p, defaults.get("top_p")), stop=tuple(options.stop))
         return models, params
 
     def open_stream(self, task_name: str, inputs: dict, options: TaskOptions = TaskOptions()) -> OpenStream:
@@ -191,6 +194,11 @@ class TaskService:
                           completion.output_tokens, "provider", routed.failed)
         return Answer(completion, route.model_id, route.provider.name, self.counter.count(prompt),
                       self.counter.count(completion.text), "estimate", routed.failed)
+
+
+def _first(*values):
+    """The first value that is set (0 and 0.0 are set)."""
+    return next((value for value in values if value is not None), None)
 
 
 def _key_params(params: GenerationParams) -> dict:
