@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 from flask_restx import Namespace, Resource, fields
@@ -22,13 +23,25 @@ from gateway.http.schemas import Schemas
 
 def readiness(gateway: Gateway) -> dict[str, str]:
     """Each check's result: "ok" or why not (our words; no paths of the host beyond the ledger's own)."""
-    checks = {"config": "ok"}
-    ledger = gateway.tracker.ledger_path
-    writable = os.access(ledger.parent, os.W_OK) and (not ledger.exists() or os.access(ledger, os.W_OK))
-    checks["ledger"] = "ok" if writable else "the cost ledger cannot be written"
+    checks = {"config": "ok", "ledger": "ok" if _ledger_writable(gateway.tracker.ledger_path)
+              else "the cost ledger cannot be written"}
     configured = [model["id"] for model in gateway.models.describe() if model["configured"]]
     checks["models"] = "ok" if configured else "no model has its provider's key set"
     return checks
+
+
+def _ledger_writable(ledger) -> bool:
+    """The ledger is a file (or not made yet) and its folder takes new files: SQLite writes its journal
+    there. A real file is created and removed, since permission bits say nothing for root or a read-only disk."""
+    if ledger.exists() and not ledger.is_file():
+        return False
+    if not (os.access(ledger.parent, os.W_OK) and (not ledger.exists() or os.access(ledger, os.W_OK))):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=ledger.parent):
+            return True
+    except OSError:
+        return False
 
 
 def probe_namespaces(gateway: Gateway, schemas: Schemas) -> list[tuple[Namespace, str]]:
