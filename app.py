@@ -37,7 +37,18 @@ from gateway.auth.jwt_tokens import JWT_KEY_PREFIX, JwtVerifier
 from gateway.config import Config, ConfigError
 from gateway.container import Gateway, build_gateway
 from gateway.errors import GatewayError, RequestBlocked
-from gateway.http import key_cli, key_routes, routes, security_headers, swagger_ui, usage_routes
+from gateway.http import (
+    key_cli,
+    key_routes,
+    model_routes,
+    probe_routes,
+    routes,
+    security_headers,
+    swagger_ui,
+    task_routes,
+    usage_routes,
+)
+from gateway.http.request_state import RequestState, state
 from gateway.http.schemas import AUTHORIZATIONS, InvalidBody, bounded_int, register_models
 from gateway.tasks.service import TaskOutcome
 
@@ -49,7 +60,7 @@ CLIENT_REQUEST_ID_HEADER = "X-Client-Request-ID"  # the client's X-Request-ID, e
 _MAX_REQUEST_ID = 128
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 COST_HEADERS = ["X-Cached", "X-Tokens-Input", "X-Tokens-Output", "X-Cost-Input", "X-Cost-Output",
-                "X-Cost-Total", "X-Cost-Saved", "X-Cost-Overall"]
+                "X-Cost-Total", "X-Cost-Saved", "X-Cost-Overall", "X-Model", "X-Provider", "X-Fallback-Used"]
 EXPOSED_HEADERS = [
     REQUEST_ID_HEADER, CLIENT_REQUEST_ID_HEADER, "X-Response-Time-ms", "Retry-After",
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", *COST_HEADERS,
@@ -122,12 +133,15 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     app.add_url_rule("/swagger.json", "swagger_spec", lambda: jsonify(api.__schema__))
     task_limit = _task_limit(limiter, config.ratelimit_task_limits)
     api.add_namespace(routes.health_namespace(gateway, schemas), path="/health")
-    api.add_namespace(routes.generate_namespace(gateway, schemas, task_limit), path="/generate")
-    api.add_namespace(routes.classify_namespace(gateway, schemas, task_limit), path="/classify")
+    for namespace, path in task_routes.task_namespaces(gateway, schemas, task_limit):
+        api.add_namespace(namespace, path=path)
+    for namespace, path in probe_routes.probe_namespaces(gateway, schemas):
+        api.add_namespace(namespace, path=path)
     stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget
     api.add_namespace(routes.stats_namespace(gateway, schemas, stats_limit), path="/stats")
     api.add_namespace(key_routes.keys_namespace(gateway, schemas, stats_limit), path="/keys")
     api.add_namespace(usage_routes.usage_namespace(gateway, schemas, stats_limit), path="/usage")
+    api.add_namespace(model_routes.models_namespace(gateway, schemas, stats_limit), path="/models")
     app.cli.add_command(key_cli.keys_command)
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
     log.info("client authentication: %s", "on (API keys required; /health and Swagger open)" if config.auth_enabled
@@ -141,7 +155,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
 
 def _limit_key() -> str:
     """Rate limits count per API key when the request has one, per client address otherwise."""
-    key = g.get("api_key")
+    key = state().api_key
     return f"key:{key.id}" if key is not None else get_remote_address()
 
 
@@ -149,7 +163,7 @@ def _task_limit(limiter: Limiter, default: str):
     """The task endpoints' limits: `default` on each endpoint, or, for a key with its own `rate_limit`,
     that limit over all task endpoints together (requests per key, whichever task they ask for)."""
     per_endpoint = limiter.limit(default, exempt_when=_has_own_limit)
-    per_key = limiter.shared_limit(lambda: g.api_key.rate_limit if _has_own_limit() else default,  # read even
+    per_key = limiter.shared_limit(lambda: state().api_key.rate_limit if _has_own_limit() else default,  # read even
                                    scope="key-own-limit", exempt_when=lambda: not _has_own_limit())  # when exempt
 
     def decorate(view):
@@ -159,7 +173,7 @@ def _task_limit(limiter: Limiter, default: str):
 
 
 def _has_own_limit() -> bool:
-    key = g.get("api_key")
+    key = state().api_key
     return key is not None and bool(key.rate_limit)
 
 
@@ -170,8 +184,7 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
 
     @app.before_request
     def start_request():
-        context = g._get_current_object()  # one proxy lookup instead of one per attribute
-        context.started = time.perf_counter()
+        context = g._get_current_object().state = RequestState()  # the one object requests share
         context.request_id = routes.new_request_id()  # always ours: unique and unguessable
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
         # The client's id is kept apart (ledger column, log line, echoed header); checked in linear
@@ -195,17 +208,17 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
 
     @app.after_request
     def finish_request(response):
-        context = g._get_current_object()
-        elapsed_ms = (time.perf_counter() - context.get("started", time.perf_counter())) * 1000
+        context = state()
+        elapsed_ms = (time.perf_counter() - context.started) * 1000
         headers = response.headers
         _settle_retry_after(headers, context)
         headers[REQUEST_ID_HEADER] = routes.request_id()
-        if "client_request_id" in context:
+        if context.client_request_id is not None:
             headers[CLIENT_REQUEST_ID_HEADER] = context.client_request_id
         headers["X-Response-Time-ms"] = f"{elapsed_ms:.1f}"
-        if context.get("streaming"):
+        if context.streaming:
             return response  # accounted for when the stream ends (routes.py)
-        outcome: TaskOutcome | None = context.get("outcome")
+        outcome: TaskOutcome | None = context.outcome
         info = routes.request_info()
         overall = gateway.finish_request(info, response.status_code, elapsed_ms, outcome,
                                          is_task=info.method == "POST" and info.path in routes.TASK_ENDPOINTS)
@@ -216,7 +229,8 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
     @app.teardown_request
     def release_budget(_exc):
         """After the request is accounted for (for a stream: when it ends), its budget reservation goes."""
-        reservation = g.pop("budget_reservation", None)
+        context = state()
+        reservation, context.budget_reservation = context.budget_reservation, None
         if reservation is not None:
             gateway.budgets.release(reservation)
 
@@ -226,8 +240,8 @@ def _estimated_cost(gateway: Gateway) -> float:
     size = request.content_length
     if size is None:
         size = len(request.get_data(cache=True))
-    input_tokens, output_tokens = budgets.estimated_tokens(size, gateway.client.max_output_tokens)
-    return gateway.service.prices.cost(gateway.client.model, input_tokens, output_tokens).total
+    input_tokens, output_tokens = budgets.estimated_tokens(size, gateway.service.max_output_tokens)
+    return gateway.service.highest_cost(input_tokens, output_tokens)  # the request may ask for any model
 
 
 def _cors_origins(origins: tuple[str, ...]) -> list:
@@ -246,10 +260,10 @@ def _settle_retry_after(headers, context) -> None:
     Flask-Limiter writes its own window into every response (its hook runs before ours), which
     would overwrite the provider's hint on an upstream 429; only the limiter's own 429 keeps it.
     """
-    own_hint = context.get("retry_after")
+    own_hint = context.retry_after
     if own_hint is not None:
         headers["Retry-After"] = own_hint
-    elif context.get("error_code") != "rate_limited":
+    elif context.error_code != "rate_limited":
         headers.pop("Retry-After", None)
 
 
@@ -322,6 +336,9 @@ class BodyJSONProvider(DefaultJSONProvider):
 
 
 def _add_cost_headers(response, outcome: TaskOutcome, overall: float) -> None:
+    response.headers["X-Model"] = outcome.model_id  # who answered: a fallback, when the asked model failed
+    response.headers["X-Provider"] = outcome.provider
+    response.headers["X-Fallback-Used"] = "true" if outcome.fallback_used else "false"
     response.headers["X-Cached"] = "true" if outcome.cached else "false"
     response.headers["X-Tokens-Input"] = str(outcome.input_tokens)
     response.headers["X-Tokens-Output"] = str(outcome.output_tokens)
@@ -363,7 +380,8 @@ def _configure_logging(config: Config) -> None:
     )
     for chatty in ("httpx", "httpx2", "google_genai", "google_genai.models"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    redact_log_handlers([config.google_api_key, config.auth_jwt_secret])
+    redact_log_handlers([config.google_api_key, config.openai_api_key, config.anthropic_api_key,
+                         config.auth_jwt_secret])
 
 
 # --- entry points -----------------------------------------------------------------------------

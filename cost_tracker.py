@@ -4,7 +4,7 @@
   itself downloads it on first use, which fails offline). cl100k only approximates Gemini's
   tokenizer, so it is the fallback: requests are billed from the provider's reported usage
   whenever it is present, and every record says which source it used.
-- `PriceTable`: USD per million tokens by model, from `data/prices.json`, overridable.
+- `PriceTable`: USD per million tokens by model, from the model registry (`data/models.json`).
 - `CostTracker`: one record per task request in a SQLite ledger (WAL mode; each record is
   committed before the response leaves, so a killed server loses no answered request, or, when
   the ledger is locked by someone else for longer than `write_timeout`, fsynced to a spool
@@ -40,7 +40,6 @@ from gateway.storage.ledger_stats import percentiles  # noqa: F401 - part of thi
 log = logging.getLogger("gateway.cost")
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-DEFAULT_PRICE_FILE = DATA_DIR / "prices.json"
 EXPORT_CHUNK_CHARS = 64 * 1024  # an export's pieces: few writes, and little memory per export
 CL100K_FILE = DATA_DIR / "cl100k_base.tiktoken"
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"  # tiktoken's own expected hash
@@ -114,28 +113,11 @@ class Cost:
 
 
 class PriceTable:
-    """USD per million tokens by model name."""
+    """USD per million tokens by model name: built from the model registry (`PriceTable(registry.prices())`,
+    gateway/providers/registry.py), the one source of prices."""
 
     def __init__(self, prices: dict[str, Price]):
         self._prices = dict(prices)
-
-    @classmethod
-    def load(cls, path: Path | str | None = None, *, model: str | None = None,
-             input_override: float | None = None, output_override: float | None = None) -> PriceTable:
-        """Read the price file; the overrides replace the price of `model` (the configured one)."""
-        raw = json.loads(Path(path or DEFAULT_PRICE_FILE).read_text(encoding="utf-8"))
-        prices = {name: Price(float(entry["input_per_million"]), float(entry["output_per_million"]))
-                  for name, entry in raw.items() if not name.startswith("_")}
-        for name, price in prices.items():
-            if not all(math.isfinite(value) and value >= 0 for value in vars(price).values()):
-                raise ValueError(f"{name}'s prices in the price file must be finite and not negative")
-        if model and (input_override is not None or output_override is not None):
-            base = prices.get(model, Price(0.0, 0.0))
-            prices[model] = Price(
-                base.input_per_million if input_override is None else input_override,
-                base.output_per_million if output_override is None else output_override,
-            )
-        return cls(prices)
 
     def knows(self, model: str) -> bool:
         return model in self._prices

@@ -25,6 +25,7 @@ user's design names; they use a client built lazily from the environment on firs
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -35,7 +36,7 @@ import re
 import ssl
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import certifi
 from google.genai import errors as genai_errors
@@ -54,14 +55,23 @@ from gateway.errors import (
     sane_retry_after,
 )
 from gateway.providers import deadline as upstream_deadline
+from gateway.providers.base import (
+    Chunk,
+    ChunkStream,
+    Completion,
+    GenerationParams,
+    Message,
+    ProviderRequest,
+    TextStream,
+)
 from gateway.providers.gemini_replies import Reply, read_reply
 from gateway.providers.retry_policy import RetryPolicy
-from gateway.tasks import prompts as task_prompts
+from gateway.providers.router import ModelRoute, ModelRouter
+from gateway.tasks.table import TASKS
 
 log = logging.getLogger("gateway.gemini")
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"  # the SDK's, when none is configured
-TASK_TEMPERATURES = {"text": 0.7, "code": 0.2, "classify": 0.0}
 _RATE_LIMIT_WORDS = re.compile(r"rate.?limit|quota exceeded|resource.?exhausted|too many requests", re.I)
 
 
@@ -81,34 +91,24 @@ def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
 _TIMEOUT_ERRORS, _CONNECTION_ERRORS = _transport_errors()
 
 
-@dataclass(frozen=True)
-class Completion:
-    """A task's answer and what the provider reported about the call."""
+class GeminiProvider:
+    """The Gemini provider (`gateway.providers.base.Provider`): one key and base URL, any Gemini model.
 
-    text: str
-    model: str
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    One attempt per call; the retry policy, fallbacks and circuit breaker above it decide what
+    happens after a failure (`gateway.providers.router`)."""
 
-
-class GeminiClient:
-    """The task calls against one Gemini configuration (key, model, base URL, retry policy)."""
+    name = "gemini"
 
     def __init__(
         self,
         *,
         api_key: str,
-        model: str = "gemini-2.0-flash",
         base_url: str | None = None,
-        retry_policy: RetryPolicy | None = None,
-        max_output_tokens: int | None = None,
         max_connections: int = 256,
         pool_shards: int = 8,
+        model: str = "gemini-2.0-flash",
         chat_model_factory: Callable[..., ChatGoogleGenerativeAI] = ChatGoogleGenerativeAI,
     ):
-        self.model = model
-        self.max_output_tokens = max_output_tokens or None
-        self.retry_policy = retry_policy or RetryPolicy()
         # One httpx pool serialises every request and response on one lock, and scans all its
         # connections under it: with 200 calls in flight, threads spent most of their time waiting
         # there (py-spy). `pool_shards` clients each own a slice of `max_connections`, and each
@@ -121,80 +121,53 @@ class GeminiClient:
         if base_url:
             options["base_url"] = base_url
         # LangChain builds and configures the SDK clients (key, base URL, headers); calls go through
-        # their transports with our own generation configs and timeouts (see `_call_once`).
+        # their transports with our own request bodies and timeouts (see `_post`).
         self.chat_models = []
         for _ in range(pool_shards):
             transport = upstream_deadline.build_transport(base_url=base_url or DEFAULT_BASE_URL,
                                                           max_connections=per_shard, verify=tls)
             chat_model = chat_model_factory(**options, client_args={"transport": transport, "verify": tls})
-            if chat_model.client._api_client._httpx_client._transport is not transport:
+            if sdk_transport_of(chat_model)._httpx_client._transport is not transport:
                 raise RuntimeError("the google-genai client ignored our HTTP transport: check the SDK pin")
             self.chat_models.append(chat_model)
-        self._transports = [chat_model.client._api_client for chat_model in self.chat_models]
+        self._transports = [sdk_transport_of(chat_model) for chat_model in self.chat_models]
         self._thread_shard = threading.local()
         self._next_shard = itertools.count()
-        self._generation_configs = {
-            task: {"temperature": temperature, **({"maxOutputTokens": max_output_tokens} if max_output_tokens else {})}
-            for task, temperature in TASK_TEMPERATURES.items()
-        }
 
-    @classmethod
-    def for_upstream(cls, config: Config, upstream, **policy_overrides) -> GeminiClient:
-        """A client for `demo_mode.resolve_upstream(config)`: live Gemini, or the demo emulator and its key."""
-        return cls.from_config(config.replace(google_api_key=upstream.api_key), base_url=upstream.base_url,
-                               **policy_overrides)
+    def complete(self, request: ProviderRequest, seconds_left: float) -> Completion:
+        """One generateContent call through the google-genai client that LangChain built.
 
-    @classmethod
-    def from_config(cls, config: Config, *, base_url: str | None = None, **policy_overrides) -> GeminiClient:
-        policy = RetryPolicy(
-            max_attempts=config.retry_max_attempts,
-            min_wait=config.retry_min_wait_seconds,
-            max_wait=config.retry_max_wait_seconds,
-            deadline=config.gemini_deadline_seconds,
-        )
-        if policy_overrides:
-            policy = replace(policy, **policy_overrides)
-        return cls(
-            api_key=config.google_api_key,
-            model=config.gemini_model,
-            base_url=base_url or config.gemini_base_url or None,
-            retry_policy=policy,
-            max_output_tokens=config.gemini_max_output_tokens or None,
-            max_connections=config.gemini_max_connections,
-            pool_shards=config.gemini_pool_shards,
-        )
+        It goes through the SDK's transport (`request`: its auth header, base URL, timeout and
+        `APIError`s) with the REST body, rather than `chat_model.invoke` or `models.generate_content`.
+        Measured per call on this machine (bench/layers.py, CPU): invoke 3.0 ms, generate_content
+        1.7 ms, the transport 0.9-1.1 ms, raw httpx 0.7 ms. The layers skipped convert a single
+        prompt into typed objects and back (pydantic validation, 90 path lookups) and change
+        nothing in the request or the answer. The private `_api_client` is reached in one place,
+        `sdk_transport_of`, pinned by one test (tests/test_gemini_wrapper.py).
+        """
+        try:
+            response = self._transport.request(
+                "post", f"models/{request.model}:generateContent", _body(request),
+                {"timeout": _milliseconds(seconds_left)})
+            answer = json.loads(response.body)
+        except Exception as exc:  # noqa: BLE001 - every provider failure is translated here
+            raise translate_provider_error(exc) from exc
+        return _completion_from(read_reply(answer), request.model)
 
-    def generate_text(self, prompt: str) -> Completion:
-        return self.complete("text", task_prompts.text_prompt(prompt))
+    def open_stream(self, request: ProviderRequest, seconds_left: float) -> ChunkStream:
+        """`:streamGenerateContent?alt=sse`, one chunk per SSE event; the deadline bounds the whole stream."""
+        try:
+            responses = self._transport.request_streamed(
+                "post", f"models/{request.model}:streamGenerateContent?alt=sse", _body(request),
+                {"timeout": _milliseconds(seconds_left)})
+        except Exception as exc:  # noqa: BLE001 - every provider failure is translated here
+            raise translate_provider_error(exc) from exc
+        return _GeminiChunks(responses)
 
-    def generate_code(self, prompt: str, language: str = "python") -> Completion:
-        completion = self.complete("code", task_prompts.code_prompt(prompt, language))
-        return replace(completion, text=task_prompts.extract_code(completion.text))
-
-    def classify_text(self, text: str, categories: list[str]) -> Completion:
-        completion = self.complete("classify", task_prompts.classification_prompt(text, categories))
-        return replace(completion, text=task_prompts.match_category(completion.text, categories))
-
-    def complete(self, task: str, prompt: str) -> Completion:
-        """One task call with retries, within the policy's deadline."""
-        return self.retry_policy.run(
-            lambda seconds_left: self._call_once(task, prompt, seconds_left),
-            label=f"gemini {task} call",
-        )
-
-    def stream_text(self, prompt: str) -> TextStream:
-        """Text generation as it is produced. Retries cover opening the stream (until the first chunk)."""
-        def open_stream(seconds_left: float):
-            try:
-                chunks = self._transport.request_streamed(
-                    "post", f"models/{self.model}:streamGenerateContent?alt=sse",
-                    self._body("text", task_prompts.text_prompt(prompt)), {"timeout": _milliseconds(seconds_left)})
-                return next(chunks, None), chunks
-            except Exception as exc:  # noqa: BLE001 - every provider failure is translated here
-                raise translate_provider_error(exc) from exc
-
-        first, rest = self.retry_policy.run(open_stream, label="gemini text stream")
-        return TextStream(first, rest, self.model)
+    def close(self) -> None:
+        for transport in self._transports:
+            with contextlib.suppress(Exception):
+                transport._httpx_client.close()
 
     @property
     def _transport(self):
@@ -206,30 +179,60 @@ class GeminiClient:
             self._thread_shard.transport = transport
             return transport
 
-    def _body(self, task: str, prompt: str) -> dict:
-        """The generateContent request, as the REST API documents it and the SDK would send it."""
-        return {"contents": [{"role": "user", "parts": [{"text": prompt}]}],
-                "generationConfig": self._generation_configs[task]}
 
-    def _call_once(self, task: str, prompt: str, seconds_left: float) -> Completion:
-        """One generateContent call through the google-genai client that LangChain built.
+def sdk_transport_of(chat_model: ChatGoogleGenerativeAI):
+    """The google-genai `BaseApiClient` under LangChain's chat model: the one private attribute
+    (`_api_client`) this provider depends on, pinned with google-genai in requirements.txt and
+    by `test_the_provider_reaches_the_sdk_transport_through_one_private_attribute`."""
+    return chat_model.client._api_client
 
-        It goes through the SDK's transport (`request`: its auth header, base URL, timeout and
-        `APIError`s) with the REST body, rather than `chat_model.invoke` or `models.generate_content`.
-        Measured per call on this machine (bench/layers.py, CPU): invoke 3.0 ms, generate_content
-        1.7 ms, the transport 0.9-1.1 ms, raw httpx 0.7 ms. The layers skipped convert a single
-        prompt into typed objects and back (pydantic validation, 90 path lookups) and change
-        nothing in the request or the answer. The private `_api_client` is pinned with
-        google-genai in requirements.txt and covered by every wrapper test.
-        """
+
+class _GeminiChunks:
+    """The SSE events of one stream as checked `Chunk`s; every failure translated."""
+
+    def __init__(self, responses: Iterator):
+        self._responses = responses
+
+    def __iter__(self) -> Iterator[Chunk]:
         try:
-            response = self._transport.request(
-                "post", f"models/{self.model}:generateContent", self._body(task, prompt),
-                {"timeout": _milliseconds(seconds_left)})
-            answer = json.loads(response.body)
-        except Exception as exc:  # noqa: BLE001 - every provider failure is translated here
+            for response in self._responses:
+                reply = read_reply(json.loads(response.body))
+                yield Chunk(text=reply.text, model=reply.model, input_tokens=reply.input_tokens,
+                            output_tokens=reply.output_tokens, finish_reason=reply.block_reason or reply.finish_reason)
+        except GatewayError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failure mid-stream is translated like any other
             raise translate_provider_error(exc) from exc
-        return _completion_from(read_reply(answer), self.model)
+
+    def close(self) -> None:
+        close = getattr(self._responses, "close", None)
+        if close is not None:
+            close()
+
+
+def _body(request: ProviderRequest) -> dict:
+    """The generateContent request, as the REST API documents it and the SDK would send it."""
+    contents, system = [], []
+    for message in request.messages:
+        if message.role == "system":
+            system.append({"text": message.content})
+        else:
+            contents.append({"role": "model" if message.role == "assistant" else "user",
+                             "parts": [{"text": message.content}]})
+    params = request.params
+    config = {}
+    if params.temperature is not None:
+        config["temperature"] = params.temperature
+    if params.max_tokens is not None:
+        config["maxOutputTokens"] = params.max_tokens
+    if params.top_p is not None:
+        config["topP"] = params.top_p
+    if params.stop:
+        config["stopSequences"] = list(params.stop)
+    body = {"contents": contents, "generationConfig": config}
+    if system:
+        body["systemInstruction"] = {"parts": system}
+    return body
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -240,64 +243,6 @@ def _tls_context() -> ssl.SSLContext:
 
 def _milliseconds(seconds: float) -> int:
     return max(1, int(seconds * 1000))
-
-
-class TextStream:
-    """Iterate for text chunks; afterwards `completion` holds the whole answer and its usage."""
-
-    def __init__(self, first, rest: Iterator, model: str):
-        self._first, self._rest, self._model = first, rest, model
-        self._parts: list[str] = []
-        self._last: Reply | None = None  # the latest chunk, with the largest (cumulative) usage seen so far
-        self.completion: Completion | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        try:
-            chunk = self._first
-            while chunk is not None:
-                reply = read_reply(json.loads(chunk.body))
-                self._last = _with_peak_usage(self._last, reply)
-                if reply.text:
-                    self._parts.append(reply.text)
-                    yield reply.text
-                chunk = next(self._rest, None)
-        except GatewayError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a failure mid-stream is translated like any other
-            raise translate_provider_error(exc) from exc
-        if self._last is None:
-            raise UpstreamBadAnswer("the provider closed the stream without an answer")
-        self.completion = _completion_from(self._last, self._model, text="".join(self._parts))
-
-    def received(self) -> Completion:
-        """What arrived before the stream was cut short, with the usage the provider reported so far
-        (Gemini's counts are cumulative: the largest seen in any chunk)."""
-        last = self._last
-        if last is None:
-            return Completion(text="", model=self._model)
-        return Completion(text="".join(self._parts), model=last.model or self._model,
-                          input_tokens=last.input_tokens, output_tokens=last.output_tokens)
-
-    def close(self) -> None:
-        """Release the provider's connection now, not when the garbage collector gets to it."""
-        close = getattr(self._rest, "close", None)
-        if close is not None:
-            close()
-
-
-def _with_peak_usage(previous: Reply | None, reply: Reply) -> Reply:
-    """`reply`, billed with the largest token counts reported so far in the stream.
-
-    Gemini's counts are cumulative, so they never go down; a chunk reporting less (1000 then 1)
-    is not believed, or a provider could stream a long answer and bill it from a last tiny count."""
-    if previous is None:
-        return reply
-    return replace(reply, input_tokens=_larger(previous.input_tokens, reply.input_tokens),
-                   output_tokens=_larger(previous.output_tokens, reply.output_tokens))
-
-
-def _larger(a: int | None, b: int | None) -> int | None:
-    return b if a is None else a if b is None else max(a, b)
 
 
 def _completion_from(reply: Reply, model: str, text: str | None = None) -> Completion:
@@ -373,6 +318,75 @@ def _retry_delay(api_error: genai_errors.APIError | None) -> float | None:
     headers = getattr(api_error.response, "headers", None) or {}
     header = headers.get("retry-after")
     return sane_retry_after(header) if isinstance(header, str) and len(header) <= 32 else None
+
+
+class GeminiClient:
+    """The user's three task functions over one Gemini model: `GeminiProvider` under the retry
+    policy, with the task table's prompts and parsers. No cache and no ledger: the gateway's
+    `TaskService` adds those (and other providers, fallbacks); this is the plain-Python door."""
+
+    def __init__(self, *, api_key: str, model: str = "gemini-2.0-flash", base_url: str | None = None,
+                 retry_policy: RetryPolicy | None = None, max_output_tokens: int | None = None,
+                 max_connections: int = 256, pool_shards: int = 8,
+                 chat_model_factory: Callable[..., ChatGoogleGenerativeAI] = ChatGoogleGenerativeAI):
+        self.model = model
+        self.max_output_tokens = max_output_tokens or None
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.provider = GeminiProvider(api_key=api_key, base_url=base_url, max_connections=max_connections,
+                                       pool_shards=pool_shards, model=model, chat_model_factory=chat_model_factory)
+        self.router = ModelRouter({model: ModelRoute(model, self.provider, model)}, self.retry_policy)
+
+    @classmethod
+    def for_upstream(cls, config: Config, upstream, **policy_overrides) -> GeminiClient:
+        """A client for `demo_mode.resolve_upstream(config)`: live Gemini, or the demo emulator and its key."""
+        return cls.from_config(config.replace(google_api_key=upstream.api_key), base_url=upstream.base_url,
+                               **policy_overrides)
+
+    @classmethod
+    def from_config(cls, config: Config, *, base_url: str | None = None, **policy_overrides) -> GeminiClient:
+        return cls(api_key=config.google_api_key, model=config.gemini_model,
+                   base_url=base_url or config.gemini_base_url or None,
+                   retry_policy=retry_policy_from(config, **policy_overrides),
+                   max_output_tokens=config.gemini_max_output_tokens or None,
+                   max_connections=config.gemini_max_connections, pool_shards=config.gemini_pool_shards)
+
+    @property
+    def chat_models(self) -> list[ChatGoogleGenerativeAI]:
+        return self.provider.chat_models
+
+    @property
+    def _transports(self) -> list:
+        return self.provider._transports
+
+    def generate_text(self, prompt: str) -> Completion:
+        return self.run("text", {"prompt": prompt})
+
+    def generate_code(self, prompt: str, language: str = "python") -> Completion:
+        return self.run("code", {"prompt": prompt, "language": language})
+
+    def classify_text(self, text: str, categories: list[str]) -> Completion:
+        return self.run("classify", {"text": text, "categories": categories})
+
+    def run(self, task_name: str, inputs: dict) -> Completion:
+        """One task call with retries, within the policy's deadline: prompt and parsing from the task table."""
+        task = TASKS[task_name]
+        routed = self.router.complete((self.model,), (Message("user", task.prompt(inputs)),), self._params(task))
+        return replace(routed.completion, text=task.parse(routed.completion.text, inputs))
+
+    def stream_text(self, prompt: str) -> TextStream:
+        """Text generation as it is produced. Retries cover opening the stream (until the first chunk)."""
+        stream, _ = self.router.open_stream((self.model,), (Message("user", prompt),), self._params(TASKS["text"]))
+        return stream
+
+    def _params(self, task) -> GenerationParams:
+        return GenerationParams(temperature=task.temperature, max_tokens=self.max_output_tokens)
+
+
+def retry_policy_from(config: Config, **overrides) -> RetryPolicy:
+    """The retry policy the settings describe (RETRY_*, GEMINI_DEADLINE_SECONDS); tests override sleep and clock."""
+    policy = RetryPolicy(max_attempts=config.retry_max_attempts, min_wait=config.retry_min_wait_seconds,
+                         max_wait=config.retry_max_wait_seconds, deadline=config.gemini_deadline_seconds)
+    return replace(policy, **overrides) if overrides else policy
 
 
 @functools.cache

@@ -22,6 +22,9 @@ ENVIRONMENTS = ("development", "testing", "production")
 SECURITY_MODES = ("log", "block", "off")
 RATELIMIT_STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")  # Flask-Limiter 4.1's names
 GOOGLE_KEY_PREFIX = "AIza"
+RETIRED_SETTINGS = {  # set one of these and the gateway refuses to start instead of silently ignoring it
+    "COST_PRICE_FILE": "prices now live in the model registry; set MODELS_FILE to your copy of data/models.json",
+}
 ALL_INTERFACES = ("0.0.0.0", "::", "[::]", "*", "")  # wildcard bind addresses: reachable from other machines
 
 
@@ -91,6 +94,30 @@ class Config:
     gemini_max_connections: int = _env("GEMINI_MAX_CONNECTIONS", "256", kind=int, minimum=1)
     gemini_pool_shards: int = _env("GEMINI_POOL_SHARDS", "8", kind=int, minimum=1)
 
+    # The model registry (gateway/providers/registry.py) and the other providers' keys and endpoints.
+    models_file: str = _env("MODELS_FILE", "")  # empty: the bundled data/models.json
+    default_model: str = _env("DEFAULT_MODEL", "")  # empty: GEMINI_MODEL
+    openai_api_key: str = _env("OPENAI_API_KEY", "", secret=True)
+    openai_base_url: str = _env("OPENAI_BASE_URL", "")
+    anthropic_api_key: str = _env("ANTHROPIC_API_KEY", "", secret=True)
+    anthropic_base_url: str = _env("ANTHROPIC_BASE_URL", "")
+
+    # Fallbacks (gateway/providers/fallback.py): per task, the models tried in order when the asked one
+    # keeps failing (comma-separated public ids; a request's own `fallbacks` replaces them).
+    fallbacks_text: tuple = _env("FALLBACKS_TEXT", "", kind=tuple)
+    fallbacks_code: tuple = _env("FALLBACKS_CODE", "", kind=tuple)
+    fallbacks_classify: tuple = _env("FALLBACKS_CLASSIFY", "", kind=tuple)
+    # Circuit breaker per model: open after this many failed calls in a row, probe again after the cool-down.
+    circuit_failure_threshold: int = _env("CIRCUIT_FAILURE_THRESHOLD", "5", kind=int, minimum=1)
+    circuit_cool_down_seconds: float = _env("CIRCUIT_COOL_DOWN_SECONDS", "30", kind=float, minimum=0.1)
+    # Outbound ceilings per provider (0 = none), to stay under the provider's quota instead of meeting its 429s.
+    gemini_requests_per_minute: int = _env("GEMINI_REQUESTS_PER_MINUTE", "0", kind=int, minimum=0)
+    gemini_tokens_per_minute: int = _env("GEMINI_TOKENS_PER_MINUTE", "0", kind=int, minimum=0)
+    openai_requests_per_minute: int = _env("OPENAI_REQUESTS_PER_MINUTE", "0", kind=int, minimum=0)
+    openai_tokens_per_minute: int = _env("OPENAI_TOKENS_PER_MINUTE", "0", kind=int, minimum=0)
+    anthropic_requests_per_minute: int = _env("ANTHROPIC_REQUESTS_PER_MINUTE", "0", kind=int, minimum=0)
+    anthropic_tokens_per_minute: int = _env("ANTHROPIC_TOKENS_PER_MINUTE", "0", kind=int, minimum=0)
+
     retry_max_attempts: int = _env("RETRY_MAX_ATTEMPTS", "5", kind=int, minimum=1)
     retry_min_wait_seconds: float = _env("RETRY_MIN_WAIT_SECONDS", "1", kind=float, minimum=0)
     retry_max_wait_seconds: float = _env("RETRY_MAX_WAIT_SECONDS", "60", kind=float, minimum=0)
@@ -118,7 +145,6 @@ class Config:
     cost_ledger_path: Path = _env("COST_LEDGER_PATH", "var/cost_ledger.sqlite3", kind=Path)
     cost_ledger_write_timeout_seconds: float = _env("COST_LEDGER_WRITE_TIMEOUT_SECONDS", "2", kind=float,
                                                     minimum=0.01)
-    cost_price_file: str = _env("COST_PRICE_FILE", "")
     cost_input_price_per_million: float | None = _env("COST_INPUT_PRICE_PER_MILLION", "", kind=float, minimum=0)
     cost_output_price_per_million: float | None = _env("COST_OUTPUT_PRICE_PER_MILLION", "", kind=float, minimum=0)
 
@@ -146,6 +172,9 @@ class Config:
     def load(cls, environ: Mapping[str, str] | None = None, **overrides) -> Config:
         """Read settings from `environ` (default: os.environ), then apply keyword overrides."""
         environ = os.environ if environ is None else environ
+        for retired, successor in RETIRED_SETTINGS.items():
+            if environ.get(retired, "").strip():
+                raise ConfigError(f"{retired} is no longer read: {successor}")
         values = {}
         for spec in dataclasses.fields(cls):
             if spec.name in overrides:
@@ -158,7 +187,8 @@ class Config:
             raise ConfigError(f"unknown settings: {', '.join(sorted(overrides))}")
         if values["auth_enabled"] is None:  # AUTH_ENABLED unset: by environment
             values["auth_enabled"] = values["app_env"] == "production"
-        if not values["cors_origins"] and not values["google_api_key"] and values["app_env"] != "production":
+        live = values["google_api_key"] or values["openai_api_key"] or values["anthropic_api_key"]
+        if not values["cors_origins"] and not live and values["app_env"] != "production":
             values["cors_origins"] = ("*",)  # demo mode only: with a live key, no origin until CORS_ORIGINS names it
         config = cls(**values)
         config.validate()
@@ -185,8 +215,9 @@ class Config:
                     "outside production")
         self._validate_jwt()
         if self.is_production:
-            if not self.google_api_key:
-                raise ConfigError("APP_ENV=production needs GOOGLE_API_KEY (demo mode is for development only)")
+            if not self.has_provider_key:
+                raise ConfigError("APP_ENV=production needs a provider key: GOOGLE_API_KEY, OPENAI_API_KEY or "
+                                  "ANTHROPIC_API_KEY (demo mode is for development only)")
             if not self.ratelimit_enabled:
                 raise ConfigError("APP_ENV=production refuses RATELIMIT_ENABLED=false")
             if not self.auth_enabled and not self.auth_allow_anonymous:
@@ -222,9 +253,13 @@ class Config:
         return self.app_env == "production"
 
     @property
+    def has_provider_key(self) -> bool:
+        return bool(self.google_api_key or self.openai_api_key or self.anthropic_api_key)
+
+    @property
     def demo_mode(self) -> bool:
-        """No key outside production: answer from the built-in emulator instead of Gemini."""
-        return not self.google_api_key and not self.is_production
+        """No provider key outside production: answer from the built-in emulators instead."""
+        return not self.has_provider_key and not self.is_production
 
     def exposure_warnings(self, host: str | None = None) -> list[str]:
         """Start-up warnings for a live key that strangers could spend (client authentication off).

@@ -17,11 +17,16 @@ from enhanced_logging import RequestLogger, SecurityScanner
 from gateway.auth.budgets import BudgetGuard
 from gateway.auth.keys import KeyStore
 from gateway.auth.token_window import TokenWindows
-from gateway.config import Config, ConfigError
+from gateway.config import Config
 from gateway.observability.metrics import UNROUTED, GatewayMetrics
 from gateway.providers import demo as demo_mode
+from gateway.providers import registry as model_registry
+from gateway.providers.catalog import ModelCatalog
+from gateway.providers.factory import build_routes
+from gateway.providers.registry import ModelRegistry
+from gateway.providers.router import ModelRouter
 from gateway.tasks.service import TaskOutcome, TaskService
-from gemini_wrapper import GeminiClient
+from gemini_wrapper import retry_policy_from
 from lru_cache import ResponseCache
 
 log = logging.getLogger("gateway")
@@ -41,6 +46,7 @@ class RequestInfo:
     client_request_id: str | None = None  # the client's X-Request-ID, when it sent a valid one
     key_id: str | None = None  # the API key the request was authenticated with (api_keys.py)
     user_agent: str = ""  # clipped (routes.clip_user_agent)
+    model: str = ""  # the public model id asked for: what a request that got no answer is recorded under
 
 
 # Refusals of the gateway's own guards before a task runs: no provider call, nothing to bill. They are
@@ -49,19 +55,19 @@ class RequestInfo:
 # request, a 400 included, passed the rate limiter first, so its rows grow only as fast as the limit allows.
 # Refusals by authentication (auth.py) are among them: an unauthenticated client must not grow the ledger at all.
 UNBILLED_REFUSALS = frozenset({"rate_limited", "request_blocked", "payload_too_large", "unauthorized", "key_revoked",
-                               "key_expired", "forbidden", "task_not_allowed", "token_limit_exceeded",
-                               "budget_exceeded"})
+                               "key_expired", "forbidden", "task_not_allowed", "model_not_allowed",
+                               "token_limit_exceeded", "budget_exceeded"})
 
 
-def _cost_record(request: RequestInfo, status: int, elapsed_ms: float, outcome: TaskOutcome | None,
-                 model: str) -> CostRecord:
+def _cost_record(request: RequestInfo, status: int, elapsed_ms: float, outcome: TaskOutcome | None) -> CostRecord:
     """The ledger row of a task request; a request that got no answer costs nothing."""
     if outcome is None:
-        return CostRecord(request.request_id, time.time(), request.path, request.client, model, 0, 0, 0.0, 0.0, 0.0,
-                          False, 0.0, "none", round(elapsed_ms, 3), status, request.client_request_id, request.key_id)
+        return CostRecord(request.request_id, time.time(), request.path, request.client, request.model, 0, 0,
+                          0.0, 0.0, 0.0, False, 0.0, "none", round(elapsed_ms, 3), status,
+                          request.client_request_id, request.key_id)
     return CostRecord(
         request_id=request.request_id, timestamp=time.time(), endpoint=request.path, client=request.client,
-        model=outcome.completion.model, input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens,
+        model=outcome.model_id, input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens,
         input_cost=outcome.cost.input, output_cost=outcome.cost.output, total_cost=outcome.cost.total,
         cached=outcome.cached, saved_cost=outcome.saved.total, token_source=outcome.token_source,
         latency_ms=round(elapsed_ms, 3), status=status, client_request_id=request.client_request_id,
@@ -75,7 +81,8 @@ class Gateway:
 
     config: Config
     upstream: demo_mode.Upstream
-    client: GeminiClient
+    router: ModelRouter
+    models: ModelCatalog
     service: TaskService
     cache: ResponseCache
     tracker: CostTracker
@@ -83,6 +90,7 @@ class Gateway:
     scanner: SecurityScanner
     keys: KeyStore
     budgets: BudgetGuard  # keys' monthly budgets (budgets.py)
+    registry: ModelRegistry  # the servable models, their providers, keys and prices (data/models.json)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     tokens: TokenWindows = field(default_factory=TokenWindows)  # per-key tokens per minute (this process)
     started_at: float = field(default_factory=time.monotonic)
@@ -93,15 +101,18 @@ class Gateway:
         the answer leaves), performance line, counters and the one summary log line. Returns the overall spend."""
         overall, summary = None, {}
         if is_task and request.error_code not in UNBILLED_REFUSALS:
-            overall = self._record_cost(_cost_record(request, status, elapsed_ms, outcome, self.client.model))
+            overall = self._record_cost(_cost_record(request, status, elapsed_ms, outcome))
             if request.key_id is not None and outcome is not None:
                 self.budgets.recorded(request.key_id, outcome.cost.total, spooled=self.tracker.spooled > 0)
         if outcome is not None:
             if request.key_id is not None and not outcome.cached:
                 self.tokens.add(request.key_id, outcome.input_tokens + outcome.output_tokens)
-            summary = {"model": outcome.completion.model, "cached": outcome.cached, "cache": outcome.cache_status,
+            summary = {"model": outcome.model_id, "provider": outcome.provider,
+                       "cached": outcome.cached, "cache": outcome.cache_status,
                        "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
                        "cost": round(outcome.cost.total, 10)}
+            if outcome.fallback_used:  # which models failed before the one that answered, and how
+                summary["failed_models"] = [f"{model}: {code}" for model, code in outcome.failed_models]
             self.logger.log_performance(
                 request_id=request.request_id, path=request.path, total_ms=round(elapsed_ms, 2),
                 upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 2),
@@ -142,22 +153,25 @@ class Gateway:
 
 def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gateway:
     """Build every part from `config`. `retry_overrides` replace retry policy fields (tests inject sleep/clock)."""
-    prices = PriceTable.load(
-        config.cost_price_file or None, model=config.gemini_model,
-        input_override=config.cost_input_price_per_million, output_override=config.cost_output_price_per_million,
-    )
-    if not prices.knows(config.gemini_model):
-        message = f"no price for model {config.gemini_model!r}: add it to the price file or set COST_*_PER_MILLION"
+    registry = model_registry.from_config(config)
+    if registry.unpriced_configured():
         if config.is_production:
-            raise ConfigError(message)
-        log.warning("%s; its requests are recorded at $0", message)
+            registry.require_prices()
+        log.warning("configured models without a price, recorded at $0: %s (set their prices in the model registry, "
+                    "MODELS_FILE, or COST_*_PRICE_PER_MILLION for the default model)",
+                    ", ".join(registry.unpriced_configured()))
+    prices = PriceTable(registry.prices())
     metrics = GatewayMetrics()
     upstream = demo_mode.resolve_upstream(config)
-    client = GeminiClient.for_upstream(config, upstream, on_retry=metrics.count_retry, **(retry_overrides or {}))
+    policy = retry_policy_from(config, on_retry=metrics.count_retry, **(retry_overrides or {}))
+    router = ModelRouter(build_routes(registry, config), policy)
+    models = ModelCatalog(registry, {"text": config.fallbacks_text, "code": config.fallbacks_code,
+                                     "classify": config.fallbacks_classify})
     logger = RequestLogger(
         config.log_dir, max_bytes=config.log_max_bytes, backup_count=config.log_backup_count,
         console=config.log_console, console_level=config.log_level,
-        secrets=[config.google_api_key], log_full_prompts=config.log_full_prompts,
+        secrets=[config.google_api_key, config.openai_api_key, config.anthropic_api_key],
+        log_full_prompts=config.log_full_prompts,
     )
     cache = ResponseCache(
         {
@@ -169,9 +183,13 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
     )
     tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record),
                           write_timeout=config.cost_ledger_write_timeout_seconds)
-    service = TaskService(client, cache, prices, TokenCounter())
+    service = TaskService(router, cache, prices.cost, TokenCounter(), default_model=registry.default.id,
+                          max_output_tokens=config.gemini_max_output_tokens or None,
+                          model_defaults=registry.task_defaults)
     return Gateway(
-        config=config, upstream=upstream, client=client, service=service, cache=cache, tracker=tracker,
+        config=config, upstream=upstream, router=router, service=service,
+        models=models, cache=cache, tracker=tracker,
         logger=logger, scanner=SecurityScanner(config.request_max_bytes), keys=KeyStore(config.cost_ledger_path),
-        budgets=BudgetGuard(config.cost_ledger_path, spooled=lambda: tracker.spooled), metrics=metrics,
+        budgets=BudgetGuard(config.cost_ledger_path, spooled=lambda: tracker.spooled), registry=registry,
+        metrics=metrics,
     )

@@ -13,18 +13,23 @@ so no SDK type leaks past the wrapper and retry decisions are made on our own ty
     │   ├── KeyRevoked                401 key_revoked
     │   └── KeyExpired                401 key_expired
     ├── Forbidden                     403 forbidden           (a user key on an admin operation)
-    │   └── TaskNotAllowed            403 task_not_allowed    (the key's allowed_tasks exclude the task)
+    │   ├── TaskNotAllowed            403 task_not_allowed    (the key's allowed_tasks exclude the task)
+    │   └── ModelNotAllowed           403 model_not_allowed   (the key's allowed_models exclude the model)
     ├── BudgetExceeded                402 budget_exceeded     (the key's monthly budget; details: budget, spent, reset)
     ├── NotFound                      404 not_found           (an unknown key id)
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── TokenLimitExceeded            429 token_limit_exceeded (the key's tokens_per_minute; has retry_after)
     ├── StoreBusy                     503 store_busy          (the database stayed locked; has retry_after)
+    ├── ProviderNotConfigured         503 provider_not_configured (the model's key variable is unset: details.missing)
     └── UpstreamError                 502 upstream_error      (provider failed; base class)
         ├── UpstreamRateLimited       429 upstream_rate_limited   retryable, has retry_after
+        │                                 (the provider's 429, or the gateway's own outbound ceiling)
         ├── UpstreamUnavailable       502 upstream_unavailable    retryable (5xx, dropped connection)
         ├── UpstreamTimeout           504 upstream_timeout        retryable per attempt; final on deadline
         ├── UpstreamRejected          502 upstream_rejected       (provider said 4xx to our call)
-        └── UpstreamBadAnswer         502 upstream_bad_answer     (malformed or off-contract reply)
+        ├── UpstreamBadAnswer         502 upstream_bad_answer     (malformed or off-contract reply)
+        └── CircuitOpen               503 circuit_open            not retried (the model's circuit breaker
+                                          is open: no call made); has retry_after; fallbacks move on
 
 404, 405 and 413 from Flask and the gateway's own 429 (Flask-Limiter) are HTTP exceptions,
 given the same shape by `routes.error_payload`.
@@ -104,6 +109,10 @@ class TaskNotAllowed(Forbidden):
     code = "task_not_allowed"
 
 
+class ModelNotAllowed(Forbidden):
+    code = "model_not_allowed"
+
+
 class BudgetExceeded(GatewayError):
     status = 402
     code = "budget_exceeded"
@@ -122,6 +131,14 @@ class TokenLimitExceeded(GatewayError):
 class StoreBusy(GatewayError):
     status = 503
     code = "store_busy"
+
+
+class ProviderNotConfigured(GatewayError):
+    """A model of the registry whose provider has no key here: the operator's to fix, so 503 (not the client's
+    400), without Retry-After (waiting does not help)."""
+
+    status = 503
+    code = "provider_not_configured"
 
 
 class UnsupportedMediaType(GatewayError):
@@ -157,6 +174,17 @@ class UpstreamRejected(UpstreamError):
 
 class UpstreamBadAnswer(UpstreamError):
     code = "upstream_bad_answer"
+
+
+class CircuitOpen(UpstreamError):
+    """The model kept failing, so the gateway stopped calling it for a cool-down: no call was made.
+
+    Not retryable: retrying the same model within its cool-down is refused again at once; a
+    fallback chain moves on to its next model instead. `retry_after` is the time until the
+    breaker lets a probe call through."""
+
+    status = 503
+    code = "circuit_open"
 
 
 def error_body(message: str, code: str, details: dict, request_id: str) -> dict:

@@ -120,7 +120,7 @@ def test_requests_in_flight_hold_what_is_left(budgeted, serve, emulator):
 
     with ThreadPoolExecutor(10) as pool:
         answers = list(pool.map(one, range(10)))
-    estimate = app.extensions["gateway"].service.prices.cost(
+    estimate = app.extensions["gateway"].service.price_of(
         "gemini-2.0-flash", *budgets.estimated_tokens(len('{"prompt": "question 0"}'), None)).total
     assert estimate > 0.001  # one request's estimate is more than the whole budget
     refused = [answer.json() for answer in answers if answer.status_code == 402]

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from cost_tracker import CL100K_FILE, Cost, CostRecord, CostTracker, PriceTable, TokenCounter, percentiles
+from gateway.providers import registry
 
 
 def make_record(request_id: str, **changes) -> CostRecord:
@@ -42,19 +43,21 @@ def test_token_counter_falls_back_to_an_estimate_and_says_so(tmp_path, caplog):
 
 
 def test_gemini_flash_prices_per_million_tokens():
-    prices = PriceTable.load()
+    prices = PriceTable(registry.load().prices())
     cost = prices.cost("gemini-2.0-flash", 1_000_000, 1_000_000)
     assert cost.input == pytest.approx(0.10) and cost.output == pytest.approx(0.40)
     assert prices.cost("gemini-2.0-flash", 1234, 567).total == pytest.approx(1234 * 0.10e-6 + 567 * 0.40e-6)
 
 
 def test_price_overrides_and_unknown_models(tmp_path):
-    prices = PriceTable.load(model="gemini-2.0-flash", input_override=1.0)
+    prices = PriceTable(registry.load(input_price=1.0).prices())
     assert prices.cost("gemini-2.0-flash", 1_000_000, 1_000_000) == Cost(1.0, 0.40)
-    custom = tmp_path / "prices.json"
-    custom.write_text(json.dumps({"my-model": {"input_per_million": 2, "output_per_million": 3}}))
-    table = PriceTable.load(custom)
+    custom = tmp_path / "models.json"
+    custom.write_text(json.dumps({"models": {"my-model": {"provider": "openai", "input_per_million": 2,
+                                                          "output_per_million": 3}}}))
+    table = PriceTable(registry.load(custom, default_model="my-model").prices())
     assert table.knows("my-model") and not table.knows("gemini-2.0-flash")
+    assert table.cost("my-model", 1_000_000, 0) == Cost(2.0, 0.0)
     assert table.cost("gemini-2.0-flash", 10, 10) == Cost()
 
 

@@ -34,6 +34,7 @@ from gateway.tasks.prompts import (
     REQUEST_PREFIX,
     classification_prompt,  # the gateway's own prompt, so the emulator and the gateway cannot drift
 )
+from gemini_wrapper import sdk_transport_of
 from tests.support.processes import ROOT
 
 MODEL = "gemini-2.0-flash"
@@ -44,13 +45,13 @@ class Gemini:
     """The SDK transport the Gemini provider calls, built as the provider builds it.
 
     LangChain configures the google-genai client (key, base URL, headers); the provider calls that
-    client's transport (`_api_client`, the one private name it uses: gemini_wrapper.py says why,
-    test_gemini_wrapper.py pins it). The chat model is kept: once it is collected, the SDK client
-    closes its connections."""
+    client's transport, reached as the provider reaches it (`sdk_transport_of`: its one private
+    attribute, pinned in test_gemini_wrapper.py). The chat model is kept: once it is collected,
+    the SDK client closes its connections."""
 
     def __init__(self, base_url: str, key: str = "test-key"):
         self.chat_model = ChatGoogleGenerativeAI(model=MODEL, google_api_key=key, base_url=base_url)
-        self.transport = self.chat_model.client._api_client
+        self.transport = sdk_transport_of(self.chat_model)
 
     def generate(self, prompt: str, *, system: str | None = None, timeout_ms: int = 5000,
                  model: str = MODEL) -> dict:

@@ -10,11 +10,12 @@ import pytest
 import requests
 
 from cost_tracker import CostTracker, PriceTable
+from gateway.providers import registry
 
 TEXT = "/api/v1/generate/text"
 CODE = "/api/v1/generate/code"
 CLASSIFY = "/api/v1/classify/text"
-PRICES = PriceTable.load()
+PRICES = PriceTable(registry.load().prices())
 
 
 def gateway_of(app):

@@ -43,7 +43,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 # Every operation of the spec (test_the_fuzz_covers_every_operation keeps this list complete).
 OPERATIONS = ["GET /health", "POST /generate/text", "POST /generate/code", "POST /generate/text/stream",
               "POST /classify/text", "GET /stats", "GET /keys", "POST /keys", "GET /keys/me/usage",
-              "DELETE /keys/{key_id}", "GET /keys/{key_id}/usage", "GET /usage/export"]
+              "DELETE /keys/{key_id}", "GET /keys/{key_id}/usage", "GET /usage/export", "GET /models",
+              "GET /ready", "GET /status"]
 
 
 @pytest.fixture

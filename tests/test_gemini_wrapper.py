@@ -18,7 +18,8 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gemini_wrapper import TASK_TEMPERATURES, GeminiClient
+from gateway.tasks.table import TASKS
+from gemini_wrapper import GeminiClient, GeminiProvider, sdk_transport_of
 
 
 def test_text_generation_reports_provider_usage(make_client, emulator):
@@ -48,7 +49,7 @@ def test_each_task_sends_its_temperature(make_client, emulator):
     client.generate_code("add two numbers")
     client.classify_text("good", ["positive", "negative"])
     sent = [record["json"]["generationConfig"]["temperature"] for record in emulator.requests]
-    assert sent == [TASK_TEMPERATURES["text"], TASK_TEMPERATURES["code"], TASK_TEMPERATURES["classify"]]
+    assert sent == [TASKS["text"].temperature, TASKS["code"].temperature, TASKS["classify"].temperature]
 
 
 def test_chat_models_are_built_once_and_reused(make_config, clock, emulator):
@@ -226,3 +227,16 @@ def test_a_drip_ends_in_504_at_the_deadline_of_the_policy(make_config, emulator)
     delivery = emulator.wait_delivery()
     assert delivery.client_closed and delivery.sent < delivery.total
     assert emulator.request_count == 1
+
+
+def test_the_provider_reaches_the_sdk_transport_through_one_private_attribute(emulator):
+    """The one private attribute of google-genai the provider uses (`_api_client` under LangChain's
+    chat model, with its httpx client and `request`): an SDK upgrade that moves it fails here."""
+    provider = GeminiProvider(api_key="test-key-not-a-secret", base_url=emulator.base_url, pool_shards=1)
+    sdk = sdk_transport_of(provider.chat_models[0])
+    assert callable(sdk.request) and callable(sdk.request_streamed)
+    assert sdk._httpx_client._transport is not None
+    from gateway.providers.base import user_prompt
+
+    completion = provider.complete(user_prompt("hello there", model="gemini-2.0-flash"), 5.0)
+    assert completion.text.startswith("Demo reply to: hello there") and completion.input_tokens > 0

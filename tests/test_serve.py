@@ -101,6 +101,13 @@ def test_two_workers_share_one_port_and_one_ledger(tmp_path, launch):
     server, port = launch("--workers", "2", "--threads", "8")
     try:
         worker_pids(port, 2)  # both workers serve before the burst starts
+        indexes = set()  # /status names the worker that answers, as the launcher numbered it
+        for _ in range(400):
+            indexes.add(requests.get(f"http://127.0.0.1:{port}/api/v1/status", headers={"Connection": "close"},
+                                     timeout=10).json()["worker"]["index"])
+            if len(indexes) == 2:
+                break
+        assert indexes == {"0", "1"}
         spent, overall = 0.0, []
         for i in range(30):  # new connections: the kernel spreads them over both workers
             response = requests.post(f"http://127.0.0.1:{port}/api/v1/generate/text",
@@ -460,12 +467,13 @@ def test_launcher_arguments_that_cannot_work_exit_2_with_one_line(tmp_path, argu
 
 def test_a_worker_that_cannot_build_the_app_stops_the_launcher_with_exit_2(tmp_path):
     """Any failure while building the app would recur on every restart: exit 2, not a restart loop."""
-    env = environment(LOG_DIR=str(tmp_path / "logs"), LOG_CONSOLE="false", COST_PRICE_FILE=str(tmp_path / "none.json"),
-                      COST_LEDGER_PATH=str(tmp_path / "l.sqlite3"))
+    (tmp_path / "ledger-is-a-folder").mkdir()
+    env = environment(LOG_DIR=str(tmp_path / "logs"), LOG_CONSOLE="false",
+                      COST_LEDGER_PATH=str(tmp_path / "ledger-is-a-folder"))
     result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(free_port())],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
-    assert "error: cannot start: FileNotFoundError" in result.stderr and "restarting" not in result.stderr
+    assert "error: cannot start: OperationalError" in result.stderr and "restarting" not in result.stderr
 
 
 def test_a_worker_given_a_port_out_of_range_exits_2(tmp_path):

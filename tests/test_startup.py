@@ -32,7 +32,7 @@ def test_python_app_py_serves_demo_mode_and_the_example_passes(tmp_path):
     process = serve([sys.executable, str(ROOT / "app.py")], port, tmp_path, HOST="127.0.0.1", PORT=str(port))
     try:
         health = wait_for_health(port, process)
-        assert health["mode"] == "demo" and health["provider"] == "demo"
+        assert health["mode"] == "demo" and health["provider"] == "demo"  # /health: the upstream, demo or live
         example = subprocess.run(
             [sys.executable, str(ROOT / "example_usage.py"), "--url", f"http://127.0.0.1:{port}"],
             capture_output=True, text=True, timeout=120,
@@ -82,7 +82,7 @@ def test_waitress_serve_app_app_serves_the_api(tmp_path):
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200
-            assert json.load(response)["provider"] == "demo"
+            assert json.load(response)["provider"] == "gemini"  # the provider that answered (the demo's emulator)
     finally:
         stop(process)
 

@@ -29,6 +29,9 @@ OPERATIONS = {  # Swagger UI's element id of each operation -> its path
     "operations-keys-delete_key": "/keys/{key_id}",
     "operations-keys-get_key_usage": "/keys/{key_id}/usage",
     "operations-usage-get_usage_export": "/usage/export",
+    "operations-models-get_models": "/models",
+    "operations-ready-get_ready": "/ready",
+    "operations-status-get_status": "/status",
 }
 SCHEMES = {"Bearer": ("Authorization", "Bearer mtk_browser_test_key"),
            "ApiKey": ("X-API-Key", "mtk_browser_test_key_2"),

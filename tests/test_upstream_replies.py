@@ -77,18 +77,27 @@ def test_a_stream_failing_mid_way_is_billed_for_the_usage_received(live, emulato
     record = only_record(app)
     assert (record.status, record.token_source) == (status, "provider")
     assert (record.input_tokens, record.output_tokens) == (usage["promptTokenCount"], usage["candidatesTokenCount"])
-    prices = app.extensions["gateway"].service.prices
-    assert record.total_cost == prices.cost("gemini-2.0-flash", record.input_tokens, record.output_tokens).total > 0
+    price_of = app.extensions["gateway"].service.price_of
+    assert record.total_cost == price_of("gemini-2.0-flash", record.input_tokens, record.output_tokens).total > 0
+
+
+def test_a_stream_whose_first_chunk_is_off_contract_is_a_plain_502_and_costs_nothing(app, emulator):
+    """The first chunk is read before the 200 goes out (opening a stream is retried up to it), so a
+    first chunk that cannot be used is an ordinary JSON error with its status, not an event."""
+    emulator.inject("raw", events=[{"candidates": "hello", "usageMetadata": {"promptTokenCount": 9}}])
+    response = ask(app, STREAM)
+    assert response.status_code == 502 and response.get_json()["code"] == "upstream_bad_answer"
+    record = only_record(app)
+    assert (record.status, record.total_cost, record.input_tokens) == (502, 0, 0)
 
 
 @pytest.mark.parametrize("fault, params, status", [
-    ("safety_block", {}, 400),  # refused like a plain call: billed $0 as a plain call is
-    ("raw", {"events": [{"candidates": "hello", "usageMetadata": {"promptTokenCount": 9}}]}, 502),  # nothing usable
+    ("safety_block", {}, 400),  # refused like a plain call, before the stream starts: billed $0 as a plain call is
 ])
 def test_a_stream_that_fails_before_anything_usable_costs_nothing(app, emulator, fault, params, status):
     emulator.inject(fault, **params)
-    name, error = events_of(ask(app, STREAM).text)[-1]
-    assert name == "error"
+    response = ask(app, STREAM)
+    assert response.status_code == status and response.get_json()["code"] == "content_blocked"
     record = only_record(app)
     assert (record.status, record.total_cost, record.input_tokens) == (status, 0, 0)
 

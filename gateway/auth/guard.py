@@ -10,7 +10,8 @@ before-request hook and puts the key on the request state (`g.api_key`).
   the API's shape is not probed anonymously).
 - Admin operations (`ADMIN_PREFIXES`: key management, the full `/stats`, usage exports) need an
   admin key; `/api/v1/keys/me/usage` is any key's own usage.
-- A task endpoint checks the key's `allowed_tasks`.
+- A task endpoint checks the key's `allowed_tasks`; once the request's model is resolved, the
+  task layer checks the key's `allowed_models` (`check_model_allowed`).
 - Optionally (AUTH_JWT_*, `jwt_auth.py`) a Bearer JWT of the configured issuer stands for a key.
 - With authentication off (AUTH_ENABLED=false) keys are not read and requests are anonymous,
   but `/api/v1/keys` is refused (403): keys are then managed with the CLI only.
@@ -22,12 +23,13 @@ from collections.abc import Mapping
 
 from gateway.auth.jwt_tokens import InvalidToken, JwtVerifier, looks_like_jwt
 from gateway.auth.keys import ApiKey, KeyStore
-from gateway.errors import Forbidden, KeyExpired, KeyRevoked, TaskNotAllowed, Unauthorized
+from gateway.errors import Forbidden, KeyExpired, KeyRevoked, ModelNotAllowed, TaskNotAllowed, Unauthorized
+from gateway.providers.registry import ModelSpec
 
 KEY_HEADERS = ("X-API-Key", "X-API-Token")
 MAX_KEY_CHARS = 256  # longer is no key of ours: not even hashed
 MAX_TOKEN_CHARS = 8192  # a JWT longer than this is not even decoded
-OPEN_PATHS = frozenset({"/api/v1/health", "/swagger.json", "/api/v1/swagger.json", "/swagger"})
+OPEN_PATHS = frozenset({"/api/v1/health", "/api/v1/ready", "/swagger.json", "/api/v1/swagger.json", "/swagger"})
 OPEN_PREFIXES = ("/swagger/", "/swaggerui/")
 KEYS_PREFIX = "/api/v1/keys"
 OWN_USAGE_PATH = "/api/v1/keys/me/usage"
@@ -98,3 +100,14 @@ def authorize(key: ApiKey, path: str) -> None:
     if task is not None and not key.allows(task):
         raise TaskNotAllowed(f"This API key may not run the '{task}' task",
                              details={"key_id": key.id, "task": task, "allowed_tasks": list(key.allowed_tasks or ())})
+
+
+def check_model_allowed(key: ApiKey | None, model: ModelSpec) -> None:
+    """ModelNotAllowed (403) if the key's `allowed_models` exclude the model (named by its id or an alias: a JWT's
+    claim is not resolved against the registry). No key (authentication off, anonymous) may use every model."""
+    if key is None or key.allowed_models is None:
+        return
+    if any(key.allows_model(name) for name in (model.id, *model.aliases)):
+        return
+    raise ModelNotAllowed(f"This API key may not use the model '{model.id}'",
+                          details={"key_id": key.id, "model": model.id, "allowed_models": list(key.allowed_models)})

@@ -14,6 +14,7 @@ Claims map to an `ApiKey` (nothing is stored):
     tokens_per_minute   -> a whole number
     monthly_budget_usd  -> a number (enforced like a key's, over the ledger rows of "jwt:<sub>")
     allowed_tasks       -> a list of text, code, classify
+    allowed_models      -> a list of model ids or aliases of the registry (GET /api/v1/models)
     exp                 -> the expiry
 
 A claim that is not usable makes the token invalid (401), never a default. A JWT cannot be
@@ -97,8 +98,8 @@ def key_of_claims(claims: dict, issuer: str, now: float) -> ApiKey:
     scope = claims.get("scope", "user")
     if scope not in SCOPES:
         raise InvalidToken(f"scope must be one of {', '.join(SCOPES)}")
-    raw = {name: claims[name] for name in ("rate_limit", "tokens_per_minute", "monthly_budget_usd", "allowed_tasks")
-           if name in claims}
+    raw = {name: claims[name] for name in ("rate_limit", "tokens_per_minute", "monthly_budget_usd", "allowed_tasks",
+                                           "allowed_models") if name in claims}
     try:
         settings = parse_key_settings({"name": subject, "scope": scope, **raw}, now=now)
     except InvalidKeyField as exc:
@@ -109,4 +110,5 @@ def key_of_claims(claims: dict, issuer: str, now: float) -> ApiKey:
         created_at=float(issued) if isinstance(issued, int | float) else now, expires_at=float(claims["exp"]),
         rate_limit=settings.get("rate_limit"), tokens_per_minute=settings.get("tokens_per_minute"),
         monthly_budget_usd=settings.get("monthly_budget_usd"), allowed_tasks=settings.get("allowed_tasks"),
+        allowed_models=settings.get("allowed_models"),
     )

@@ -33,6 +33,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from gateway.errors import StoreBusy
+from gateway.providers.registry import MODEL_ID
 
 KEY_PREFIX = "mtk_"
 SCOPES = ("user", "admin")
@@ -40,6 +41,7 @@ TASKS = ("text", "code", "classify")  # what `allowed_tasks` may name (the strea
 WRITE_WAIT_SECONDS = 5.0  # how long creating or revoking a key waits for the database's write lock
 LAST_USED_EVERY = 60.0  # seconds between two writes of one key's last_used_at by one process
 MAX_NAME_CHARS = 100
+MAX_ALLOWED_MODELS = 50
 
 
 def generate_key() -> str:
@@ -73,6 +75,7 @@ class ApiKey:
     tokens_per_minute: int | None = None
     monthly_budget_usd: float | None = None  # enforced by budgets.py (402 budget_exceeded)
     allowed_tasks: tuple[str, ...] | None = None  # None: every task
+    allowed_models: tuple[str, ...] | None = None  # registry ids (aliases resolved when stored); None: every model
 
     @property
     def is_admin(self) -> bool:
@@ -84,10 +87,15 @@ class ApiKey:
     def allows(self, task: str) -> bool:
         return self.allowed_tasks is None or task in self.allowed_tasks
 
+    def allows_model(self, model_id: str) -> bool:
+        """Whether the key may use the model with this registry id (not an alias: resolve it first)."""
+        return self.allowed_models is None or model_id in self.allowed_models
+
     def public(self) -> dict:
         """The fields an admin may see (the hash is never part of an ApiKey)."""
         fields = dataclasses.asdict(self)
-        fields["allowed_tasks"] = list(self.allowed_tasks) if self.allowed_tasks is not None else None
+        for name in ("allowed_tasks", "allowed_models"):
+            fields[name] = list(fields[name]) if fields[name] is not None else None
         for name in ("created_at", "last_used_at", "expires_at", "revoked_at"):
             fields[name] = _iso(fields[name])
         return fields
@@ -109,15 +117,18 @@ class InvalidKeyField(ValueError):
         self.field, self.reason = field, reason
 
 
-def parse_key_settings(raw: Mapping, *, now: float | None = None) -> dict:
+def parse_key_settings(raw: Mapping, *, now: float | None = None,
+                       resolve_model: Callable[[str], str | None] | None = None) -> dict:
     """Checked keyword arguments for `KeyStore.create` from loosely typed input (JSON or CLI options).
 
-    Raises InvalidKeyField naming the first bad field."""
+    `resolve_model` maps a model name (id or alias) to its registry id, None if there is no such
+    model; without it (JWT claims) model names are only checked for form. Raises InvalidKeyField
+    naming the first bad field."""
     from limits import parse_many  # the limiter's own parser: a limit that parses here works there
 
     now = time.time() if now is None else now
     unknown = set(raw) - {"name", "owner", "scope", "rate_limit", "tokens_per_minute", "monthly_budget_usd",
-                          "allowed_tasks", "expires_at"}
+                          "allowed_tasks", "allowed_models", "expires_at"}
     if unknown:
         raise InvalidKeyField(sorted(unknown)[0], "is not a key setting")
     name = raw.get("name")
@@ -152,10 +163,34 @@ def parse_key_settings(raw: Mapping, *, now: float | None = None) -> dict:
         if not set(tasks) <= set(TASKS):
             raise InvalidKeyField("allowed_tasks", f"must name only {', '.join(TASKS)}")
         settings["allowed_tasks"] = tuple(task for task in TASKS if task in tasks)
+    models = raw.get("allowed_models")
+    if models is not None:
+        settings["allowed_models"] = _allowed_models(models, resolve_model)
     expires = raw.get("expires_at")
     if expires not in (None, ""):
         settings["expires_at"] = _expiry(expires, now)
     return settings
+
+
+def _allowed_models(models, resolve_model: Callable[[str], str | None] | None) -> tuple[str, ...]:
+    """The registry ids a key may use, in the order given, each once (aliases resolved to their id)."""
+    if isinstance(models, str):
+        models = [part.strip() for part in models.split(",") if part.strip()]
+    if (not isinstance(models, list) or not models or len(models) > MAX_ALLOWED_MODELS
+            or not all(isinstance(model, str) for model in models)):
+        raise InvalidKeyField("allowed_models", f"must be a list of 1 to {MAX_ALLOWED_MODELS} model ids "
+                                                "(GET /api/v1/models lists them)")
+    ids: list[str] = []
+    for model in models:
+        if not MODEL_ID.fullmatch(model):
+            raise InvalidKeyField("allowed_models", f"holds {model[:40]!r}, which is not a model id")
+        resolved = model if resolve_model is None else resolve_model(model)
+        if resolved is None:
+            raise InvalidKeyField("allowed_models", f"names '{model}', which is not a model of this gateway "
+                                                    "(GET /api/v1/models lists them)")
+        if resolved not in ids:
+            ids.append(resolved)
+    return tuple(ids)
 
 
 def _positive_number(raw: Mapping, field: str, kind: type, minimum: float):
@@ -204,7 +239,7 @@ _SCHEMA = [
         id TEXT PRIMARY KEY, key_hash TEXT NOT NULL UNIQUE, name TEXT NOT NULL, owner TEXT NOT NULL,
         scope TEXT NOT NULL CHECK (scope IN ({', '.join(repr(scope) for scope in SCOPES)})),
         created_at REAL NOT NULL, last_used_at REAL, expires_at REAL, revoked_at REAL, rate_limit TEXT,
-        tokens_per_minute INTEGER, monthly_budget_usd REAL, allowed_tasks TEXT
+        tokens_per_minute INTEGER, monthly_budget_usd REAL, allowed_tasks TEXT, allowed_models TEXT
     )""",
     "CREATE TABLE IF NOT EXISTS api_keys_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO api_keys_version (id, version) VALUES (1, 0)",
@@ -213,10 +248,23 @@ _BUMP = "UPDATE api_keys_version SET version = version + 1 WHERE id = 1"
 _SELECT = f"SELECT key_hash, {', '.join(_COLUMNS)} FROM api_keys"
 
 
+_ADDED_COLUMNS = ("allowed_models",)  # added to api_keys after its first release, in this order
+_LISTS = ("allowed_tasks", "allowed_models")  # stored comma-joined (tasks and model ids hold no comma)
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a key table written by an earlier version to this schema (inside the caller's write transaction,
+    so two processes starting at once do not both add a column)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(api_keys)")}
+    for column in _ADDED_COLUMNS:
+        if column not in present:
+            db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} TEXT")
+
+
 def _key_of(row: tuple) -> tuple[str, ApiKey]:
     values = dict(zip(_COLUMNS, row[1:], strict=True))
-    tasks = values["allowed_tasks"]
-    values["allowed_tasks"] = tuple(tasks.split(",")) if tasks else None
+    for name in _LISTS:
+        values[name] = tuple(values[name].split(",")) if values[name] else None
     return row[0], ApiKey(**values)
 
 
@@ -246,7 +294,7 @@ class KeyStore:
         self._writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                        timeout=WRITE_WAIT_SECONDS)
         self._write_lock = threading.Lock()
-        self._write(_SCHEMA)
+        self._write([*_SCHEMA, _add_missing_columns])
         self._touch_lock = threading.Lock()
         self.reloads = 0
 
@@ -293,7 +341,8 @@ class KeyStore:
 
     def create(self, *, name: str, owner: str = "", scope: str = "user", rate_limit: str | None = None,
                tokens_per_minute: int | None = None, monthly_budget_usd: float | None = None,
-               allowed_tasks: Iterable[str] | None = None, expires_at: float | None = None) -> tuple[ApiKey, str]:
+               allowed_tasks: Iterable[str] | None = None, allowed_models: Iterable[str] | None = None,
+               expires_at: float | None = None) -> tuple[ApiKey, str]:
         """Store a new key; returns it and the key itself (the only time the key is available)."""
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}")
@@ -301,9 +350,11 @@ class KeyStore:
         key = ApiKey(id=new_key_id(), name=name, owner=owner, scope=scope, created_at=self._clock(),
                      expires_at=expires_at, rate_limit=rate_limit, tokens_per_minute=tokens_per_minute,
                      monthly_budget_usd=monthly_budget_usd,
-                     allowed_tasks=tuple(allowed_tasks) if allowed_tasks is not None else None)
+                     allowed_tasks=tuple(allowed_tasks) if allowed_tasks is not None else None,
+                     allowed_models=tuple(allowed_models) if allowed_models is not None else None)
         values = dataclasses.asdict(key)
-        values["allowed_tasks"] = ",".join(key.allowed_tasks) if key.allowed_tasks is not None else None
+        for name in _LISTS:
+            values[name] = ",".join(values[name]) if values[name] is not None else None
         self._write([(f"INSERT INTO api_keys (key_hash, {', '.join(_COLUMNS)}) "
                       f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})", (hash_key(secret), *values.values())),
                      _BUMP])
@@ -337,6 +388,9 @@ class KeyStore:
                                 retry_after=1) from exc
             try:
                 for statement in statements:
+                    if callable(statement):  # a step that reads before it writes (a migration)
+                        statement(self._writer)
+                        continue
                     sql, params = statement if isinstance(statement, tuple) else (statement, ())
                     self._writer.execute(sql, params)
                 self._writer.execute("COMMIT")

@@ -1,7 +1,8 @@
 """`flask --app app keys ...`: API key management from the command line.
 
     flask --app app keys create --name NAME [--owner O] [--scope admin] [--budget 25] [--limit "100/minute"]
-                                [--tokens-per-minute N] [--tasks text,code] [--expires 2027-01-01]
+                                [--tokens-per-minute N] [--tasks text,code] [--models gpt-4o-mini,...]
+                                [--expires 2027-01-01]
     flask --app app keys list
     flask --app app keys revoke ID
     flask --app app keys usage ID [--month 2026-11]
@@ -37,11 +38,14 @@ def _gateway():
 @click.option("--limit", "rate_limit", default=None, help='Its own request limits, e.g. "100/minute;1000/day".')
 @click.option("--tokens-per-minute", default=None, help="Tokens (input + output) per minute.")
 @click.option("--tasks", "allowed_tasks", default=None, help="Comma-separated tasks it may run (text,code,classify).")
+@click.option("--models", "allowed_models", default=None,
+              help="Comma-separated models it may use (ids or aliases of the registry; default: all).")
 @click.option("--expires", "expires_at", default=None, help="Expiry: YYYY-MM-DD (midnight UTC) or ISO date-time.")
 def create_key(**options) -> None:
     """Create a key and print it (the only time it is shown)."""
     try:
-        settings = parse_key_settings({name: value for name, value in options.items() if value is not None})
+        settings = parse_key_settings({name: value for name, value in options.items() if value is not None},
+                                      resolve_model=_gateway().registry.resolve)
     except InvalidKeyField as exc:
         raise click.BadParameter(exc.reason, param_hint=f"--{_OPTION_OF.get(exc.field, exc.field)}") from None
     key, secret = _gateway().keys.create(**settings)
@@ -51,7 +55,7 @@ def create_key(**options) -> None:
 
 
 _OPTION_OF = {"monthly_budget_usd": "budget", "rate_limit": "limit", "tokens_per_minute": "tokens-per-minute",
-              "allowed_tasks": "tasks", "expires_at": "expires"}
+              "allowed_tasks": "tasks", "allowed_models": "models", "expires_at": "expires"}
 
 
 @keys_command.command("list")

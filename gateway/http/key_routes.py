@@ -7,26 +7,18 @@ and the ledger. Creating a key is the only answer that ever contains a key.
 
 from __future__ import annotations
 
-import copy
-
-from flask import g, request
+from flask import request
 from flask_restx import Namespace, Resource, fields
 
 from gateway.auth.keys import SCOPES, TASKS, InvalidKeyField, parse_key_settings
 from gateway.container import Gateway
 from gateway.errors import InvalidRequest, NotFound, Unauthorized, UnsupportedMediaType
+from gateway.http.request_state import state
+from gateway.http.schemas import nullable as _nullable
 
 
 def _no_such_key(key_id: str) -> NotFound:
     return NotFound("No API key has this id", details={"key_id": key_id[:64]})
-
-
-def _nullable(field):
-    """The same field, documented as possibly null in answers (Swagger 2.0 `x-nullable`): unset settings are null."""
-    schema = {**field.__schema__, "x-nullable": True}
-    clone = copy.copy(field)
-    clone.__dict__["__schema__"] = schema  # __schema__ is a cached_property: set its cached value on the copy
-    return clone
 
 
 def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
@@ -40,11 +32,14 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
         "tokens_per_minute": fields.Integer(min=1, description="Tokens (input + output) per minute, this key"),
         "monthly_budget_usd": fields.Float(min=0, description="Monthly budget in USD (stored and shown)"),
         "allowed_tasks": fields.List(fields.String(enum=list(TASKS)), description="Tasks it may run; absent: all"),
+        "allowed_models": fields.List(fields.String(example="gemini-2.0-flash"),
+                                      description="Models it may use (ids or aliases from GET /models, stored as ids); "
+                                                  "absent: all"),
         "expires_at": fields.String(description="Expiry: YYYY-MM-DD (midnight UTC) or an ISO 8601 date-time",
                                     example="2027-01-01"),
     }
     new_key = ns.model("NewKey", settings)
-    optional = ("rate_limit", "tokens_per_minute", "monthly_budget_usd", "allowed_tasks")
+    optional = ("rate_limit", "tokens_per_minute", "monthly_budget_usd", "allowed_tasks", "allowed_models")
     shown = {**settings, **{name: _nullable(settings[name]) for name in optional},
              "id": fields.String(example="key_3f2c9a7e4b1d4e0f"),
              "expires_at": _nullable(fields.String(description="ISO 8601, UTC", example="2027-01-01T00:00:00Z")),
@@ -101,7 +96,7 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
                 raise InvalidRequest("The request body must be a JSON object",
                                      details={"fields": {"body": "must be an object"}})
             try:
-                key, secret = gateway.keys.create(**parse_key_settings(body))
+                key, secret = gateway.keys.create(**parse_key_settings(body, resolve_model=gateway.registry.resolve))
             except InvalidKeyField as exc:
                 raise InvalidRequest(f"Invalid input: '{exc.field}' {exc.reason}",
                                      details={"fields": {exc.field: exc.reason}}) from None
@@ -151,7 +146,7 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
         @admin_limit
         def get(self):
             """The calling key's own usage in a month (any key)."""
-            key = g.get("api_key")
+            key = state().api_key
             if key is None:
                 raise Unauthorized("Send your API key to read its usage")
             return _usage(gateway, gateway.keys.get(key.id) or key)

@@ -1,4 +1,4 @@
-"""The API's namespaces: health, the three tasks, and stats.
+"""The API's namespaces besides the tasks (task_routes.py): health and stats; and the error shape.
 
 Each resource validates its body against its RESTX model, hands the task to the gateway's
 `TaskService`, and leaves the outcome in `g.outcome` for the after-request hook in `app.py`,
@@ -10,23 +10,22 @@ its log lines: `app.py`'s error handlers use it, and so does a stream that fails
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 import uuid
 
-from flask import Response, current_app, g, request, stream_with_context
+from flask import current_app, request
 from flask_restx import Namespace, Resource
 from werkzeug.exceptions import HTTPException
 
 from gateway.auth.guard import TASK_OF_PATH
 from gateway.container import Gateway, RequestInfo
 from gateway.errors import GatewayError, InvalidRequest, UnsupportedMediaType, error_body, sane_retry_after
-from gateway.http.schemas import SECURITY, InvalidBody, Schemas, check_distinct_categories
+from gateway.http.request_state import state
+from gateway.http.schemas import SECURITY, InvalidBody, Schemas
 from gateway.observability.metrics import UNROUTED
-from gateway.tasks.service import CacheControl, TaskOutcome
 
 __version__ = "1.0.0"
 TASK_ENDPOINTS = frozenset(TASK_OF_PATH)  # one table of task paths (auth.py), for the ledger too
@@ -49,157 +48,11 @@ def health_namespace(gateway: Gateway, schemas: Schemas) -> Namespace:
                 "version": __version__,
                 "environment": gateway.config.app_env,
                 "provider": gateway.upstream.provider,
-                "model": gateway.client.model,
+                "model": gateway.service.default_model,
                 "mode": gateway.upstream.mode,
                 "uptime_seconds": round(time.monotonic() - gateway.started_at, 3),
                 "pid": os.getpid(),
             }
-
-    return ns
-
-
-STREAM_200 = ("A text/event-stream, not JSON: `event: chunk` with data {\"text\"} for each piece as Gemini "
-              "produces it, then one `event: done` with data {model, provider, cached, usage, cost, request_id} "
-              "or one `event: error` with data {error, code, details, request_id}. Errors before the stream "
-              "starts are plain JSON with the statuses below.")
-
-
-def _task_responses(ns: Namespace, schemas: Schemas, success_model,
-                    success="Answer; cost headers X-Cost-*, X-Tokens-*, X-Cached"):
-    """The documented responses every task endpoint shares (`success_model` None: the 200 is not JSON)."""
-    codes = {
-        200: (success, success_model),
-        400: ("Invalid input", schemas.error),
-        401: ("No valid API key (missing, unknown, revoked or expired), when AUTH_ENABLED", schemas.error),
-        402: ("The key's monthly budget is spent (details: budget, spent, reset)", schemas.error),
-        403: ("The key may not run this task (allowed_tasks)", schemas.error),
-        413: ("Body too large", schemas.error), 415: ("Body is not JSON", schemas.error),
-        429: ("Rate limited, by the gateway or the provider; see Retry-After", schemas.error),
-        502: ("The provider failed or gave an unusable answer", schemas.error),
-        504: ("The provider did not answer in time", schemas.error),
-    }
-
-    def decorate(method):
-        for status, (description, model) in codes.items():
-            method = ns.response(status, description, model)(method)
-        method = ns.doc(security=SECURITY, params={"Cache-Control": {"in": "header", "type": "string", "description":
-                        "no-cache: skip the cache lookup; no-store: do not cache the answer"}})(method)
-        return method
-
-    return decorate
-
-
-def generate_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namespace:
-    ns = Namespace("generate", description="Text and code generation")
-
-    @ns.route("/text")
-    class TextGeneration(Resource):
-        @ns.expect(schemas.text_request.model)
-        @_task_responses(ns, schemas, schemas.text_response)
-        @task_limit
-        def post(self):
-            """Generate text from a prompt (temperature 0.7)."""
-            payload = schemas.text_request.validate(_json_body())
-            g.prompt = payload["prompt"]
-            outcome = gateway.service.generate_text(payload["prompt"], _cache_control(payload))
-            return {"generated_text": outcome.completion.text, **_answer_fields(gateway, outcome)}
-
-    @ns.route("/code")
-    class CodeGeneration(Resource):
-        @ns.expect(schemas.code_request.model)
-        @_task_responses(ns, schemas, schemas.code_response)
-        @task_limit
-        def post(self):
-            """Generate code (temperature 0.2); the answer is the code without markdown fences."""
-            payload = schemas.code_request.validate(_json_body())
-            g.prompt = payload["prompt"]
-            language = payload.get("language", "python").strip().lower()
-            outcome = gateway.service.generate_code(payload["prompt"], language, _cache_control(payload))
-            return {"generated_code": outcome.completion.text, "language": language,
-                    **_answer_fields(gateway, outcome)}
-
-    @ns.route("/text/stream")
-    class TextGenerationStream(Resource):
-        @ns.expect(schemas.text_request.model)
-        @ns.produces(["text/event-stream", "application/json"])
-        @_task_responses(ns, schemas, None, STREAM_200)
-        @task_limit
-        def post(self):
-            """Generate text as it is produced: server-sent events `chunk` ({text}), then `done` (model,
-            usage, cost) or `error` (the error shape). Not cached; cost headers come in the `done` event."""
-            payload = schemas.text_request.validate(_json_body())
-            g.prompt = payload["prompt"]
-            started = time.perf_counter()
-            stream = gateway.service.open_text_stream(payload["prompt"])  # failures here are plain JSON errors
-            g.streaming = True
-            events = _stream_events(gateway, stream, payload["prompt"], (time.perf_counter() - started) * 1000)
-            return Response(stream_with_context(events), mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    return ns
-
-
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer was complete
-
-
-def _stream_events(gateway: Gateway, stream, prompt: str, open_ms: float):
-    """SSE events for one stream; the ledger record is written before the final event is sent.
-
-    A stream that fails mid-way (the provider cut it, sent a bad chunk or an error, or ran past
-    the deadline) ends with an `error` event and is recorded with that status, priced for what
-    the provider sent until then. So is a client that disconnects mid-stream (GeneratorExit at a
-    `yield`), as status 499; either way the provider's stream is closed."""
-    accounted = False
-    try:
-        try:
-            for text in stream:
-                yield _sse("chunk", {"text": text})
-            status, outcome = 200, gateway.service.stream_outcome(stream.completion, prompt, open_ms)
-            final = ("done", _answer_fields(gateway, outcome))
-        except Exception as exc:  # noqa: BLE001 - the 200 already went out: the failure becomes the last event
-            body, status, _ = error_payload(exc)
-            final = ("error", body)
-            outcome = gateway.service.failed_stream_outcome(stream, exc, prompt, open_ms)
-        accounted = True  # before recording: a failure inside it must not add a second, 499 record
-        overall = _account_stream(gateway, status, outcome)
-        if status == 200:
-            final[1]["cost"]["overall"] = round(overall, 10)
-        yield _sse(*final)
-    except GeneratorExit:
-        if not accounted:
-            _account_stream(gateway, CLIENT_CLOSED_REQUEST,
-                            gateway.service.stream_outcome(stream.received(), prompt, open_ms))
-        raise
-    finally:
-        stream.close()
-
-
-def _account_stream(gateway: Gateway, status: int, outcome: TaskOutcome | None) -> float | None:
-    elapsed_ms = (time.perf_counter() - g.started) * 1000
-    return gateway.finish_request(request_info(), status, elapsed_ms, outcome, is_task=True)
-
-
-def _sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def classify_namespace(gateway: Gateway, schemas: Schemas, task_limit) -> Namespace:
-    ns = Namespace("classify", description="Text classification into caller-given categories")
-
-    @ns.route("/text")
-    class TextClassification(Resource):
-        @ns.expect(schemas.classify_request.model)
-        @_task_responses(ns, schemas, schemas.classify_response)
-        @task_limit
-        def post(self):
-            """Classify text into exactly one of the given categories (temperature 0.0)."""
-            payload = schemas.classify_request.validate(_json_body())
-            g.prompt = payload["text"]
-            categories = [category.strip() for category in payload["categories"]]
-            check_distinct_categories(categories)
-            outcome = gateway.service.classify_text(payload["text"], categories, _cache_control(payload))
-            return {"classification": outcome.completion.text, "categories": categories,
-                    **_answer_fields(gateway, outcome)}
 
     return ns
 
@@ -250,18 +103,18 @@ def hours_argument(maximum: float, default: str | None = "24") -> float | None:
 
 def request_info() -> RequestInfo:
     """The current request as plain data for the gateway's accounting."""
-    current, context = request._get_current_object(), g._get_current_object()
-    key = context.get("api_key")
+    current, context = request._get_current_object(), state()
+    key = context.api_key
     return RequestInfo(request_id=request_id(), method=current.method, path=clip_path(current.path),
-                       client=current.remote_addr or "", prompt=context.get("prompt"),
-                       error_code=context.get("error_code"), route=_route(current),
-                       client_request_id=context.get("client_request_id"), key_id=key.id if key else None,
+                       client=current.remote_addr or "", prompt=context.prompt, model=context.model,
+                       error_code=context.error_code, route=_route(current),
+                       client_request_id=context.client_request_id, key_id=key.id if key else None,
                        user_agent=clip_user_agent(current.headers.get("User-Agent", "")))
 
 
 def request_id() -> str:
-    context = g._get_current_object()
-    if "request_id" not in context:
+    context = state()
+    if context.request_id is None:
         context.request_id = new_request_id()
     return context.request_id
 
@@ -272,7 +125,7 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _json_body():
+def json_body():
     """The parsed JSON body; 415 if it is not declared as JSON (400 if it does not parse)."""
     if not request.is_json:
         raise UnsupportedMediaType(
@@ -280,30 +133,6 @@ def _json_body():
             details={"content_type": request.content_type or ""},
         )
     return request.get_json()
-
-
-def _cache_control(payload: dict) -> CacheControl:
-    """`Cache-Control: no-cache / no-store` headers, or the body's `cache` object, per request."""
-    directives = {part.strip().lower() for part in request.headers.get("Cache-Control", "").split(",")}
-    body = payload.get("cache") or {}
-    return CacheControl(
-        read="no-cache" not in directives and not body.get("no_cache", False),
-        write="no-store" not in directives and not body.get("no_store", False),
-    )
-
-
-def _answer_fields(gateway: Gateway, outcome: TaskOutcome) -> dict:
-    g.outcome = outcome
-    return {
-        "model": outcome.completion.model,
-        "provider": gateway.upstream.provider,
-        "cached": outcome.cached,
-        "usage": {"input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
-                  "total_tokens": outcome.input_tokens + outcome.output_tokens, "source": outcome.token_source},
-        "cost": {"currency": "USD", "input": round(outcome.cost.input, 10), "output": round(outcome.cost.output, 10),
-                 "total": round(outcome.cost.total, 10), "saved": round(outcome.saved.total, 10)},
-        "request_id": request_id(),
-    }
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -315,7 +144,7 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
         status, code, message, details = exc.status, exc.code, exc.message, exc.details
         headers.update(exc.headers)
         if (retry_after := sane_retry_after(exc.retry_after)) is not None:
-            headers["Retry-After"] = g.retry_after = str(max(1, math.ceil(retry_after)))
+            headers["Retry-After"] = state().retry_after = str(max(1, math.ceil(retry_after)))
         log.warning("%s: %s", code, message, extra={"request_id": request_id()})
     elif isinstance(exc, HTTPException):
         status, details = exc.code or 500, {}
@@ -332,7 +161,7 @@ def error_payload(exc: BaseException) -> tuple[dict, int, dict]:
     else:
         status, code, message, details = 500, "internal_error", "The gateway failed unexpectedly", {}
         log.error("unhandled error", exc_info=exc, extra={"request_id": request_id()})
-    g.error_code = code
+    state().error_code = code
     if status >= 500 or code == "upstream_rate_limited":
         current_app.extensions["gateway"].logger.log_error(
             exc, request_id=request_id(), status=status, code=code, path=clip_path(request.path))

@@ -8,15 +8,20 @@ RESTX's `validate=True`) to word each failure for a person, name the field, and 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from flask_restx import Api, Model, fields
 from jsonschema import Draft4Validator
 
 from gateway.errors import InvalidRequest
-from gateway.tasks.prompts import normalise_label
 
-MAX_NUMBER_DIGITS = 100  # no field takes a number; a longer one is refused before int() spends time on it
+MAX_NUMBER_DIGITS = 100  # no field takes a number that long; it is refused before int() spends time on it
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 100
+MAX_FALLBACKS = 5
+MAX_MODEL_ID_CHARS = 128
+MAX_TOKENS_LIMIT = 1_000_000  # above any model's output window; the model's own limit is the provider's to enforce
 MAX_CATEGORIES = 50
 MAX_CATEGORY_CHARS = 100
 MAX_LANGUAGE_CHARS = 40
@@ -37,6 +42,14 @@ AUTHORIZATIONS = {
     "ApiToken": {"type": "apiKey", "in": "header", "name": "X-API-Token", "description": "Your gateway key"},
 }
 SECURITY = list(AUTHORIZATIONS)
+
+
+def nullable(field):
+    """The same field, documented as possibly null in answers (Swagger 2.0 `x-nullable`): unset settings are null."""
+    schema = {**field.__schema__, "x-nullable": True}
+    clone = copy.copy(field)
+    clone.__dict__["__schema__"] = schema  # __schema__ is a cached_property: set its cached value on the copy
+    return clone
 
 
 class InvalidBody(ValueError):
@@ -93,6 +106,15 @@ class Schemas:
     stats: Model
     error: Model
 
+    @property
+    def requests(self) -> dict[str, RequestSchema]:
+        """The request schema of each task, by task name (gateway.tasks.table)."""
+        return {"text": self.text_request, "code": self.code_request, "classify": self.classify_request}
+
+    @property
+    def responses(self) -> dict[str, Model]:
+        return {"text": self.text_response, "code": self.code_response, "classify": self.classify_response}
+
 
 def register_models(api: Api, max_prompt_chars: int) -> Schemas:
     """Define every model on `api`, with the configured prompt limit in the schema."""
@@ -122,10 +144,28 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
         "no_store": fields.Boolean(default=False, description="Do not store this answer (Cache-Control: no-store)"),
     })
     cache_field = fields.Nested(cache_control, required=False, description="Per-request cache control (optional)")
+    generation = {  # the per-request choices every task takes; absent = the task's or the model's default
+        "model": fields.String(min_length=1, max_length=MAX_MODEL_ID_CHARS, example="gemini-2.0-flash",
+                               description="Public model id (GET /api/v1/models); default DEFAULT_MODEL"),
+        "temperature": fields.Float(min=0, max=2, description="Sampling temperature, 0 to 2 "
+                                    "(default per task: text 0.7, code 0.2, classify 0.0)", example=0.7),
+        "max_tokens": fields.Integer(min=1, max=MAX_TOKENS_LIMIT, description="Most tokens in the answer",
+                                     example=256),
+        "top_p": fields.Float(min=0, max=1, description="Nucleus sampling, 0 to 1", example=0.95),
+        "stop": fields.List(fields.String(min_length=1, max_length=MAX_STOP_CHARS), max_items=MAX_STOP_SEQUENCES,
+                            description=f"Up to {MAX_STOP_SEQUENCES} stop sequences", example=["\n\n"]),
+        "fallbacks": fields.List(fields.String(min_length=1, max_length=MAX_MODEL_ID_CHARS),
+                                 max_items=MAX_FALLBACKS, example=[],
+                                 description="Models to try in order when the model keeps failing "
+                                             "(replaces the task's configured fallbacks; [] for none)"),
+    }
     answer_fields = {
-        "model": fields.String(description="Model that answered", example="gemini-2.0-flash"),
-        "provider": fields.String(description='"gemini", or "demo" when answered by the built-in emulator',
+        "model": fields.String(description="Public id of the model that answered (a fallback, if the asked "
+                                           "one failed)", example="gemini-2.0-flash"),
+        "provider": fields.String(description='The provider that answered: "gemini", "openai" or "anthropic"',
                                   example="gemini"),
+        "fallback_used": fields.Boolean(description="Whether a fallback model answered (also X-Fallback-Used)",
+                                        example=False),
         "cached": fields.Boolean(description="Served without an upstream call of its own (cache hit or "
                                              "shared with an identical request in flight)", example=False),
         "usage": fields.Nested(usage),
@@ -135,7 +175,7 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
     return Schemas(
         text_request=RequestSchema.of(api.model("TextGeneration", {
             "prompt": prompt_field("Text prompt for generation", "Write a short story about a robot"),
-            "cache": cache_field,
+            "cache": cache_field, **generation,
         }), api),
         code_request=RequestSchema.of(api.model("CodeGeneration", {
             "prompt": prompt_field("What the code should do",
@@ -143,7 +183,7 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
             "language": fields.String(min_length=1, max_length=MAX_LANGUAGE_CHARS, pattern=LANGUAGE_PATTERN,
                                       default="python", example="python",
                                       description=f"Programming language (default python): {LANGUAGE_RULE}"),
-            "cache": cache_field,
+            "cache": cache_field, **generation,
         }), api),
         classify_request=RequestSchema.of(api.model("TextClassification", {
             "text": prompt_field("Text to classify", "This movie was amazing!"),
@@ -153,7 +193,7 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
                 description=f"2 to {MAX_CATEGORIES} distinct categories; the answer is always one of them",
                 example=["positive", "negative", "neutral"],
             ),
-            "cache": cache_field,
+            "cache": cache_field, **generation,
         }), api),
         text_response=api.model("TextResponse", {
             "generated_text": fields.String(description="Generated text", example="Once upon a time..."),
@@ -204,20 +244,8 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
     )
 
 
-def check_distinct_categories(categories: list[str]) -> None:
-    """Reject categories that differ only in case or spacing: the answer could not tell them apart."""
-    seen = {}
-    for category in categories:
-        normal = normalise_label(category)
-        if normal in seen:
-            raise InvalidRequest(
-                f"Invalid input: 'categories' has duplicates: {seen[normal]!r} and {category!r}",
-                details={"fields": {"categories": "must be distinct (ignoring case and spacing)"}},
-            )
-        seen[normal] = category
-
-
-_TYPE_WORDS = {"string": "a string", "array": "a list", "object": "an object", "integer": "an integer"}
+_TYPE_WORDS = {"string": "a string", "array": "a list", "object": "an object", "integer": "an integer",
+               "number": "a number", "boolean": "true or false"}
 
 
 def _describe(error) -> tuple[str, str]:
@@ -236,5 +264,7 @@ def _describe(error) -> tuple[str, str]:
         "minItems": f"needs at least {limit} items",
         "maxItems": f"allows at most {limit} items",
         "uniqueItems": "must not contain duplicates",
+        "minimum": f"must be at least {limit}{where}",
+        "maximum": f"must be at most {limit}{where}",
     }
     return field, messages.get(error.validator, "is invalid")

@@ -1,20 +1,23 @@
 """One task request's way through the gateway: cache lookup, single flight, provider call, cost.
 
-The HTTP layer hands a task and its validated inputs to `TaskService.run`; it gets back the
-answer plus everything the response headers, the ledger and the logs need (cache status,
-tokens and where they came from, what was charged and what a cache hit saved). Keeping this
-out of `app.py` leaves the routes about HTTP only and lets the logic be tested without it.
+The HTTP layer hands a task's name, its validated inputs and the caller's options (model,
+sampling parameters, fallbacks) to `TaskService.run`; it gets back the answer plus everything
+the response headers, the ledger and the logs need (which model answered, cache status, tokens
+and where they came from, what was charged and what a cache hit saved). Tasks differ only by
+their row in `gateway.tasks.table`; models only by their route in the router.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from cost_tracker import Cost, PriceTable, TokenCounter
+from cost_tracker import Cost, TokenCounter
 from gateway.errors import ContentBlocked
-from gateway.tasks import prompts as task_prompts
-from gemini_wrapper import TASK_TEMPERATURES, Completion, GeminiClient, TextStream
+from gateway.providers.base import Completion, GenerationParams, Message, TextStream
+from gateway.providers.router import ModelRouter, Routed
+from gateway.tasks.table import TASKS, TaskDefinition, unchanged
 from lru_cache import ResponseCache
 
 
@@ -27,13 +30,28 @@ class CacheControl:
 
 
 @dataclass(frozen=True)
+class TaskOptions:
+    """What the caller may choose per request; None = the task's or the model's default."""
+
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    fallbacks: tuple[str, ...] | None = None  # None = the task's configured fallbacks
+
+
+@dataclass(frozen=True)
 class Answer:
-    """A provider answer as cached: the task's result and the usage it cost."""
+    """A provider answer as cached: the task's result, who gave it and the usage it cost."""
 
     completion: Completion
+    model_id: str  # the public id of the model that answered
+    provider: str
     input_tokens: int
     output_tokens: int
     token_source: str  # "provider" or "estimate"
+    failed_models: tuple[tuple[str, str], ...] = ()  # (model id, error code) tried before it
 
 
 @dataclass(frozen=True)
@@ -49,102 +67,142 @@ class TaskOutcome:
     saved: Cost  # what the upstream call would have cost, when it was avoided
     upstream_ms: float | None
     cache_lookup_ms: float
+    model_id: str = ""
+    provider: str = ""
+    failed_models: tuple[tuple[str, str], ...] = ()
 
     @property
     def cached(self) -> bool:
         return self.cache_status != "miss"
 
+    @property
+    def fallback_used(self) -> bool:
+        return bool(self.failed_models)
+
+
+@dataclass(frozen=True)
+class OpenStream:
+    """A task stream that has started (first chunk in hand), and who is answering it."""
+
+    stream: TextStream
+    routed: Routed
+    prompt: str
+
 
 class TaskService:
-    """Runs tasks through the response cache and the provider, pricing each answer."""
+    """Runs tasks through the response cache and the router, pricing each answer for the model that gave it."""
 
-    def __init__(self, client: GeminiClient, cache: ResponseCache, prices: PriceTable, counter: TokenCounter):
-        self.client = client
+    def __init__(self, router: ModelRouter, cache: ResponseCache, price_of: Callable[[str, int, int], Cost],
+                 counter: TokenCounter, *, default_model: str, max_output_tokens: int | None = None,
+                 model_defaults: Callable[[str, str], Mapping] | None = None,
+                 tasks: dict[str, TaskDefinition] = TASKS):
+        self.router = router
         # A request sharing another's call waits no longer than that call may take; then it calls itself.
-        self._share_wait_seconds = client.retry_policy.deadline
+        self._share_wait_seconds = router.policy.deadline
         self.cache = cache
-        self.prices = prices
+        self.price_of = price_of  # (model id, input tokens, output tokens) -> Cost
         self.counter = counter
+        self.default_model = default_model
+        self.max_output_tokens = max_output_tokens or None
+        self.model_defaults = model_defaults or (lambda _model, _task: {})  # (model id, task) -> its defaults
+        self.tasks = tasks
 
-    def generate_text(self, prompt: str, control: CacheControl = CacheControl()) -> TaskOutcome:
-        return self._run("text", {"prompt": prompt}, control,
-                         lambda: self.client.generate_text(prompt), lambda: task_prompts.text_prompt(prompt))
-
-    def generate_code(self, prompt: str, language: str, control: CacheControl = CacheControl()) -> TaskOutcome:
-        return self._run("code", {"prompt": prompt, "language": language}, control,
-                         lambda: self.client.generate_code(prompt, language),
-                         lambda: task_prompts.code_prompt(prompt, language))
-
-    def classify_text(self, text: str, categories: list[str], control: CacheControl = CacheControl()) -> TaskOutcome:
-        # The key uses the normalised set: reordering or re-casing the categories cannot change the label set.
-        key_categories = sorted({task_prompts.normalise_label(category) for category in categories})
-        outcome = self._run("classify", {"text": text, "categories": key_categories}, control,
-                            lambda: self.client.classify_text(text, categories),
-                            lambda: task_prompts.classification_prompt(text, categories))
-        # A cached label may be spelled as another caller wrote it: give it back in this caller's spelling.
-        label = task_prompts.match_category(outcome.completion.text, categories)
-        return replace(outcome, completion=replace(outcome.completion, text=label))
-
-    def _run(self, task: str, inputs: dict, control: CacheControl, call, sent_prompt) -> TaskOutcome:
-        """`call` asks the provider; `sent_prompt()` rebuilds the prompt, only to estimate tokens."""
-        key = ResponseCache.make_key(
-            task, model=self.client.model, temperature=TASK_TEMPERATURES[task],
-            max_output_tokens=self.client.max_output_tokens, **inputs,
-        )
+    def run(self, task_name: str, inputs: dict, options: TaskOptions = TaskOptions(),
+            control: CacheControl = CacheControl()) -> TaskOutcome:
+        task = self.tasks[task_name]
+        models, params = self.plan(task, options)
+        key = ResponseCache.make_key(task.name, model=models[0], fallbacks=list(models[1:]), **_key_params(params),
+                                     **task.cache_inputs(inputs))
         upstream_ms: list[float] = []
 
         def compute() -> Answer:
             started = time.perf_counter()
-            completion = call()
+            routed = self.router.complete(models, (Message("user", prompt),), params)
             upstream_ms.append((time.perf_counter() - started) * 1000)
-            return self._priced_answer(completion, sent_prompt)
+            completion = replace(routed.completion, text=task.parse(routed.completion.text, inputs))
+            return self._priced_answer(completion, routed, prompt)
 
+        prompt = task.prompt(inputs)
         started = time.perf_counter()
-        answer, status = self.cache.get_or_compute(task, key, compute, read=control.read, write=control.write,
+        answer, status = self.cache.get_or_compute(task.name, key, compute, read=control.read, write=control.write,
                                                    wait_timeout=self._share_wait_seconds)
         total_ms = (time.perf_counter() - started) * 1000
         upstream = upstream_ms[0] if upstream_ms else None
-        return self._outcome(answer, status, upstream, total_ms - (upstream or 0.0))
+        outcome = self._outcome(answer, status, upstream, total_ms - (upstream or 0.0))
+        if task.present is not unchanged:
+            outcome = replace(outcome, completion=replace(outcome.completion,
+                                                          text=task.present(outcome.completion.text, inputs)))
+        return outcome
 
-    def open_text_stream(self, prompt: str) -> TextStream:
-        """Start streaming a text answer (retries until the first chunk). Streams bypass the cache."""
-        return self.client.stream_text(prompt)
+    def plan(self, task: TaskDefinition, options: TaskOptions) -> tuple[tuple[str, ...], GenerationParams]:
+        """The models to try in order (the requested one, then its fallbacks: resolved by the HTTP layer's
+        `ModelCatalog`) and the sampling parameters: the request's, else the model's defaults for the task
+        (data/models.json), else the task's."""
+        model = options.model or self.default_model
+        models = (model, *(fallback for fallback in options.fallbacks or () if fallback != model))
+        defaults = self.model_defaults(model, task.name)
+        params = GenerationParams(
+            temperature=_first(options.temperature, defaults.get("temperature"), task.temperature),
+            max_tokens=_first(options.max_tokens, defaults.get("max_tokens"), self.max_output_tokens),
+            top_p=_first(options.top_p, defaults.get("top_p")), stop=tuple(options.stop))
+        return models, params
 
-    def stream_outcome(self, completion: Completion, prompt: str, upstream_ms: float) -> TaskOutcome:
+    def open_stream(self, task_name: str, inputs: dict, options: TaskOptions = TaskOptions()) -> OpenStream:
+        """Start streaming an answer (retries and fallbacks until the first chunk). Streams bypass the cache."""
+        task = self.tasks[task_name]
+        models, params = self.plan(task, options)
+        prompt = task.prompt(inputs)
+        stream, routed = self.router.open_stream(models, (Message("user", prompt),), params)
+        return OpenStream(stream, routed, prompt)
+
+    def stream_outcome(self, opened: OpenStream, completion: Completion, upstream_ms: float) -> TaskOutcome:
         """Price a stream's answer like any other upstream answer: the whole `completion` of a finished
         stream, or what `received()` holds of one that failed mid-way or that the client left (its
         prompt and the chunks sent were billed all the same)."""
-        answer = self._priced_answer(completion, lambda: task_prompts.text_prompt(prompt))
-        return self._outcome(answer, "miss", upstream_ms, 0.0)
+        return self._outcome(self._priced_answer(completion, opened.routed, opened.prompt), "miss", upstream_ms, 0.0)
 
-    def failed_stream_outcome(self, stream: TextStream, error: BaseException, prompt: str,
-                              upstream_ms: float) -> TaskOutcome | None:
+    def failed_stream_outcome(self, opened: OpenStream, error: BaseException, upstream_ms: float) -> TaskOutcome | None:
         """What a stream that failed after it opened is billed: what `received()` holds, the usage the
         provider reported until then. Nothing when the provider refused the prompt (its safety filter,
         billed $0 as for a plain call) or sent nothing usable (no text, no usage)."""
-        received = stream.received()
+        received = opened.stream.received()
         if isinstance(error, ContentBlocked) or not (received.text or received.input_tokens is not None):
             return None
-        return self.stream_outcome(received, prompt, upstream_ms)
+        return self.stream_outcome(opened, received, upstream_ms)
+
+    def highest_cost(self, input_tokens: int, output_tokens: int) -> float:
+        """What these tokens cost on the dearest model a request could reach (budget reservations)."""
+        return max(self.price_of(model_id, input_tokens, output_tokens).total for model_id in self.router.routes)
 
     def _outcome(self, answer: Answer, status: str, upstream_ms: float | None, lookup_ms: float) -> TaskOutcome:
-        # Priced by the model we asked for: the provider may answer with a versioned name.
-        full_cost = self.prices.cost(self.client.model, answer.input_tokens, answer.output_tokens)
+        # Priced by the public model that answered: the provider may answer with a versioned name.
+        full_cost = self.price_of(answer.model_id, answer.input_tokens, answer.output_tokens)
         made_the_call = status == "miss"
         return TaskOutcome(
-            completion=answer.completion,
-            cache_status=status,
-            input_tokens=answer.input_tokens,
-            output_tokens=answer.output_tokens,
-            token_source=answer.token_source,
-            cost=full_cost if made_the_call else Cost(),
-            saved=Cost() if made_the_call else full_cost,
-            upstream_ms=upstream_ms,
-            cache_lookup_ms=lookup_ms,
+            completion=answer.completion, cache_status=status,
+            input_tokens=answer.input_tokens, output_tokens=answer.output_tokens, token_source=answer.token_source,
+            cost=full_cost if made_the_call else Cost(), saved=Cost() if made_the_call else full_cost,
+            upstream_ms=upstream_ms, cache_lookup_ms=lookup_ms,
+            model_id=answer.model_id, provider=answer.provider, failed_models=answer.failed_models,
         )
 
-    def _priced_answer(self, completion: Completion, sent_prompt) -> Answer:
+    def _priced_answer(self, completion: Completion, routed: Routed, prompt: str) -> Answer:
         """Bill from the provider's usage; estimate with tiktoken only when it reported none."""
+        route = routed.route
         if completion.input_tokens is not None and completion.output_tokens is not None:
-            return Answer(completion, completion.input_tokens, completion.output_tokens, "provider")
-        return Answer(completion, self.counter.count(sent_prompt()), self.counter.count(completion.text), "estimate")
+            return Answer(completion, route.model_id, route.provider.name, completion.input_tokens,
+                          completion.output_tokens, "provider", routed.failed)
+        return Answer(completion, route.model_id, route.provider.name, self.counter.count(prompt),
+                      self.counter.count(completion.text), "estimate", routed.failed)
+
+
+def _first(*values):
+    """The first value that is set (0 and 0.0 are set)."""
+    return next((value for value in values if value is not None), None)
+
+
+def _key_params(params: GenerationParams) -> dict:
+    """The sampling parameters as the cache key sees them (0 and 0.0 alike)."""
+    return {"temperature": None if params.temperature is None else float(params.temperature),
+            "max_output_tokens": params.max_tokens,
+            "top_p": None if params.top_p is None else float(params.top_p), "stop": list(params.stop)}

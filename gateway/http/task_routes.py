@@ -1,0 +1,216 @@
+"""The task endpoints, generated from the task table: one resource per task, one stream resource.
+
+Each task's resource validates its body with the task's schema, reads the per-request options
+(model, temperature, max_tokens, top_p, stop, fallbacks, cache control), runs the task through
+`TaskService` and answers with the task's result field plus the model, usage and cost. What
+differs between tasks is in `gateway.tasks.table` and the task's request schema, nothing here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from flask import Response, request, stream_with_context
+from flask_restx import Namespace, Resource
+
+from gateway.container import Gateway
+from gateway.errors import InvalidRequest
+from gateway.http.request_state import state
+from gateway.http.routes import error_payload, json_body, request_id, request_info
+from gateway.http.schemas import SECURITY, Schemas
+from gateway.tasks.service import CacheControl, OpenStream, TaskOptions, TaskOutcome
+from gateway.tasks.table import TASKS, TaskDefinition
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer was complete
+
+# Summaries are the first line, without a period: RESTX cuts a summary at its first "." ("0.7" -> "0").
+DOCS = {
+    "text": "Generate text from a prompt\n\nDefault temperature 0.7; the body may choose the model and sampling.",
+    "code": "Generate code for a request, returned without markdown fences\n\n"
+            "Default temperature 0.2; the body may choose the language, the model and sampling.",
+    "classify": "Classify a text into exactly one of the given categories\n\n"
+                "Default temperature 0.0; the answer is always one of the categories as the caller wrote it.",
+}
+STREAM_DOC = ("Generate text as it is produced, as server-sent events\n\n"
+              "`chunk` events ({text}), then `done` (model, usage, cost) or `error` (the error shape). "
+              "Not cached; cost headers come in the `done` event.")
+STREAM_200 = ("A text/event-stream, not JSON: `event: chunk` with data {\"text\"} for each piece as the provider "
+              "produces it, then one `event: done` with data {model, provider, cached, usage, cost, request_id} "
+              "or one `event: error` with data {error, code, details, request_id}. Errors before the stream "
+              "starts are plain JSON with the statuses below.")
+# Resource class names give the Swagger operation ids (post_text_generation...): kept stable for client generators.
+RESOURCE_NAMES = {"text": "TextGeneration", "code": "CodeGeneration", "classify": "TextClassification"}
+NAMESPACES = {"generate": ("/generate", "Text and code generation"),
+              "classify": ("/classify", "Text classification into caller-given categories")}
+
+
+def task_namespaces(gateway: Gateway, schemas: Schemas, task_limit) -> list[tuple[Namespace, str]]:
+    """(namespace, path) pairs holding every task's resource, ready for `api.add_namespace`."""
+    namespaces = {name: Namespace(name, description=description)
+                  for name, (_path, description) in NAMESPACES.items()}
+    for task in TASKS.values():
+        ns = namespaces["classify" if task.path.startswith("/classify") else "generate"]
+        _add_task_resource(ns, gateway, schemas, task, task_limit)
+    _add_stream_resource(namespaces["generate"], gateway, schemas, task_limit)
+    return [(ns, NAMESPACES[name][0]) for name, ns in namespaces.items()]
+
+
+def _add_task_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task: TaskDefinition, task_limit) -> None:
+    request_schema, response_model = schemas.requests[task.name], schemas.responses[task.name]
+
+    def post(self):
+        payload = request_schema.validate(json_body())
+        inputs = task.inputs(payload)
+        current = state()
+        current.prompt = inputs[task.prompt_field]
+        current.model = gateway.service.default_model  # what a refused request is recorded under
+        options = task_options(payload, gateway, task.name)
+        current.model = options.model
+        outcome = gateway.service.run(task.name, inputs, options, cache_control(payload))
+        echoed = {name: inputs[name] for name in task.echo}
+        return {task.result_field: outcome.completion.text, **echoed, **answer_fields(outcome)}
+
+    post.__doc__ = DOCS[task.name]
+    post = ns.expect(request_schema.model)(_task_responses(ns, schemas, response_model)(task_limit(post)))
+    resource = type(RESOURCE_NAMES[task.name], (Resource,), {"post": post})
+    ns.route(task.path.removeprefix(f"/{ns.name}"))(resource)
+
+
+def _add_stream_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task_limit) -> None:
+    task = TASKS["text"]
+    request_schema = schemas.requests[task.name]
+
+    @ns.route("/text/stream")
+    class TextGenerationStream(Resource):
+        @ns.expect(request_schema.model)
+        @ns.produces(["text/event-stream", "application/json"])
+        @_task_responses(ns, schemas, None, STREAM_200)
+        @task_limit
+        def post(self):
+            payload = request_schema.validate(json_body())
+            inputs = task.inputs(payload)
+            current = state()
+            current.prompt = inputs[task.prompt_field]
+            current.model = gateway.service.default_model
+            options = task_options(payload, gateway, task.name)
+            current.model = options.model
+            started = time.perf_counter()
+            opened = gateway.service.open_stream(task.name, inputs, options)  # failures here are plain JSON errors
+            current.streaming = True
+            events = _stream_events(gateway, opened, (time.perf_counter() - started) * 1000)
+            return Response(stream_with_context(events), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        post.__doc__ = STREAM_DOC
+
+
+def _task_responses(ns: Namespace, schemas: Schemas, success_model,
+                    success="Answer; cost headers X-Cost-*, X-Tokens-*, X-Cached"):
+    """The documented responses every task endpoint shares (`success_model` None: the 200 is not JSON)."""
+    codes = {
+        200: (success, success_model),
+        400: ("Invalid input", schemas.error),
+        401: ("No valid API key (missing, unknown, revoked or expired), when AUTH_ENABLED", schemas.error),
+        402: ("The key's monthly budget is spent (details: budget, spent, reset)", schemas.error),
+        403: ("The key may not run this task or model (allowed_tasks, allowed_models)", schemas.error),
+        413: ("Body too large", schemas.error), 415: ("Body is not JSON", schemas.error),
+        429: ("Rate limited, by the gateway or the provider; see Retry-After", schemas.error),
+        502: ("The provider failed or gave an unusable answer", schemas.error),
+        503: ("The model's provider is not configured, or its circuit is open", schemas.error),
+        504: ("The provider did not answer in time", schemas.error),
+    }
+
+    def decorate(method):
+        for status, (description, model) in codes.items():
+            method = ns.response(status, description, model)(method)
+        method = ns.doc(security=SECURITY, params={"Cache-Control": {"in": "header", "type": "string", "description":
+                        "no-cache: skip the cache lookup; no-store: do not cache the answer"}})(method)
+        return method
+
+    return decorate
+
+
+def task_options(payload: dict, gateway: Gateway, task: str) -> TaskOptions:
+    """The per-request options of a validated body; the schema has checked types and ranges already."""
+    for name in ("temperature", "top_p"):
+        value = payload.get(name)
+        if value is not None and not math.isfinite(value):  # NaN passes every range check
+            raise InvalidRequest(f"Invalid input: '{name}' must be a finite number",
+                                 details={"fields": {name: "must be a finite number"}})
+    fallbacks = payload.get("fallbacks")
+    return gateway.models.checked_options(TaskOptions(
+        model=payload.get("model"), temperature=payload.get("temperature"), max_tokens=payload.get("max_tokens"),
+        top_p=payload.get("top_p"), stop=tuple(payload.get("stop") or ()),
+        fallbacks=None if fallbacks is None else tuple(fallbacks)), state().api_key, task)
+
+
+def cache_control(payload: dict) -> CacheControl:
+    """`Cache-Control: no-cache / no-store` headers, or the body's `cache` object, per request."""
+    directives = {part.strip().lower() for part in request.headers.get("Cache-Control", "").split(",")}
+    body = payload.get("cache") or {}
+    return CacheControl(
+        read="no-cache" not in directives and not body.get("no_cache", False),
+        write="no-store" not in directives and not body.get("no_store", False),
+    )
+
+
+def answer_fields(outcome: TaskOutcome) -> dict:
+    """The fields every task answer carries besides its result; the outcome goes on the request state
+    for the cost headers and the ledger."""
+    state().outcome = outcome
+    return {
+        "model": outcome.model_id,
+        "provider": outcome.provider,
+        "cached": outcome.cached,
+        "fallback_used": outcome.fallback_used,
+        "usage": {"input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
+                  "total_tokens": outcome.input_tokens + outcome.output_tokens, "source": outcome.token_source},
+        "cost": {"currency": "USD", "input": round(outcome.cost.input, 10), "output": round(outcome.cost.output, 10),
+                 "total": round(outcome.cost.total, 10), "saved": round(outcome.saved.total, 10)},
+        "request_id": request_id(),
+    }
+
+
+def _stream_events(gateway: Gateway, opened: OpenStream, open_ms: float):
+    """SSE events for one stream; the ledger record is written before the final event is sent.
+
+    A stream that fails mid-way (the provider cut it, sent a bad chunk or an error, or ran past
+    the deadline) ends with an `error` event and is recorded with that status, priced for what
+    the provider sent until then. So is a client that disconnects mid-stream (GeneratorExit at a
+    `yield`), as status 499; either way the provider's stream is closed."""
+    accounted = False
+    stream = opened.stream
+    try:
+        try:
+            for text in stream:
+                yield _sse("chunk", {"text": text})
+            status, outcome = 200, gateway.service.stream_outcome(opened, stream.completion, open_ms)
+            final = ("done", answer_fields(outcome))
+        except Exception as exc:  # noqa: BLE001 - the 200 already went out: the failure becomes the last event
+            body, status, _ = error_payload(exc)
+            final = ("error", body)
+            outcome = gateway.service.failed_stream_outcome(opened, exc, open_ms)
+        accounted = True  # before recording: a failure inside it must not add a second, 499 record
+        overall = _account_stream(gateway, status, outcome)
+        if status == 200:
+            final[1]["cost"]["overall"] = round(overall, 10)
+        yield _sse(*final)
+    except GeneratorExit:
+        if not accounted:
+            _account_stream(gateway, CLIENT_CLOSED_REQUEST,
+                            gateway.service.stream_outcome(opened, stream.received(), open_ms))
+        raise
+    finally:
+        stream.close()
+
+
+def _account_stream(gateway: Gateway, status: int, outcome: TaskOutcome | None) -> float | None:
+    elapsed_ms = (time.perf_counter() - state().started) * 1000
+    return gateway.finish_request(request_info(), status, elapsed_ms, outcome, is_task=True)
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+

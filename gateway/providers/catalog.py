@@ -1,0 +1,61 @@
+"""The models a request may name, and whether it may have them.
+
+`checked_options` is where a request's `model` and `fallbacks` are resolved before anything is
+called: an unknown id is a 400 naming the field, a model whose provider has no key a 503 naming
+the missing variable, a model outside the API key's `allowed_models` a 403. Aliases become ids
+here, so the cache, the ledger and the answer all name a model one way.
+
+A task's configured fallbacks (FALLBACKS_*) are filtered, not refused: one that is not
+configured, or that the caller's key may not use, is left out (a key limited to a cheap model
+must never be answered by a dear one), while fallbacks the request names itself are checked
+like its model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from gateway.auth.guard import check_model_allowed
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.providers.registry import ModelRegistry
+from gateway.tasks.service import TaskOptions
+
+
+@dataclass(frozen=True)
+class ModelCatalog:
+    registry: ModelRegistry
+    task_fallbacks: Mapping[str, tuple[str, ...]]  # task -> configured fallback ids
+
+    @property
+    def default_model(self) -> str:
+        return self.registry.default.id
+
+    def checked_options(self, options: TaskOptions, api_key=None, task: str = "text") -> TaskOptions:
+        """`options` with the model and every fallback resolved to ids and checked (or the error to answer)."""
+        model = self._checked(options.model or self.default_model, "model", api_key)
+        if options.fallbacks is not None:
+            fallbacks = tuple(self._checked(name, "fallbacks", api_key) for name in options.fallbacks)
+        else:
+            fallbacks = tuple(self._usable(name, api_key) for name in self.task_fallbacks.get(task, ()))
+        fallbacks = tuple(name for name in dict.fromkeys(fallbacks) if name and name != model)
+        return replace(options, model=model, fallbacks=fallbacks)
+
+    def describe(self) -> list[dict]:
+        return self.registry.describe()
+
+    def _checked(self, name: str, field_name: str, api_key) -> str:
+        spec = self.registry.find(name)
+        if spec is None:
+            reason = "names a model this gateway does not serve (GET /api/v1/models lists them)"
+            raise InvalidRequest(f"Invalid input: '{field_name}' {reason}",
+                                 details={"fields": {field_name: reason}, "model": name[:128]})
+        self.registry.require_configured(spec)
+        check_model_allowed(api_key, spec)
+        return spec.id
+
+    def _usable(self, name: str, api_key) -> str | None:
+        try:
+            return self._checked(name, "fallbacks", api_key)
+        except GatewayError:
+            return None

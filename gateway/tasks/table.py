@@ -1,0 +1,88 @@
+"""The one table of the gateway's tasks: what each one sends, how its answer is read, what it returns.
+
+Everything that differs between text generation, code generation and classification is a row
+here (default temperature, prompt builder, answer parser, what goes into the cache key, the
+response field and the HTTP path), so the task service and the HTTP layer are written once for
+all tasks, and a new task is a new row plus its schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.errors import InvalidRequest
+from gateway.tasks import prompts
+
+
+def unchanged(answer: str, _inputs: dict) -> str:
+    return answer
+
+
+@dataclass(frozen=True)
+class TaskDefinition:
+    name: str  # "text", "code", "classify": the cache's section and the keys' allowed_tasks
+    path: str  # under /api/v1
+    result_field: str  # the user's field name in the answer
+    temperature: float  # the default when neither the request nor the model's defaults set one
+    prompt: Callable[[dict], str]  # the prompt sent for these (validated) inputs
+    parse: Callable[[str, dict], str]  # the provider's answer -> the task's result (may raise UpstreamBadAnswer)
+    cache_inputs: Callable[[dict], dict]  # what of the inputs changes the answer, normalised for the cache key
+    inputs: Callable[[dict], dict]  # a validated request body -> the task's inputs (normalised; may raise 400)
+    prompt_field: str  # the input described in the log line (length and hash)
+    echo: tuple[str, ...] = ()  # inputs given back in the answer beside the result
+    # Applied to every result, cached or not: a classification comes back in this caller's spelling.
+    present: Callable[[str, dict], str] = unchanged
+
+
+def _code_inputs(body: dict) -> dict:
+    return {"prompt": body["prompt"], "language": body.get("language", "python").strip().lower()}
+
+
+def _classify_inputs(body: dict) -> dict:
+    """The categories as the caller wrote them (trimmed); ones that differ only in case or spacing are
+    refused, since the answer could not tell them apart."""
+    categories = [category.strip() for category in body["categories"]]
+    seen: dict[str, str] = {}
+    for category in categories:
+        normal = prompts.normalise_label(category)
+        if normal in seen:
+            raise InvalidRequest(
+                f"Invalid input: 'categories' has duplicates: {seen[normal]!r} and {category!r}",
+                details={"fields": {"categories": "must be distinct (ignoring case and spacing)"}},
+            )
+        seen[normal] = category
+    return {"text": body["text"], "categories": categories}
+
+
+def _categories_key(inputs: dict) -> dict:
+    # The normalised set: reordering or re-casing the categories cannot change the label set.
+    return {"text": inputs["text"],
+            "categories": sorted({prompts.normalise_label(category) for category in inputs["categories"]})}
+
+
+TASKS: dict[str, TaskDefinition] = {
+    task.name: task for task in (
+        TaskDefinition(
+            name="text", path="/generate/text", result_field="generated_text", temperature=0.7,
+            prompt=lambda inputs: prompts.text_prompt(inputs["prompt"]),
+            parse=unchanged,
+            cache_inputs=lambda inputs: {"prompt": inputs["prompt"]},
+            inputs=lambda body: {"prompt": body["prompt"]}, prompt_field="prompt",
+        ),
+        TaskDefinition(
+            name="code", path="/generate/code", result_field="generated_code", temperature=0.2,
+            prompt=lambda inputs: prompts.code_prompt(inputs["prompt"], inputs["language"]),
+            parse=lambda answer, _inputs: prompts.extract_code(answer),
+            cache_inputs=lambda inputs: {"prompt": inputs["prompt"], "language": inputs["language"]},
+            inputs=_code_inputs, prompt_field="prompt", echo=("language",),
+        ),
+        TaskDefinition(
+            name="classify", path="/classify/text", result_field="classification", temperature=0.0,
+            prompt=lambda inputs: prompts.classification_prompt(inputs["text"], inputs["categories"]),
+            parse=lambda answer, inputs: prompts.match_category(answer, inputs["categories"]),
+            cache_inputs=_categories_key, inputs=_classify_inputs, prompt_field="text", echo=("categories",),
+            present=lambda label, inputs: prompts.match_category(label, inputs["categories"]),
+        ),
+    )
+}
