@@ -44,7 +44,7 @@ def test_bad_values_fail_at_start_up_with_the_variable_named(environ, words):
 
 
 def test_production_refuses_a_missing_key_and_disabled_limits():
-    with pytest.raises(ConfigError, match="needs GOOGLE_API_KEY"):
+    with pytest.raises(ConfigError, match="needs a provider key: GOOGLE_API_KEY, OPENAI_API_KEY or ANTHROPIC_API_KEY"):
         Config.load({"APP_ENV": "production"})
     with pytest.raises(ConfigError, match="RATELIMIT_ENABLED=false"):
         Config.load({"APP_ENV": "production", "GOOGLE_API_KEY": "AIzaX", "RATELIMIT_ENABLED": "false"})

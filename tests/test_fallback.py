@@ -281,10 +281,22 @@ def test_per_model_deadline_keeps_time_for_the_fallbacks():
     assert answer.model_id == "b"
 
 
-def test_no_time_at_all_is_a_timeout():
+def test_a_deadline_shorter_than_the_fallback_minimum_still_calls_the_first_model():
+    """GEMINI_DEADLINE_SECONDS=0.3 is a valid setting: the first model is called with it (it used to be
+    skipped, every request a 504 without a call); only fallbacks need `min_seconds_per_model` left."""
     clock = FakeClock()
-    with pytest.raises(UpstreamTimeout):
-        FallbackChain(make_policy(clock), deadline=0.1).complete([candidate("a", ScriptedProvider("a"))], build)
+    first = ScriptedProvider("a", "a answers")
+    answer = FallbackChain(make_policy(clock), deadline=0.1).complete([candidate("a", first)], build)
+    assert answer.model_id == "a" and len(first.calls) == 1
+
+
+def test_a_fallback_is_not_started_without_time_to_answer():
+    clock = FakeClock()
+    failing, fallback = ScriptedProvider("a", UpstreamUnavailable), ScriptedProvider("b", "b answers")
+    with pytest.raises(UpstreamError):
+        FallbackChain(make_policy(clock, max_attempts=1), deadline=0.1).complete(
+            [candidate("a", failing), candidate("b", fallback)], build)
+    assert len(failing.calls) == 1 and fallback.calls == []
 
 
 def test_an_empty_chain_is_a_programming_error():

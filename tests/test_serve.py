@@ -407,7 +407,8 @@ def test_bad_settings_stop_the_launcher_with_one_line_before_any_worker_starts(t
                             env=environment(APP_ENV="production"), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
-        "error: cannot start: APP_ENV=production needs GOOGLE_API_KEY (demo mode is for development only)"]
+        "error: cannot start: APP_ENV=production needs a provider key: GOOGLE_API_KEY, OPENAI_API_KEY or "
+        "ANTHROPIC_API_KEY (demo mode is for development only)"]
 
 
 @several_workers

@@ -147,10 +147,10 @@ class FallbackChain:
         deadline_at = clock() + self.deadline
         failed: list[FailedModel] = []
         last_error: GatewayError | None = None
-        for candidate in candidates:
+        for index, candidate in enumerate(candidates):
             left = deadline_at - clock()
-            if left < self.min_seconds_per_model:
-                break
+            if index and left < self.min_seconds_per_model:  # a fallback needs time to be worth starting;
+                break  # the first model always gets the whole deadline, however short it was configured
             budget = min(left, self.per_model_deadline) if self.per_model_deadline else left
             request = build(candidate)
             policy = replace(self.policy, deadline=budget)
@@ -167,13 +167,15 @@ class FallbackChain:
                     raise
                 failed.append(FailedModel(candidate.model_id, error.code, error.status))
                 last_error = error
-                log.warning("model %s failed with %s; trying the next model if any", candidate.model_id, error.code,
-                            extra={"model": candidate.model_id, "error_code": error.code})
+                if index + 1 < len(candidates):
+                    log.warning("model %s failed with %s; trying the next model", candidate.model_id, error.code,
+                                extra={"model": candidate.model_id, "error_code": error.code})
                 continue
             return result, candidate, tuple(failed)
         if last_error is None:
             raise UpstreamTimeout(f"no time was left to call a model within the {self.deadline:g} s deadline")
-        _name_failed(last_error, failed)
+        if len(candidates) > 1:  # a request without fallbacks: its error says all there is
+            _name_failed(last_error, failed)
         raise last_error
 
     def _admit(self, candidate: Candidate, request: ProviderRequest,
