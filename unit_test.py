@@ -2,7 +2,8 @@
 
 The app runs under waitress on a free loopback port in a background thread, exactly as in
 production; Gemini is the emulator (a real HTTP server speaking Gemini's REST protocol), so
-the real SDK and LangChain code run and no key or internet is needed.
+the real SDK and LangChain code run and no key or internet is needed. Its logs and ledger go
+to a temporary folder, removed afterwards: the checkout's `logs/` and `var/` are left alone.
 
 Run it with `python unit_test.py` or under pytest (`pytest unit_test.py`).
 """
@@ -11,20 +12,18 @@ from __future__ import annotations
 
 import ast
 import os
-import socket
-import threading
-import time
+import tempfile
 import unittest
 from pathlib import Path
 
 import requests
-from waitress.server import create_server
 
 import gemini_wrapper
 from app import create_app
 from gateway.config import Config, ConfigError
 from gateway.providers.emulators.gemini import GeminiEmulator
 from gemini_wrapper import GeminiClient
+from tests.support.live_server import LiveServer
 
 HERE = Path(__file__).resolve().parent
 TEST_KEY = "AIzaTest-offline-key-not-real"
@@ -34,47 +33,30 @@ TASK_LIMIT_PER_MINUTE = 10
 class TestMultiTaskLLMAPI(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        """Start the emulator and the gateway under waitress, each on a free port."""
+        """Start the emulator and the gateway under waitress, each on a free port; state in a temp folder."""
+        cls.workdir = tempfile.TemporaryDirectory(prefix="unit-test-")  # logs and ledger: not the checkout's
+        state = Path(cls.workdir.name)
         cls.emulator = GeminiEmulator(host="127.0.0.1", port=0).start()
         cls.config = Config.load(
             {}, app_env="testing", google_api_key=TEST_KEY, gemini_base_url=cls.emulator.base_url,
             ratelimit_task_limits=f"200 per day;50 per hour;{TASK_LIMIT_PER_MINUTE} per minute",
             cors_origins=("http://localhost:3000",),  # a live key: browsers get only the origins named
+            log_dir=state / "logs", cost_ledger_path=state / "var" / "cost_ledger.sqlite3", log_console=False,
         )
+        cls.app = create_app(cls.config)
         # As in production behind a proxy: waitress itself trusts the proxy's X-Forwarded-For.
-        cls.server = create_server(
-            create_app(cls.config), host="127.0.0.1", port=0, threads=8,
-            trusted_proxy="127.0.0.1", trusted_proxy_count=1, trusted_proxy_headers="x-forwarded-for",
-        )
-        cls.base_url = f"http://127.0.0.1:{cls.server.effective_port}"
-        cls.thread = threading.Thread(target=cls._serve, daemon=True)
-        cls.thread.start()
+        cls.server = LiveServer(cls.app, threads=8, trusted_proxy="127.0.0.1", trusted_proxy_count=1,
+                                trusted_proxy_headers="x-forwarded-for")
+        cls.base_url = cls.server.url
         cls.http = requests.Session()
-        cls._wait_until_ready()
-
-    @classmethod
-    def _serve(cls):
-        try:
-            cls.server.run()
-        except OSError:
-            pass  # tearDownClass closes the socket under select(): the expected way out
 
     @classmethod
     def tearDownClass(cls):
         cls.http.close()
         cls.server.close()
+        cls.app.extensions["gateway"].close()
         cls.emulator.stop()
-
-    @classmethod
-    def _wait_until_ready(cls, timeout: float = 10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", cls.server.effective_port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("the gateway did not start listening")
+        cls.workdir.cleanup()
 
     def setUp(self):
         self.emulator.reset()

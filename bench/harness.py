@@ -2,7 +2,8 @@
 
 The emulator and the gateway each run in their own process (as in production: the gateway
 under waitress with APP_ENV=production), so the load generator does not share their GIL.
-Everything binds to 127.0.0.1 on free ports and is stopped when the `with` block ends.
+Everything binds to 127.0.0.1 on free ports and is stopped when the `with` block ends. Ports,
+waiting and stopping processes are `tests/support/processes.py`, shared with the tests.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,67 +20,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+from tests.support.emulators import emulator_process
+from tests.support.processes import ROOT, free_port, process_tree, stop, stop_tree, wait_until_up
 
-ROOT = Path(__file__).resolve().parent.parent
 BENCH_KEY = "bench-key-not-a-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: process exited early with {process.returncode}")
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.RequestException:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
-# --- process trees (Linux /proc; elsewhere they are just the launched process) -------------------
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks: with the pid, it names one process (pids are reused)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2:].split()[19]
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants, parents first: a launcher may serve itself or supervise workers that do."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(int(entry.name))
-    tree, queue = [], [pid]
-    while queue and len(tree) < 1000:
-        current = queue.pop(0)
-        tree.append(current)
-        queue.extend(sorted(parents.get(current, [])))
-    return tree
 
 
 def memory_kb(pid: int, field: str = "VmHWM") -> int | None:
@@ -99,43 +41,7 @@ def tree_memory_mb(pid: int, field: str = "VmHWM") -> dict[int, float]:
     return {p: round(kb / 1024, 1) for p, kb in figures.items() if kb is not None}
 
 
-def _alive(pid: int, started: str | None) -> bool:
-    """The same process (pid and start time) still runs (a zombie does not count)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat[stat.rfind(")") + 2:].split()
-    return fields[19] == started and fields[0] != "Z"
-
-
-def stop_tree(process: subprocess.Popen) -> None:
-    """Stop a launched server and every process it started, even workers its death would orphan."""
-    descendants = [(pid, _start_time(pid)) for pid in process_tree(process.pid)[1:]]
-    stop_process(process)
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        alive = [pid for pid, started in descendants if _alive(pid, started)]
-        for pid in alive:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signum)
-        deadline = time.monotonic() + 5
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.05)
-            alive = [pid for pid, started in descendants if _alive(pid, started)]
-
-
-@contextlib.contextmanager
-def emulator(delay: float = 0.0):
-    """A Gemini emulator process; yields its base URL."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "gateway.providers.emulators.gemini", "--port", str(port),
-                                "--delay", str(delay)], cwd=ROOT, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url + "/_emulator/stats", process)
-        yield url
-    finally:
-        stop_process(process)
+emulator = emulator_process  # a Gemini emulator process; yields its base URL
 
 
 # The load runs without client API keys (production turns AUTH_ENABLED on by default); what a key
@@ -161,7 +67,7 @@ def gateway(upstream_url: str, *, threads: int = 16, extra_env: dict | None = No
             wait_until_up(url + "/api/v1/health", process)
             yield url, process
         finally:
-            stop_process(process)
+            stop(process)
 
 
 @dataclass

@@ -35,17 +35,9 @@ from pathlib import Path
 import requests
 
 from bench import hostile
-from bench.harness import (
-    BENCH_KEY,
-    emulator,
-    free_port,
-    launcher,
-    quantile,
-    stop_process,
-    tree_memory_mb,
-    wait_until_up,
-)
+from bench.harness import BENCH_KEY, emulator, launcher, quantile, tree_memory_mb
 from bench.loadgen import build_post, run_concurrent, run_sequential, time_to_first_byte
+from tests.support.processes import free_port, stop, wait_until_up
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "gemini-2.0-flash"
@@ -167,7 +159,7 @@ def portkey(directory: str):
         wait_until_up(url + "/", process)
         yield url, [process.pid]
     finally:
-        stop_process(process)
+        stop(process)
 
 
 # --- the table ------------------------------------------------------------------------------------

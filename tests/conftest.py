@@ -1,4 +1,4 @@
-"""Shared fixtures: one Gemini emulator on a free loopback port, configs, clients and apps.
+"""Shared fixtures: one Gemini emulator on a free loopback port, configs, clients, apps, live servers.
 
 Only the I/O boundary is faked: the provider is the emulator (a real HTTP server speaking
 Gemini's REST protocol, reached through the real SDK and LangChain), and retry waits go to a
@@ -7,7 +7,8 @@ FakeClock so no test really sleeps.
 
 from __future__ import annotations
 
-import threading
+import subprocess
+import sys
 
 import pytest
 
@@ -16,8 +17,9 @@ from gateway.config import Config
 from gateway.providers.emulators.gemini import GeminiEmulator
 from gemini_wrapper import GeminiClient
 from tests.fakes import FakeClock
-
-TEST_KEY = "test-key-not-a-secret"
+from tests.support.emulators import TEST_KEY
+from tests.support.live_server import LiveServer
+from tests.support.processes import ROOT, environment, free_port, stop, wait_for_health
 
 
 @pytest.fixture(scope="session")
@@ -85,38 +87,39 @@ def client(make_app):
     return make_app(ratelimit_enabled=False).test_client()
 
 
-class LiveServer:
-    """A gateway app served by waitress on a free loopback port, in a background thread."""
-
-    def __init__(self, app, threads: int = 16):
-        from waitress.server import create_server
-
-        self.app = app
-        self.server = create_server(app, host="127.0.0.1", port=0, threads=threads)
-        self.url = f"http://127.0.0.1:{self.server.effective_port}"
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            self.server.run()
-        except OSError:
-            pass  # close() from the test thread pulls the socket out from under select(): expected
-
-    def close(self):
-        self.server.close()
-        self.thread.join(timeout=5)
-
-
 @pytest.fixture
 def serve():
     """serve(app) -> LiveServer; every server started is closed after the test."""
     servers = []
 
-    def start(app, threads: int = 16) -> LiveServer:
-        servers.append(LiveServer(app, threads))
+    def start(app, threads: int = 16, **waitress_settings) -> LiveServer:
+        servers.append(LiveServer(app, threads=threads, **waitress_settings))
         return servers[-1]
 
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """launch(*args, **settings) starts serve.py on a free port in demo mode -> (supervisor, port).
+
+    Whatever a test leaves running is stopped afterwards, workers included."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, preexec_fn=None, **settings) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        env = environment(RATELIMIT_ENABLED="false", LOG_CONSOLE="false", LOG_DIR=str(tmp_path / "logs"),
+                          COST_LEDGER_PATH=str(tmp_path / "ledger.sqlite3"), GEMINI_POOL_SHARDS="2", **settings)
+        process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
+                                    *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, preexec_fn=preexec_fn)
+        started.append(process)
+        wait_for_health(port, process)
+        return process, port
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            stop(process)

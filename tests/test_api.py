@@ -204,11 +204,24 @@ def test_upstream_hang_is_504_within_the_deadline(make_app, emulator):
     assert_error(client.post("/api/v1/generate/text", json={"prompt": "hello"}), 504, "upstream_timeout")
 
 
-def test_classification_outside_the_categories_is_502(client, emulator):
-    # The emulator answers with a sentiment word; with these categories none of them is named.
-    emulator.set_steady_fault("empty")
-    assert_error(client.post("/api/v1/classify/text", json={"text": "x", "categories": ["a", "b"]}),
-                 502, "upstream_bad_answer")
+def model_says(text: str) -> dict:
+    """A well-formed generateContent reply whose answer is `text` (for the emulator's `raw` fault)."""
+    return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 20, "candidatesTokenCount": 2, "totalTokenCount": 22},
+            "modelVersion": "gemini-2.0-flash"}
+
+
+@pytest.mark.parametrize("answer", ["spam", "a or b", "Category: c"])
+def test_classification_outside_the_categories_is_502(client, emulator, answer):
+    """A label the caller did not offer (or one naming two offered ones) is never passed on as the answer."""
+    emulator.inject("raw", body=model_says(answer))
+    payload = {"text": "the model answers off the list", "categories": ["a", "b"]}
+    body = assert_error(client.post("/api/v1/classify/text", json=payload), 502, "upstream_bad_answer")
+    assert body["details"] == {"answer": answer, "categories": ["a", "b"]}
+    assert emulator.request_count == 1  # the same question would get the same answer: not retried
+    again = client.post("/api/v1/classify/text", json=payload)  # and not cached: asked again, answered
+    assert again.status_code == 200 and again.get_json()["classification"] in ("a", "b")
+    assert emulator.request_count == 2
 
 
 def test_a_valid_client_request_id_is_echoed_apart_and_an_invalid_one_ignored(client):

@@ -18,9 +18,9 @@ import pytest
 import requests
 
 from gateway.auth.keys import KeyStore, hash_key
-from tests.conftest import TEST_KEY
-from tests.test_serve import launch, several_workers  # noqa: F401 - `launch` is a fixture
-from tests.test_startup import ROOT, environment, free_port, stop, wait_for_health
+from tests.support.emulators import TEST_KEY
+from tests.support.marks import several_workers
+from tests.support.processes import ROOT, environment, free_port, stop, wait_for_health
 
 FLASK = Path(sys.executable).with_name("flask")
 
@@ -86,7 +86,7 @@ def test_production_needs_a_key_and_a_cli_made_key_is_billed_and_shown_by_keys_u
 
 
 @several_workers
-def test_a_key_revoked_through_one_worker_is_refused_at_once_by_every_worker(tmp_path, launch):  # noqa: F811
+def test_a_key_revoked_through_one_worker_is_refused_at_once_by_every_worker(tmp_path, launch):
     store = KeyStore(tmp_path / "ledger.sqlite3")  # as `flask keys create` does, before the server starts
     _, admin = store.create(name="ops", scope="admin")
     user, secret = store.create(name="app")

@@ -10,20 +10,19 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from bench.harness import process_tree, stop_tree
 from bench.hostile import json_body
 from bench.ledger_prefill import prefill_ledger
 from bench.probes import HealthProbe, slow_upload, spooled_bytes
 from cost_tracker import CostTracker
+from tests.support.marks import linux_only
+from tests.support.processes import process_tree, stop_tree
 
 NOW = 1_800_000_000.0
-linux_only = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc")
 
 
 def _ledger(path: Path) -> sqlite3.Connection:
@@ -69,42 +68,11 @@ def test_prefill_follows_columns_the_ledger_gains(tmp_path):
                           "FROM cost_records").fetchone() == (300, 0, "none", 0)
 
 
-class _Waitress:
-    """A bare WSGI app under waitress in this process, with the given waitress settings."""
-
-    def __init__(self, **settings):
-        from waitress.server import create_server
-
-        def app(environ, start_response):
-            environ["wsgi.input"].read()
-            start_response("200 OK", [("Content-Length", "2")])
-            return [b"ok"]
-
-        self.server = create_server(app, host="127.0.0.1", port=0, **settings)
-        self.url = f"http://127.0.0.1:{self.server.effective_port}"
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        with contextlib.suppress(OSError):
-            self.server.run()
-
-    def close(self):
-        self.server.close()
-        self.thread.join(timeout=5)
-
-
-@pytest.fixture
-def waitress_server():
-    servers = []
-
-    def start(**settings) -> _Waitress:
-        servers.append(_Waitress(**settings))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
+def _reads_the_body(environ, start_response):
+    """A bare WSGI app: reads the whole body, answers "ok"."""
+    environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
 
 
 def _upload(url: str, cap: int) -> dict:
@@ -115,17 +83,17 @@ def _upload(url: str, cap: int) -> dict:
 
 
 @linux_only
-def test_slow_upload_sees_the_body_spooled_when_the_server_waits_for_all_of_it(waitress_server):
+def test_slow_upload_sees_the_body_spooled_when_the_server_waits_for_all_of_it(serve):
     cap = 3 * 1024 * 1024
-    figures = _upload(waitress_server().url, cap)  # waitress's default: bodies up to 1 GiB are accepted
+    figures = _upload(serve(_reads_the_body).url, cap)  # waitress's default: bodies up to 1 GiB are accepted
     assert figures["answer"] == "no answer" and figures["answered_after_s"] is None
     assert figures["body_bytes_sent"] == cap
     assert figures["peak_spooled_bytes"] >= 2 * 1024 * 1024  # past waitress's 512 KiB in memory, on disk
 
 
-def test_slow_upload_stops_at_an_early_refusal(waitress_server):
+def test_slow_upload_stops_at_an_early_refusal(serve):
     cap = 8 * 1024 * 1024
-    figures = _upload(waitress_server(max_request_body_size=1024 * 1024).url, cap)
+    figures = _upload(serve(_reads_the_body, max_request_body_size=1024 * 1024).url, cap)
     assert figures["answer"] in ("413", "closed") and figures["answered_after_s"] is not None
     assert figures["body_bytes_sent"] < cap and figures["peak_spooled_bytes"] == 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -69,13 +71,78 @@ def test_unknown_overrides_are_refused():
         Config.load({}, colour="blue")
 
 
+def env_example() -> tuple[dict[str, str], set[str]]:
+    """.env.example's settings ({variable: value}) and the variables it documents commented out."""
+    settings, commented = {}, set()
+    for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            variable, value = line.split("=", 1)
+            settings[variable] = value
+        elif match := re.fullmatch(r"#\s*([A-Z][A-Z0-9_]*)=.*", line):
+            commented.add(match[1])
+    return settings, commented
+
+
+# The product's code (not the tests, the benchmarks or example_usage.py, a client that reads its own
+# API_URL and API_KEY from the shell).
+PRODUCT_CODE = [*sorted((ROOT / "gateway").rglob("*.py")),
+                *(ROOT / name for name in ("app.py", "serve.py", "gemini_wrapper.py", "lru_cache.py",
+                                           "cost_tracker.py", "enhanced_logging.py"))]
+
+
+def _is_environ(node: ast.expr) -> bool:
+    return isinstance(node, ast.Attribute | ast.Name) and getattr(node, "attr", getattr(node, "id", "")) == "environ"
+
+
+def _text(node: ast.expr | None) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def _variable_read(node: ast.AST) -> tuple[str, str | None] | None:
+    """(variable, literal default or None) if `node` reads an environment variable by name."""
+    if isinstance(node, ast.Subscript) and _is_environ(node.value):
+        arguments = [node.slice]
+    elif isinstance(node, ast.Call) and (
+            (isinstance(node.func, ast.Attribute) and (node.func.attr == "getenv" or
+                                                       (node.func.attr == "get" and _is_environ(node.func.value))))
+            or (isinstance(node.func, ast.Name) and node.func.id == "_env")):  # Config's declarations
+        arguments = node.args
+    else:
+        return None
+    name = _text(arguments[0]) if arguments else None
+    return (name, _text(arguments[1]) if len(arguments) > 1 else None) if name else None
+
+
+def variables_read_by_the_code() -> dict[str, set[str]]:
+    """{variable: the defaults the code writes for it as literals} for every environment variable read
+    by name: `os.environ.get`, `os.getenv`, `os.environ[...]` and Config's `_env(...)`."""
+    read: dict[str, set[str]] = {}
+    for path in PRODUCT_CODE:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if found := _variable_read(node):
+                variable, default = found
+                read.setdefault(variable, set()).update({default} - {None})
+    return read
+
+
 def test_env_example_lists_every_setting_with_its_default():
-    example = (ROOT / ".env.example").read_text(encoding="utf-8")
-    lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in example.splitlines()
-             if line and not line.startswith("#")}
+    settings, _ = env_example()
     for variable, default in settings_table():
-        assert variable in lines, f"{variable} missing from .env.example"
-        assert lines[variable] == default, f"{variable}: .env.example says {lines[variable]!r}, code {default!r}"
+        assert variable in settings, f"{variable} missing from .env.example"
+        assert settings[variable] == default, f"{variable}: .env.example says {settings[variable]!r}, code {default!r}"
+
+
+def test_env_example_lists_every_variable_the_code_reads_and_nothing_else():
+    """Not only Config's: the launcher's WORKERS, HOST and PORT, the provider's SSL_CERT_FILE... A new
+    `os.environ.get("X", ...)` anywhere in the product fails here until .env.example documents it."""
+    read = variables_read_by_the_code()
+    assert {"WORKERS", "HOST", "PORT", "LOG_DIR", "APP_ENV", "SSL_CERT_FILE"} <= set(read)  # the walk works
+    settings, commented = env_example()
+    assert sorted(set(read) - set(settings) - commented) == [], "read by the code, missing from .env.example"
+    for variable, defaults in read.items():  # a literal default in the code: one, and the example's value
+        assert defaults <= {settings.get(variable)}, f"{variable}: .env.example {settings.get(variable)!r}, " \
+                                                     f"the code {sorted(defaults)}"
+    assert sorted((set(settings) | commented) - set(read)) == [], "in .env.example, read by nothing"
 
 
 def test_readme_documents_every_setting():

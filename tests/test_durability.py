@@ -15,9 +15,8 @@ import threading
 import pytest
 import requests
 
-from tests.test_startup import ROOT, environment, free_port, stop, wait_for_health
-
-posix_only = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX-only")
+from tests.support.marks import posix_only
+from tests.support.processes import ROOT, environment, free_port, stop, wait_for_health
 
 
 def start_server(tmp_path, port: int, ledger, **settings) -> subprocess.Popen:

@@ -1,7 +1,11 @@
-"""The Gemini emulator, exercised through the real google-genai SDK and LangChain client.
+"""The Gemini emulator, exercised through the calls the gateway makes to Gemini.
 
-These tests pin down what the rest of the project relies on: the wire format the SDK
-accepts, deterministic task replies, and how each injected fault surfaces at the SDK.
+The Gemini provider sends through the google-genai transport that LangChain's
+`ChatGoogleGenerativeAI` builds (`request` for `:generateContent`, `request_streamed` for
+`:streamGenerateContent?alt=sse`) with the REST body of the API reference; so do these tests.
+They pin down what the rest of the project relies on: the wire format the SDK accepts,
+deterministic task replies, and how each injected fault surfaces at that transport (where the
+provider translates it into the gateway's errors).
 """
 
 from __future__ import annotations
@@ -17,12 +21,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import httpx
 import pytest
-from google import genai
-from google.genai import errors, types
+from google.genai import errors
 from langchain_google_genai import ChatGoogleGenerativeAI
 
 from gateway.providers.emulators.gemini import FAULTS, GeminiEmulator, classify
@@ -32,40 +34,60 @@ from gateway.tasks.prompts import (
     REQUEST_PREFIX,
     classification_prompt,  # the gateway's own prompt, so the emulator and the gateway cannot drift
 )
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.processes import ROOT
 
 MODEL = "gemini-2.0-flash"
 SENTIMENT = ["positive", "negative", "neutral"]
 
 
+class Gemini:
+    """The SDK transport the Gemini provider calls, built as the provider builds it.
+
+    LangChain configures the google-genai client (key, base URL, headers); the provider calls that
+    client's transport (`_api_client`, the one private name it uses: gemini_wrapper.py says why,
+    test_gemini_wrapper.py pins it). The chat model is kept: once it is collected, the SDK client
+    closes its connections."""
+
+    def __init__(self, base_url: str, key: str = "test-key"):
+        self.chat_model = ChatGoogleGenerativeAI(model=MODEL, google_api_key=key, base_url=base_url)
+        self.transport = self.chat_model.client._api_client
+
+    def generate(self, prompt: str, *, system: str | None = None, timeout_ms: int = 5000,
+                 model: str = MODEL) -> dict:
+        """One `:generateContent` call; the reply's JSON (a body that is not JSON raises, as in the provider)."""
+        response = self.transport.request("post", f"models/{model}:generateContent", body(prompt, system),
+                                          {"timeout": timeout_ms})
+        return json.loads(response.body)
+
+    def stream(self, prompt: str, *, timeout_ms: int = 5000):
+        """`:streamGenerateContent?alt=sse`: each chunk's JSON, as it arrives."""
+        for chunk in self.transport.request_streamed("post", f"models/{MODEL}:streamGenerateContent?alt=sse",
+                                                     body(prompt), {"timeout": timeout_ms}):
+            yield json.loads(chunk.body)
+
+
+def body(prompt: str, system: str | None = None) -> dict:
+    """The generateContent request the provider sends (REST field names)."""
+    request = {"contents": [{"role": "user", "parts": [{"text": prompt}]}],
+               "generationConfig": {"temperature": 0.7}}
+    if system is not None:
+        request["systemInstruction"] = {"parts": [{"text": system}]}
+    return request
+
+
+def text_of(reply: dict) -> str:
+    return "".join(part.get("text", "") for part in reply["candidates"][0]["content"]["parts"])
+
+
 @pytest.fixture(scope="module")
-def server():
-    with GeminiEmulator() as emu:
-        yield emu
+def gemini(emulator_server):
+    return Gemini(emulator_server.base_url)
 
 
 @pytest.fixture
-def emu(server):
-    server.reset()
-    yield server
-    server.reset()
-
-
-def make_client(emu: GeminiEmulator, timeout_ms: int = 5000, key: str = "test-key"):
-    """A real SDK client with retries off, so each fault is seen exactly once."""
-    return genai.Client(api_key=key, http_options=types.HttpOptions(
-        base_url=emu.base_url, timeout=timeout_ms,
-        retry_options=types.HttpRetryOptions(attempts=1)))
-
-
-@pytest.fixture
-def client(emu):
-    return make_client(emu)
-
-
-def generate(client, contents, **kwargs):
-    return client.models.generate_content(model=MODEL, contents=contents, **kwargs)
+def emu(emulator):
+    """The shared emulator (tests/conftest.py), reset for this test."""
+    return emulator
 
 
 def code_prompt(request: str, language: str = "python") -> str:
@@ -92,43 +114,31 @@ HELLO = {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}
 
 
 # ------------------------------------------------------------------ replies
-def test_text_reply_has_usage_and_is_recorded(emu, client):
+def test_text_reply_has_usage_and_is_recorded(emu, gemini):
     prompt = "Tell me about owls in winter"
-    response = generate(client, prompt, config=types.GenerateContentConfig(
-        system_instruction="Be brief."))
-    assert response.text.startswith("Demo reply to: Tell me about owls")
-    assert len(response.text) > 20
-    usage = response.usage_metadata
-    assert usage.prompt_token_count == math.ceil(len("Be brief.\n" + prompt) / 4)
-    assert usage.candidates_token_count == math.ceil(len(response.text) / 4)
-    assert usage.total_token_count == usage.prompt_token_count + usage.candidates_token_count
-    assert response.candidates[0].finish_reason == types.FinishReason.STOP
-    assert response.model_version == MODEL
-    assert generate(client, prompt).text == response.text  # deterministic
+    reply = gemini.generate(prompt, system="Be brief.")
+    text = text_of(reply)
+    assert text.startswith("Demo reply to: Tell me about owls") and len(text) > 20
+    usage = reply["usageMetadata"]
+    assert usage["promptTokenCount"] == math.ceil(len("Be brief.\n" + prompt) / 4)  # the system part counts
+    assert usage["candidatesTokenCount"] == math.ceil(len(text) / 4)
+    assert usage["totalTokenCount"] == usage["promptTokenCount"] + usage["candidatesTokenCount"]
+    assert reply["candidates"][0]["finishReason"] == "STOP"
+    assert reply["modelVersion"] == MODEL
+    assert text_of(gemini.generate(prompt, system="Be brief.")) == text  # deterministic
     assert emu.request_count == 2
     record = emu.requests[0]
     assert record["path"] == GENERATE_PATH and record["model"] == MODEL
     assert record["method"] == "POST" and record["stream"] is False
     assert record["json"]["contents"][0]["parts"][0]["text"] == prompt
-    assert emu.keys_seen == ["test-key", "test-key"]
+    assert record["json"]["generationConfig"] == {"temperature": 0.7}  # what the provider sent, as sent
+    assert emu.keys_seen == ["test-key", "test-key"]  # the SDK's x-goog-api-key header
 
 
-@pytest.mark.parametrize("model", [MODEL, f"models/{MODEL}"])
-def test_model_name_with_or_without_prefix(emu, client, model):
-    client.models.generate_content(model=model, contents="hi")
-    assert emu.requests[0]["path"] == GENERATE_PATH
-    assert emu.requests[0]["model"] == MODEL
-
-
-def test_langchain_text_reply(emu):
-    llm = ChatGoogleGenerativeAI(model=MODEL, google_api_key="test-key",
-                                 base_url=emu.base_url, max_retries=1)
-    message = llm.invoke([("system", "Be brief."), ("human", "Name three rivers")])
-    assert message.content.startswith("Demo reply to: Name three rivers")
-    assert message.usage_metadata["total_tokens"] == (
-        message.usage_metadata["input_tokens"] + message.usage_metadata["output_tokens"])
-    assert message.response_metadata["finish_reason"] == "STOP"
-    assert llm.get_num_tokens("hello world") == 3  # countTokens, ceil(11 / 4)
+def test_count_tokens(emu):
+    status, answer = raw(emu, "POST", f"/v1beta/models/{MODEL}:countTokens",
+                         {"contents": [{"role": "user", "parts": [{"text": "hello world"}]}]}, {"x-goog-api-key": "k"})
+    assert status == 200 and answer == {"totalTokens": 3}  # ceil(11 / 4)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -137,16 +147,15 @@ def test_langchain_text_reply(emu):
     ("The parcel arrived on Tuesday.", "neutral"),
     ("This is not good at all.", "negative"),
 ])
-def test_classification_sentiment(client, text, expected):
-    assert generate(client, classification_prompt(text, SENTIMENT)).text == expected
+def test_classification_sentiment(gemini, text, expected):
+    assert text_of(gemini.generate(classification_prompt(text, SENTIMENT))) == expected
 
 
-def test_classification_keeps_category_spelling_and_matches_names(client):
+def test_classification_keeps_category_spelling_and_matches_names(gemini):
     categories = ["Sports", "Politics", "Technology"]
     text = "The new technology budget passed"
-    assert generate(client, classification_prompt(text, categories)).text == "Technology"
-    assert generate(client, classification_prompt("I LOVE it", ["Positive", "Negative"])
-                    ).text == "Positive"
+    assert text_of(gemini.generate(classification_prompt(text, categories))) == "Technology"
+    assert text_of(gemini.generate(classification_prompt("I LOVE it", ["Positive", "Negative"]))) == "Positive"
 
 
 def test_classification_hash_fallback_is_stable_and_valid():
@@ -156,8 +165,8 @@ def test_classification_hash_fallback_is_stable_and_valid():
     assert classify("same text", categories) == classify("same text", categories)
 
 
-def test_code_reply_is_a_fenced_python_function(client):
-    answer = generate(client, code_prompt("Write a function that reverses a string")).text
+def test_code_reply_is_a_fenced_python_function(gemini):
+    answer = text_of(gemini.generate(code_prompt("Write a function that reverses a string")))
     assert answer.startswith("```python\n") and answer.endswith("```")
     tree = ast.parse(answer.removeprefix("```python\n").removesuffix("```"))
     function = next(node for node in tree.body if isinstance(node, ast.FunctionDef))
@@ -166,47 +175,33 @@ def test_code_reply_is_a_fenced_python_function(client):
     assert any(isinstance(node, ast.Return) for node in ast.walk(function))
 
 
-def test_code_reply_for_other_language_uses_its_fence(client):
-    answer = generate(client, code_prompt("add two numbers", "javascript")).text
+def test_code_reply_for_other_language_uses_its_fence(gemini):
+    answer = text_of(gemini.generate(code_prompt("add two numbers", "javascript")))
     assert answer.startswith("```javascript\n") and "function addTwoNumbers" in answer
 
 
-def test_stream_sends_several_chunks_that_join_to_the_full_reply(emu, client):
-    full = generate(client, "Explain tides to a child").text
-    chunks = list(client.models.generate_content_stream(
-        model=MODEL, contents="Explain tides to a child"))
+def test_stream_sends_several_chunks_that_join_to_the_full_reply(emu, gemini):
+    full = text_of(gemini.generate("Explain tides to a child"))
+    chunks = list(gemini.stream("Explain tides to a child"))
     assert len(chunks) >= 3
-    assert "".join(chunk.text for chunk in chunks) == full
-    assert chunks[-1].candidates[0].finish_reason == types.FinishReason.STOP
-    assert chunks[-1].usage_metadata.candidates_token_count == math.ceil(len(full) / 4)
+    assert "".join(text_of(chunk) for chunk in chunks) == full
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    counts = [chunk["usageMetadata"]["candidatesTokenCount"] for chunk in chunks]
+    assert counts == sorted(counts) and counts[-1] == math.ceil(len(full) / 4)  # cumulative, as Gemini's
     assert emu.requests[-1]["stream"] is True
     assert emu.requests[-1]["path"] == f"/v1beta/models/{MODEL}:streamGenerateContent"
 
 
-def test_stream_of_a_one_word_reply_still_joins(client):
-    prompt = classification_prompt("great stuff", SENTIMENT)
-    chunks = list(client.models.generate_content_stream(model=MODEL, contents=prompt))
-    assert "".join(chunk.text for chunk in chunks) == "positive"
+def test_stream_of_a_one_word_reply_still_joins(gemini):
+    chunks = list(gemini.stream(classification_prompt("great stuff", SENTIMENT)))
+    assert "".join(text_of(chunk) for chunk in chunks) == "positive"
 
 
-def test_langchain_stream_matches_invoke(emu):
-    llm = ChatGoogleGenerativeAI(model=MODEL, google_api_key="test-key",
-                                 base_url=emu.base_url, max_retries=1)
-    chunks = list(llm.stream("Describe a lighthouse"))
-    total = chunks[0]
-    for chunk in chunks[1:]:
-        total += chunk
-    message = llm.invoke("Describe a lighthouse")
-    assert len(chunks) >= 3
-    assert total.content == message.content
-    assert total.usage_metadata["output_tokens"] == message.usage_metadata["output_tokens"]
-
-
-# ------------------------------------------------------------------ faults at the SDK
-def test_rate_limit_is_a_429_client_error_with_retry_info(emu, client):
+# ------------------------------------------------------------------ faults at the SDK transport
+def test_rate_limit_is_a_429_client_error_with_retry_info(emu, gemini):
     emu.inject("rate_limit", retry_delay=7)
     with pytest.raises(errors.ClientError) as caught:
-        generate(client, "hi")
+        gemini.generate("hi")
     error = caught.value
     assert error.code == 429 and error.status == "RESOURCE_EXHAUSTED"
     assert {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"} in (
@@ -221,72 +216,66 @@ def test_rate_limit_is_a_429_client_error_with_retry_info(emu, client):
     ("permission_denied", errors.ClientError, 403, "PERMISSION_DENIED"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
-def test_error_faults_map_to_sdk_errors(emu, client, fault, error_class, code, status, stream):
+def test_error_faults_map_to_sdk_errors(emu, gemini, fault, error_class, code, status, stream):
     emu.inject(fault)
     with pytest.raises(error_class) as caught:
         if stream:
-            list(client.models.generate_content_stream(model=MODEL, contents="hi"))
+            list(gemini.stream("hi"))
         else:
-            generate(client, "hi")
+            gemini.generate("hi")
     assert caught.value.code == code and caught.value.status == status
 
 
-def test_langchain_classifies_faults(emu):
-    llm = ChatGoogleGenerativeAI(model=MODEL, google_api_key="test-key",
-                                 base_url=emu.base_url, max_retries=1)
-    emu.inject("rate_limit")
-    emu.inject("server_error")
-    with pytest.raises(Exception) as rate_limited:
-        llm.invoke("hi")
-    assert type(rate_limited.value).__name__ == "GoogleRateLimitError"
-    assert rate_limited.value.__cause__.code == 429  # the SDK's ClientError
-    with pytest.raises(errors.ServerError) as server_error:  # GoogleAPIError subclasses it
-        llm.invoke("hi")
-    assert server_error.value.code == 500
-    assert emu.request_count == 2  # max_retries=1 really means one attempt
+def test_the_transport_makes_one_attempt_per_call(emu, gemini):
+    """Retries are the gateway's (RetryPolicy): the SDK client LangChain builds must not add its own,
+    or a second attempt would have been answered here."""
+    for fault, code in (("rate_limit", 429), ("unavailable", 503), ("drop", None)):
+        emu.reset()
+        emu.inject(fault, retry_delay=0)
+        with pytest.raises((errors.APIError, httpx.TransportError)) as caught:
+            gemini.generate("hi")
+        assert getattr(caught.value, "code", None) == code and emu.request_count == 1, fault
 
 
-def test_safety_block_has_prompt_feedback_and_no_candidates(emu, client):
+def test_safety_block_has_prompt_feedback_and_no_candidates(emu, gemini):
     emu.inject("safety_block")
-    response = generate(client, "hi")
-    assert response.candidates is None and response.text is None
-    assert response.prompt_feedback.block_reason == types.BlockedReason.SAFETY
+    reply = gemini.generate("hi")
+    assert "candidates" not in reply and reply["promptFeedback"]["blockReason"] == "SAFETY"
 
 
-def test_empty_reply(emu, client):
+def test_empty_reply(emu, gemini):
     emu.inject("empty")
-    response = generate(client, "hi")
-    assert response.text == ""
-    assert response.candidates[0].finish_reason == types.FinishReason.STOP
+    reply = gemini.generate("hi")
+    assert text_of(reply) == "" and reply["candidates"][0]["finishReason"] == "STOP"
 
 
-def test_malformed_body_fails_to_parse(emu, client):
+def test_malformed_body_fails_to_parse(emu, gemini):
     emu.inject("malformed", times=2)
     with pytest.raises(json.JSONDecodeError):
-        generate(client, "hi")
+        gemini.generate("hi")
     with pytest.raises(errors.UnknownApiResponseError):
-        list(client.models.generate_content_stream(model=MODEL, contents="hi"))
+        list(gemini.stream("hi"))
 
 
-def test_drop_closes_without_a_response(emu, client):
+def test_drop_closes_without_a_response(emu, gemini):
     emu.inject("drop")
     with pytest.raises(httpx.RemoteProtocolError):
-        generate(client, "hi")
-    assert generate(client, "hi").text  # the next call gets a fresh connection
+        gemini.generate("hi")
+    assert text_of(gemini.generate("hi"))  # the next call gets a fresh connection
 
 
-def test_hang_then_close(emu, client):
+def test_hang_then_close(emu, gemini):
     emu.inject("hang", seconds=0.2)
     started = time.monotonic()
     with pytest.raises(httpx.RemoteProtocolError):
-        generate(client, "hi")
+        gemini.generate("hi")
     assert 0.15 < time.monotonic() - started < 2
 
 
-def test_hang_hits_the_client_timeout(emu):
-    emu.inject("hang", seconds=3)  # stop() at module teardown ends it early anyway
+def test_hang_hits_the_client_timeout(emu, gemini):
+    emu.inject("hang", seconds=3)  # stop() at session teardown ends it early anyway
     with pytest.raises(httpx.TimeoutException):
-        generate(make_client(emu, timeout_ms=200), "hi")
+        gemini.generate("hi", timeout_ms=200)
 
 
 def test_stop_wakes_a_hang_promptly():
@@ -295,44 +284,44 @@ def test_stop_wakes_a_hang_promptly():
     threading.Timer(0.2, emu.stop).start()
     started = time.monotonic()
     with pytest.raises(httpx.HTTPError):
-        generate(make_client(emu), "hi")
+        Gemini(emu.base_url).generate("hi")
     assert time.monotonic() - started < 2
 
 
-def test_slow_and_reply_delay(emu, client):
+def test_slow_and_reply_delay(emu, gemini):
     emu.inject("slow", seconds=0.2)
     started = time.monotonic()
-    assert generate(client, "hi").text
+    assert text_of(gemini.generate("hi"))
     assert time.monotonic() - started >= 0.2
     emu.reply_delay = 0.1
     started = time.monotonic()
-    assert generate(client, "hi").text
+    assert text_of(gemini.generate("hi"))
     assert time.monotonic() - started >= 0.1
 
 
-def test_inject_times_then_success_in_fifo_order(emu, client):
+def test_inject_times_then_success_in_fifo_order(emu, gemini):
     emu.inject("rate_limit", times=2)
     emu.inject("server_error")
     for expected in (429, 429, 500):
         with pytest.raises(errors.APIError) as caught:
-            generate(client, "hi")
+            gemini.generate("hi")
         assert caught.value.code == expected
-    assert generate(client, "hi").text
+    assert text_of(gemini.generate("hi"))
     assert emu.request_count == 4
 
 
-def test_steady_fault_until_cleared(emu, client):
+def test_steady_fault_until_cleared(emu, gemini):
     emu.set_steady_fault("unavailable")
     for _ in range(3):
         with pytest.raises(errors.ServerError):
-            generate(client, "hi")
+            gemini.generate("hi")
     emu.clear_faults()
-    assert generate(client, "hi").text
+    assert text_of(gemini.generate("hi"))
 
 
-def test_drip_sends_the_whole_reply_one_byte_at_a_time(emu, client):
+def test_drip_sends_the_whole_reply_one_byte_at_a_time(emu, gemini):
     emu.inject("drip", interval=0.001, headers=True)
-    assert generate(client, "hi").text.startswith("Demo reply to: hi")
+    assert text_of(gemini.generate("hi")).startswith("Demo reply to: hi")
     delivery = emu.wait_delivery()
     assert delivery.fault == "drip" and delivery.sent == delivery.total > 100 and not delivery.client_closed
 
@@ -354,14 +343,12 @@ def test_drip_stops_when_the_client_hangs_up(emu, headers):
     ("error_chunk", errors.ServerError),
     ("stall", httpx.ReadTimeout),
 ])
-def test_stream_faults_come_after_good_chunks(emu, fault, error):
+def test_stream_faults_come_after_good_chunks(emu, gemini, fault, error):
     emu.inject(fault, after=2, seconds=5)
-    client = make_client(emu, timeout_ms=300)  # kept: a collected client closes its connections
-    stream = client.models.generate_content_stream(model=MODEL, contents="one two three four five six seven eight")
     texts = []
     with pytest.raises(error):
-        for chunk in stream:
-            texts.append(chunk.text)
+        for chunk in gemini.stream("one two three four five six seven eight", timeout_ms=300):
+            texts.append(text_of(chunk))
     assert len(texts) == 2 and all(texts)
     if fault == "stall":
         delivery = emu.wait_delivery()
@@ -373,26 +360,23 @@ def test_stream_faults_come_after_good_chunks(emu, fault, error):
     ("bad_chunk", json.JSONDecodeError),
     ("stall", httpx.ReadTimeout),
 ])
-def test_mid_reply_faults_of_a_plain_call(emu, fault, error):
+def test_mid_reply_faults_of_a_plain_call(emu, gemini, fault, error):
     emu.inject(fault, seconds=5)
     with pytest.raises(error):
-        generate(make_client(emu, timeout_ms=300), "hi")
+        gemini.generate("hi", timeout_ms=300)
 
 
-def test_error_chunk_of_a_plain_call_is_a_200_error_object(emu):
+def test_error_chunk_of_a_plain_call_is_a_200_error_object(emu, gemini):
     emu.inject("error_chunk")
-    status, body = raw(emu, "POST", GENERATE_PATH, HELLO, {"x-goog-api-key": "k"})
-    assert status == 200 and body["error"]["code"] == 500
+    assert gemini.generate("hi")["error"]["code"] == 500  # a 200: the SDK passes it on, the provider must look
 
 
-def test_raw_serves_the_given_body_or_events(emu, client):
+def test_raw_serves_the_given_body_or_events(emu, gemini):
     emu.inject("raw", body={"candidates": ["not", "a", "candidate"]})
-    assert raw(emu, "POST", GENERATE_PATH, HELLO, {"x-goog-api-key": "k"}) == (
-        200, {"candidates": ["not", "a", "candidate"]})
+    assert gemini.generate("hi") == {"candidates": ["not", "a", "candidate"]}
     events = [{"candidates": [{"content": {"parts": [{"text": f"part {n} "}]}}]} for n in range(3)]
     emu.inject("raw", events=events)
-    chunks = list(client.models.generate_content_stream(model=MODEL, contents="hi"))
-    assert "".join(chunk.text for chunk in chunks) == "part 0 part 1 part 2 "
+    assert "".join(text_of(chunk) for chunk in gemini.stream("hi")) == "part 0 part 1 part 2 "
 
 
 def socket_to(emu):
@@ -414,18 +398,18 @@ def test_unknown_fault_is_rejected(emu):
 
 
 # ------------------------------------------------------------------ HTTP edges
-def test_control_endpoints(emu, client):
+def test_control_endpoints(emu, gemini):
     assert raw(emu, "POST", "/_emulator/faults", {"fault": "rate_limit", "times": 2,
                                                    "params": {"retry_delay": 1}})[0] == 200
     for _ in range(2):
         with pytest.raises(errors.ClientError):
-            generate(client, "hi")
+            gemini.generate("hi")
     assert raw(emu, "GET", "/_emulator/stats")[1]["request_count"] == 2
     assert raw(emu, "POST", "/_emulator/faults", {"steady": "server_error"})[0] == 200
     with pytest.raises(errors.ServerError):
-        generate(client, "hi")
+        gemini.generate("hi")
     assert raw(emu, "DELETE", "/_emulator/faults")[0] == 200
-    assert generate(client, "hi").text
+    assert text_of(gemini.generate("hi"))
     status, stats = raw(emu, "POST", "/_emulator/config", {"reply_delay": 0.05})
     assert status == 200 and stats["reply_delay"] == emu.reply_delay == 0.05
     assert raw(emu, "POST", "/_emulator/faults", {"fault": "meteor"})[0] == 400
@@ -434,29 +418,29 @@ def test_control_endpoints(emu, client):
 
 
 def test_api_key_is_required(emu):
-    status, body = raw(emu, "POST", GENERATE_PATH, HELLO)
-    assert status == 401 and body["error"]["status"] == "UNAUTHENTICATED"
-    status, body = raw(emu, "POST", GENERATE_PATH + "?key=query-key", HELLO)
-    assert status == 200 and body["candidates"][0]["content"]["role"] == "model"
+    status, answer = raw(emu, "POST", GENERATE_PATH, HELLO)
+    assert status == 401 and answer["error"]["status"] == "UNAUTHENTICATED"
+    status, answer = raw(emu, "POST", GENERATE_PATH + "?key=query-key", HELLO)
+    assert status == 200 and answer["candidates"][0]["content"]["role"] == "model"
     assert emu.request_count == 2 and emu.requests[0]["has_key"] is False
 
 
 def test_required_key_rejects_other_keys():
     with GeminiEmulator(required_key="right-key") as emu:
         with pytest.raises(errors.ClientError) as caught:
-            generate(make_client(emu, key="wrong-key"), "hi")
+            Gemini(emu.base_url, key="wrong-key").generate("hi")
         assert caught.value.code == 400 and "API key not valid" in caught.value.message
         assert caught.value.details["error"]["details"][0]["reason"] == "API_KEY_INVALID"
-        assert generate(make_client(emu, key="right-key"), "hi").text
+        assert text_of(Gemini(emu.base_url, key="right-key").generate("hi"))
         assert emu.keys_seen == ["wrong-key", "right-key"]
 
 
 def test_bad_json_and_unknown_paths(emu):
     key = {"x-goog-api-key": "k"}
-    status, body = raw(emu, "POST", GENERATE_PATH, b"{not json", key)
-    assert status == 400 and body["error"]["status"] == "INVALID_ARGUMENT"
-    status, body = raw(emu, "POST", "/v1beta/models/x:explode", HELLO, key)
-    assert status == 404 and body["error"]["code"] == 404
+    status, answer = raw(emu, "POST", GENERATE_PATH, b"{not json", key)
+    assert status == 400 and answer["error"]["status"] == "INVALID_ARGUMENT"
+    status, answer = raw(emu, "POST", "/v1beta/models/x:explode", HELLO, key)
+    assert status == 404 and answer["error"]["code"] == 404
     assert raw(emu, "GET", GENERATE_PATH, None, key)[0] == 404
 
 
@@ -467,26 +451,27 @@ def test_keep_alive_serves_many_requests_on_one_connection(emu):
         connection.request("POST", GENERATE_PATH, json.dumps(HELLO),
                            {"x-goog-api-key": "k", "Content-Type": "application/json"})
         response = connection.getresponse()
-        body = response.read()
+        answer = response.read()
         assert response.status == 200
-        assert int(response.getheader("Content-Length")) == len(body)
+        assert int(response.getheader("Content-Length")) == len(answer)
     connection.close()
 
 
-def test_requests_are_served_concurrently(emu, client):
+def test_requests_are_served_concurrently(emu, gemini):
+    """One transport shared by threads, as the provider shares it between the server's threads."""
     emu.reply_delay = 0.2
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda i: generate(client, f"q{i}").text, range(8)))
+        replies = list(pool.map(lambda i: text_of(gemini.generate(f"q{i}")), range(8)))
     assert all(replies) and time.monotonic() - started < 1.0
 
 
 def test_context_manager_starts_and_stops():
     with GeminiEmulator() as emu:
         assert emu.base_url == f"http://127.0.0.1:{emu.port}" and emu.port > 0
-        assert generate(make_client(emu), "hi").text
+        assert text_of(Gemini(emu.base_url).generate("hi"))
     with pytest.raises(httpx.ConnectError):
-        generate(make_client(emu), "hi")
+        Gemini(emu.base_url).generate("hi")
 
 
 def test_command_line_runs_until_stopped():
@@ -498,8 +483,7 @@ def test_command_line_runs_until_stopped():
             line = pool.submit(process.stdout.readline).result(timeout=10)
         base_url = line.split()[-1]
         assert base_url.startswith("http://127.0.0.1:")
-        emu = GeminiEmulator(port=int(base_url.rsplit(":", 1)[1]))  # only for its base_url
-        assert generate(make_client(emu), "hi").text.startswith("Demo reply to: hi")
+        assert text_of(Gemini(base_url).generate("hi")).startswith("Demo reply to: hi")
     finally:
         process.terminate()
         process.wait(timeout=10)

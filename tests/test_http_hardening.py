@@ -18,7 +18,7 @@ import requests
 
 from gateway import errors, serve
 from gateway.http import routes
-from tests.conftest import TEST_KEY
+from tests.support.emulators import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_KEYS = {"error", "code", "details", "request_id"}

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -10,6 +15,7 @@ import pytest
 from gateway.errors import UpstreamRateLimited
 from lru_cache import LRUCache, ResponseCache
 from tests.fakes import FakeClock
+from tests.support.processes import ROOT
 
 SAFETY = 5.0  # seconds; only a net under Event/Barrier waits that should return at once
 
@@ -179,10 +185,27 @@ def test_thread_safety_under_mixed_load():
 BASE = {"model": "gemini-2.0-flash", "temperature": 0.0, "prompt": "hi", "categories": ["neg", "pos"]}
 
 
-def test_make_key_is_stable_and_order_independent():
+def test_make_key_is_64_lowercase_hex_digits_whatever_the_input():
+    for params in (BASE, {}, {"prompt": "x" * 100_000}, {"prompt": "héllo ✓ \u0000"}):
+        assert re.fullmatch(r"[0-9a-f]{64}", ResponseCache.make_key("classify", **params)), params
+
+
+def test_make_key_ignores_the_order_of_the_parameters():
     key = ResponseCache.make_key("classify", **BASE)
     assert key == ResponseCache.make_key("classify", **dict(reversed(list(BASE.items()))))
-    assert len(key) == 64 and int(key, 16) >= 0
+    make_key = ResponseCache.make_key
+    assert make_key("text", prompt="p", model="m") == make_key("text", model="m", prompt="p")
+
+
+def test_make_key_is_the_same_in_every_process():
+    """Workers share no memory but must agree on keys (a shared cache, logs): nothing per process, such
+    as `hash()` with its random seed or a set's order, may go into a key."""
+    script = ("import json, sys; from lru_cache import ResponseCache; "
+              "print(ResponseCache.make_key('classify', **json.loads(sys.argv[1])))")
+    keys = {subprocess.run([sys.executable, "-c", script, json.dumps(BASE)], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, check=True, timeout=60).stdout.strip()
+            for seed in ("1", "2")}
+    assert keys == {ResponseCache.make_key("classify", **BASE)}
 
 
 @pytest.mark.parametrize(
@@ -197,6 +220,23 @@ def test_make_key_changes_with_any_parameter(change):
 def test_make_key_changes_with_task_and_handles_unicode():
     assert ResponseCache.make_key("text", prompt="hi") != ResponseCache.make_key("code", prompt="hi")
     assert ResponseCache.make_key("text", prompt="héllo ✓") != ResponseCache.make_key("text", prompt="hello ✓")
+
+
+@pytest.mark.parametrize("one, other", [
+    ({"prompt": "a", "language": "b"}, {"prompt": "b", "language": "a"}),  # values swapped between names
+    ({"prompt": "a", "language": "b"}, {"prompt": 'a","language":"b'}),  # what naive joining would confuse
+    ({"prompt": "a b"}, {"prompt": "a", "b": None}),
+    ({"temperature": 0}, {"temperature": 0.0}),  # compared as JSON: callers normalise numbers first
+    ({"categories": ["a", "b"]}, {"categories": "a,b"}),
+    ({"prompt": ""}, {}),
+])
+def test_make_key_tells_apart_inputs_that_differ_only_in_shape(one, other):
+    assert ResponseCache.make_key("text", **one) != ResponseCache.make_key("text", **other)
+
+
+def test_make_key_refuses_values_it_cannot_compare():
+    with pytest.raises(TypeError):
+        ResponseCache.make_key("classify", categories={"neg", "pos"})  # a set has no stable order
 
 
 # --- ResponseCache: get_or_compute ------------------------------------------------------------

@@ -6,12 +6,12 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import threading
 
 import requests
 
 from gateway import serve
 from gateway.http.security_headers import API_CSP, HSTS_VALUE, SWAGGER_CSP
+from tests.support.live_server import LiveServer
 
 ALWAYS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
 API = {**ALWAYS, "Content-Security-Policy": API_CSP, "Cache-Control": "no-store"}
@@ -110,36 +110,20 @@ def test_bundled_swagger_files_keep_their_revalidated_caching(client):
 
 def test_waitress_with_the_launchers_settings_does_not_name_itself(make_app):
     """`python app.py` and serve.py serve with `serve.waitress_settings` (ident ""): no Server header."""
-    from waitress.server import create_server
-
     app = make_app()
-    settings = serve.waitress_settings(app.extensions["gateway"].config, threads=4)
-    server = create_server(app, host="127.0.0.1", port=0, **settings)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{server.effective_port}"
+    with LiveServer(app, **serve.waitress_settings(app.extensions["gateway"].config, threads=4)) as server:
         for path in ("/api/v1/health", "/nowhere"):
-            response = requests.get(f"{base}{path}", headers={"Connection": "close"}, timeout=10)
+            response = requests.get(f"{server.url}{path}", headers={"Connection": "close"}, timeout=10)
             assert "Server" not in response.headers and "Via" not in response.headers
             assert response.headers["X-Content-Type-Options"] == "nosniff"
-    finally:
-        server.close()
-        thread.join(timeout=5)
 
 
 def test_errors_waitress_answers_itself_carry_the_headers_too(make_app):
     """A 431 (headers too large) never reaches Flask: serve.py's JSON error task adds the headers."""
-    from waitress.server import create_server
-
     app = make_app()
     settings = serve.waitress_settings(app.extensions["gateway"].config, threads=4)
-    server = create_server(app, host="127.0.0.1", port=0, **settings)
-    server.channel_class = serve._json_error_channel()
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+    with LiveServer(app, channel_class=serve._json_error_channel(), **settings) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         connection.putrequest("GET", "/api/v1/health")
         connection.putheader("X-Padding", "x" * 300_000)
         connection.endheaders()
@@ -150,9 +134,6 @@ def test_errors_waitress_answers_itself_carry_the_headers_too(make_app):
             assert response.getheader(name) == value, name
         assert response.getheader("Server") is None
         connection.close()
-    finally:
-        server.close()
-        thread.join(timeout=5)
 
 
 # --- the spec's API-key schemes --------------------------------------------------------------------

@@ -8,12 +8,14 @@ supervisor is killed, SIGTERM stops everything cleanly with the logs flushed).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,35 +25,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.test_startup import ROOT, environment, free_port, stop, wait_for_health
-
-posix_only = pytest.mark.skipif(os.name != "posix", reason="signals, rlimits and /proc are POSIX")
-linux_only = pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts descriptors in /proc")
-several_workers = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="several workers need SO_REUSEPORT")
-
-
-@pytest.fixture
-def launch(tmp_path):
-    """launch(*args, **settings) starts serve.py on a free port in demo mode -> (supervisor, port).
-
-    Whatever a test leaves running is stopped afterwards, workers included."""
-    started: list[subprocess.Popen] = []
-
-    def start(*args: str, preexec_fn=None, **settings) -> tuple[subprocess.Popen, int]:
-        port = free_port()
-        env = environment(RATELIMIT_ENABLED="false", LOG_CONSOLE="false", LOG_DIR=str(tmp_path / "logs"),
-                          COST_LEDGER_PATH=str(tmp_path / "ledger.sqlite3"), GEMINI_POOL_SHARDS="2", **settings)
-        process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
-                                    *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, preexec_fn=preexec_fn)
-        started.append(process)
-        wait_for_health(port, process)
-        return process, port
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            stop(process)
+from tests.support.marks import linux_only, posix_only, several_workers
+from tests.support.processes import ROOT, environment, free_port, stop, wait_for_health
 
 
 def health_pid(port: int) -> int:
@@ -146,27 +121,62 @@ def test_two_workers_share_one_port_and_one_ledger(tmp_path, launch):
     assert sum(served) == 30 and min(served) > 0, served  # each worker served task requests
 
 
+def _mirror(source: Path, target: Path) -> None:
+    """`target` as a link to `source` (a copy where links are not allowed, as on Windows by default)."""
+    try:
+        target.symlink_to(source, target_is_directory=source.is_dir())
+    except OSError:
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+
+
+def launcher_elsewhere(folder: Path) -> Path:
+    """A checkout in `folder` whose launcher files are real copies and the rest links to this one.
+
+    The launcher finds `.env` from where its own files are, and starts its workers through the
+    `serve.py` beside them, so those two files must really be in `folder`; the rest is linked."""
+    (folder / "gateway").mkdir(parents=True)
+    for name in ("serve.py", "gateway/serve.py"):
+        shutil.copy2(ROOT / name, folder / name)
+    for source in [*ROOT.glob("*.py"), ROOT / "data", *(ROOT / "gateway").iterdir()]:
+        target = folder / source.relative_to(ROOT)
+        if not target.exists() and source.name != "__pycache__":
+            _mirror(source, target)
+    return folder
+
+
 def test_settings_come_from_the_dotenv_file_next_to_the_launcher(tmp_path):
-    checkout = tmp_path / "gateway"
-    checkout.mkdir()
-    for module in ROOT.glob("*.py"):  # the modules and their data, not the checkout's .venv or .git
-        shutil.copy2(module, checkout)
-    shutil.copytree(ROOT / "gateway", checkout / "gateway", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "data", checkout / "data")
-    port = free_port()
-    (checkout / ".env").write_text(f"HOST=127.0.0.1\nPORT={port}\nLOG_DIR={tmp_path / 'env-logs'}\n"
-                                   f"COST_LEDGER_PATH={tmp_path / 'ledger.sqlite3'}\n")
+    """`python serve.py` reads the `.env` beside it, not the working folder's: the address, the port,
+    LOG_DIR and the ledger it uses are that file's, and a request is served, logged and billed there."""
+    checkout = launcher_elsewhere(tmp_path / "checkout")
+    port, other_port = free_port(), free_port()
+    logs, ledger = tmp_path / "env-logs", tmp_path / "env-ledger.sqlite3"
+    (checkout / ".env").write_text(f"HOST=127.0.0.1\nPORT={port}\nLOG_DIR={logs}\nCOST_LEDGER_PATH={ledger}\n"
+                                   "RATELIMIT_ENABLED=false\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".env").write_text(f"HOST=127.0.0.1\nPORT={other_port}\nLOG_DIR={tmp_path / 'cwd-logs'}\n")
     env = environment(LOG_CONSOLE="false")
     for name in ("HOST", "PORT", "LOG_DIR", "COST_LEDGER_PATH", "WORKERS"):
         env.pop(name, None)
-    server = subprocess.Popen([sys.executable, str(checkout / "serve.py")], cwd=tmp_path, env=env,
+    server = subprocess.Popen([sys.executable, str(checkout / "serve.py")], cwd=elsewhere, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for_health(port, server)["status"] == "ok"
+        wait_for_health(port, server)
+        answer = requests.post(f"http://127.0.0.1:{port}/api/v1/generate/text", json={"prompt": "from .env"},
+                               timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert port_is_free(other_port)
     finally:
-        out, _ = stop(server)
+        out, err = stop(server)
+    assert server.returncode == 0, err
     assert f"http://127.0.0.1:{port}" in out
-    assert (tmp_path / "env-logs" / "api_requests.log").exists()
+    assert task_lines(logs / "api_requests.log") == 1
+    with contextlib.closing(sqlite3.connect(ledger)) as db:
+        assert db.execute("SELECT request_id FROM cost_records").fetchall() == [(answer.headers["X-Request-ID"],)]
+    assert not (tmp_path / "cwd-logs").exists() and not (elsewhere / "logs").exists()
 
 
 # --- waitress settings (issue 8, items 2, 4) ----------------------------------------------------------

@@ -8,59 +8,23 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.processes import ROOT, environment, free_port, stop, wait_for_health
+
 WAITRESS = Path(sys.executable).with_name("waitress-serve")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def environment(**settings) -> dict:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("GEMINI_", "RATELIMIT_"))}
-    env.update({"GOOGLE_API_KEY": "", "APP_ENV": "development", "PYTHONUNBUFFERED": "1"})
-    env.update(settings)
-    return env
-
-
-def wait_for_health(port: int, process: subprocess.Popen, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early: {process.communicate()[1][-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=1) as response:
-                return json.load(response)
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("server did not answer /health in time")
 
 
 def serve(command: list[str], port: int, tmp_path: Path, **settings):
     env = environment(LOG_DIR=str(tmp_path / "logs"), **settings)
     return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def stop(process: subprocess.Popen) -> tuple[str, str]:
-    process.terminate()
-    try:
-        return process.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.communicate()
 
 
 def test_python_app_py_serves_demo_mode_and_the_example_passes(tmp_path):

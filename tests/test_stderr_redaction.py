@@ -12,20 +12,17 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import requests
 
 from enhanced_logging import REDACTED, RedactingFormatter, redact_log_handlers
+from tests.support.processes import ROOT, free_port, stop, wait_for_health
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "live-key-ECHOED-0123456789abcdef"  # not shaped like a Google key: only the configured secret rule can catch it
 
 
@@ -60,12 +57,6 @@ def upstream():
     server.server_close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # The gateway as `waitress-serve app:app` builds it, plus one forced record on waitress's logger
 # whose message, arguments and traceback all hold the key.
 SERVER = """
@@ -90,25 +81,12 @@ def test_an_upstream_echoing_the_key_never_puts_it_on_stderr(tmp_path, upstream)
     process = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        wait_for_health(port, process, timeout=60)
         for path in ("/api/v1/generate/text/stream", "/api/v1/generate/text"):
             answer = requests.post(f"http://127.0.0.1:{port}{path}", json={"prompt": "hi"}, timeout=30)
             assert KEY not in answer.text
     finally:
-        process.terminate()
-        try:
-            _, err = process.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, err = process.communicate()
+        _, err = stop(process, timeout=15)
     assert "forced failure for" in err and "Traceback" in err and "ConnectionError: upstream said" in err
     assert KEY not in err
     assert err.count(REDACTED) >= 2  # the forced record's argument and its traceback's exception text

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import queue
 
+import pytest
 import requests
 
 STREAM = "/api/v1/generate/text/stream"
@@ -66,18 +68,27 @@ def test_stream_arrives_in_pieces_through_waitress(make_app, emulator, serve):
     assert pieces[0] == "event: chunk" and pieces[-1] == "event: done" and len(pieces) >= 3
 
 
-def test_stream_the_client_abandons_is_recorded_priced_and_released(make_app, emulator):
+def test_stream_the_client_abandons_is_recorded_priced_and_released(make_app, emulator, monkeypatch):
+    """The provider's stream is closed when the client leaves, seen from the provider's side: the
+    emulator sends the first chunk, then holds the stream open until the gateway hangs up."""
+    emulator.inject("stall", after=1, seconds=30)
     app = make_app(ratelimit_enabled=False)
+    service, opened = app.extensions["gateway"].service, []
+    open_stream = service.open_text_stream
+    # Keep the stream referenced: the connection must be closed by the gateway, not by the garbage collector.
+    monkeypatch.setattr(service, "open_text_stream", lambda prompt: opened.append(open_stream(prompt)) or opened[-1])
     response = app.test_client().post(STREAM, json={"prompt": "one two three four five six"}, buffered=False)
     chunks = iter(response.response)
     first = next(chunks)
     assert first.startswith(b"event: chunk")
-    gateway = app.extensions["gateway"]
-    provider = gateway.router.routes[gateway.service.default_model].provider
-    pools = [transport._httpx_client._transport.inner._pool for transport in provider._transports]
-    assert sum(len(pool._requests) for pool in pools) == 1  # the provider's stream is open
+    assert len(opened) == 1 and emulator.deliveries.empty()  # the provider's stream is open
     response.close()  # what the server does when the client disconnects: the generator is closed
-    records = gateway.tracker.records()
+    try:
+        delivery = emulator.wait_delivery(timeout=5)
+    except queue.Empty:
+        pytest.fail("the provider's stream was left open after the client left")
+    assert delivery.client_closed and delivery.sent < delivery.total
+    records = app.extensions["gateway"].tracker.records()
     assert [(r.endpoint, r.status, r.token_source) for r in records] == [(STREAM, 499, "provider")]
     record = records[0]
     assert record.request_id == response.headers["X-Request-ID"]
@@ -87,5 +98,3 @@ def test_stream_the_client_abandons_is_recorded_priced_and_released(make_app, em
     assert record.input_tokens == whole["usage"]["input_tokens"]
     assert 0 < record.output_tokens < whole["usage"]["output_tokens"]
     assert 0 < record.total_cost < whole["cost"]["total"]
-    # the provider's stream was closed (no request left open on any shard)
-    assert sum(len(pool._requests) for pool in pools) == 0

@@ -7,15 +7,13 @@ import csv
 import io
 import json
 import re
-import threading
 import time
 import tracemalloc
 
 import pytest
 import requests
-from waitress.server import create_server
 
-from gateway import serve
+from gateway.serve import waitress_settings
 from gateway.storage.ledger_schema import COLUMNS
 from tests.test_ledger_stats import bulk_insert
 
@@ -110,20 +108,9 @@ def test_rows_are_fetched_as_the_client_reads_them(secured):
 
 
 @pytest.fixture
-def production_server():
-    """serve(app): waitress with the launcher's own settings (serve.waitress_settings)."""
-    servers = []
-
-    def start(app):
-        server = create_server(app, host="127.0.0.1", port=0,
-                               **serve.waitress_settings(app.extensions["gateway"].config, threads=8))
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.effective_port}"
-
-    yield start
-    for server in servers:
-        server.close()
+def production_server(serve):
+    """production_server(app) -> URL: waitress with the launcher's own settings (gateway.serve.waitress_settings)."""
+    return lambda app: serve(app, **waitress_settings(app.extensions["gateway"].config, threads=8)).url
 
 
 @pytest.mark.parametrize("rows", [5_000, 25_000])

@@ -84,7 +84,10 @@ def keys_namespace(gateway: Gateway, schemas, admin_limit) -> Namespace:
         @admin
         @admin_limit
         def post(self):
-            """Create a key (admin). The answer holds the key itself, once; only its hash is stored."""
+            """Create a key (admin).
+
+            The answer holds the key itself, once; only its hash is stored.
+            """
             if not request.is_json:
                 raise UnsupportedMediaType("Send the body as JSON with 'Content-Type: application/json'",
                                            details={"content_type": request.content_type or ""})
