@@ -166,3 +166,39 @@ def test_status_shows_models_circuits_and_settings_without_keys(make_app, emulat
     assert not models["claude-haiku-4-5"]["configured"] and models["claude-haiku-4-5"]["circuit"] is None
     assert "sk-test-not-a-secret" not in status.get_data(as_text=True)
     assert openai_emulator.base_url not in status.get_data(as_text=True)
+
+
+def test_max_tokens_over_the_models_output_limit_is_a_400_not_a_provider_rejection(client, emulator):
+    response = client.post(TEXT, json={"prompt": "hello", "max_tokens": 1_000_000})
+    body = response.get_json()
+    assert response.status_code == 400 and "max_tokens" in body["details"]["fields"]
+    assert "8192" in body["error"] and emulator.request_count == 0
+    assert client.post(TEXT, json={"prompt": "hello", "max_tokens": 8192}).status_code == 200
+
+
+def test_a_budget_reservation_is_priced_on_the_dearest_model_the_key_may_use(make_app):
+    """Requests in flight reserve what they may cost at most, before the body is read: at the output limit
+    of the dearest model the key may reach. Limited to gemini-2.0-flash, three concurrent requests reserve
+    about $0.003 each and fit a $0.05 budget; a key that may use gpt-4o reserves about $0.16 per request, so
+    the requests that arrive while one is in flight are refused (402) before any call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = make_app(ratelimit_enabled=False, google_api_key="", auth_enabled=True)  # demo: every model routed
+    keys = app.extensions["gateway"].keys
+    _, cheap = keys.create(name="flash only", monthly_budget_usd=0.05, allowed_models=["gemini-2.0-flash"])
+    _, anything = keys.create(name="any model", monthly_budget_usd=0.05)
+    gemini = demo._demo_emulator("gemini")
+    gemini.reply_delay = 0.5  # each answer takes a while: the three requests are in flight together
+    try:
+        def three(key):
+            def one(number):
+                return app.test_client().post(TEXT, json={"prompt": f"hello {number}", "model": "gemini-2.0-flash"},
+                                              headers={"X-API-Key": key}).status_code
+            with ThreadPoolExecutor(3) as pool:
+                return sorted(pool.map(one, range(3)))
+
+        assert three(cheap) == [200, 200, 200]
+        statuses = three(anything)
+        assert 402 in statuses and 200 in statuses, statuses
+    finally:
+        gemini.reply_delay = 0.0

@@ -170,10 +170,6 @@ class TaskService:
             return None
         return self.stream_outcome(opened, received, upstream_ms)
 
-    def highest_cost(self, input_tokens: int, output_tokens: int) -> float:
-        """What these tokens cost on the dearest model a request could reach (budget reservations)."""
-        return max(self.price_of(model_id, input_tokens, output_tokens).total for model_id in self.router.routes)
-
     def _outcome(self, answer: Answer, status: str, upstream_ms: float | None, lookup_ms: float) -> TaskOutcome:
         # Priced by the public model that answered: the provider may answer with a versioned name.
         full_cost = self.price_of(answer.model_id, answer.input_tokens, answer.output_tokens)
