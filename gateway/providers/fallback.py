@@ -22,10 +22,10 @@ When to move on to the next model, decided here:
   configuration is wrong; a fallback would hide it). These are raised at once.
 
 One deadline for the whole chain (the policy's `deadline`, unless given): a client never waits
-N times the deadline. Each model gets what is left (capped by `per_model_deadline` if set, so a
-slow first model cannot eat the fallbacks' time); a model is not tried with less than
-`min_seconds_per_model` left. When every model failed, the last error is raised, its details
-naming the failed models.
+N times the deadline. Each model gets a fair share of what is left (what is left divided by the
+models still to try, or `per_model_deadline` if set), so a model that hangs cannot eat its
+fallbacks' time; a fallback is not tried with less than `min_seconds_per_model` left. When
+every model failed, the last error is raised, its details naming the failed models.
 
 The answer says which model answered and which failed before it (public id and error code),
 so the HTTP layer can set `X-Model` and `X-Fallback-Used: true` and log the failures.
@@ -151,7 +151,10 @@ class FallbackChain:
             left = deadline_at - clock()
             if index and left < self.min_seconds_per_model:  # a fallback needs time to be worth starting;
                 break  # the first model always gets the whole deadline, however short it was configured
-            budget = min(left, self.per_model_deadline) if self.per_model_deadline else left
+            # A fair share of what is left, so a model that hangs cannot eat its fallbacks' time: with two
+            # models and 30 s the first gets 15 s (and the second what is then left); alone, a model gets it all.
+            share = left / (len(candidates) - index)
+            budget = min(left, self.per_model_deadline) if self.per_model_deadline else share
             request = build(candidate)
             policy = replace(self.policy, deadline=budget)
             try:
