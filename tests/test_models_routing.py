@@ -202,3 +202,22 @@ def test_a_budget_reservation_is_priced_on_the_dearest_model_the_key_may_use(mak
         assert 402 in statuses and 200 in statuses, statuses
     finally:
         gemini.reply_delay = 0.0
+
+
+def test_a_claude_stream_cut_short_is_billed_for_the_text_it_sent(make_app, tmp_path):
+    """Anthropic reports output tokens at the end of a stream (1 until then): a stream cut after some text
+    must not be billed as one output token."""
+    from gateway.providers.emulators.anthropic import AnthropicEmulator
+
+    with AnthropicEmulator(host="127.0.0.1", port=0) as anthropic:
+        app = make_app(ratelimit_enabled=False, anthropic_api_key="sk-ant-test-not-a-secret",
+                       anthropic_base_url=anthropic.base_url)
+        anthropic.inject("cut", after=5)  # message_start, content_block_start, then text deltas
+        response = app.test_client().post("/api/v1/generate/text/stream",
+                                          json={"prompt": "Tell me a long story about the sea and its ships",
+                                                "model": "claude-haiku-4-5"})
+        events = [block.split("\n")[0] for block in response.get_data(as_text=True).strip().split("\n\n")]
+        assert events[-1] == "event: error" and events.count("event: chunk") >= 1
+        record = only_record(app)
+        assert record.model == "claude-haiku-4-5" and record.status == 502
+        assert record.output_tokens > 1 and record.token_source == "estimate" and record.total_cost > 0

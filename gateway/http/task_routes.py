@@ -200,7 +200,7 @@ def _stream_events(gateway: Gateway, opened: OpenStream, open_ms: float):
     except GeneratorExit:
         if not accounted:
             _account_stream(gateway, CLIENT_CLOSED_REQUEST,
-                            gateway.service.stream_outcome(opened, stream.received(), open_ms))
+                            gateway.service.partial_stream_outcome(opened, stream.received(), open_ms))
         raise
     finally:
         stream.close()
