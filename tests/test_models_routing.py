@@ -50,7 +50,8 @@ def test_a_steadily_failing_gemini_is_answered_by_the_openai_fallback_at_its_pri
     assert record.model == "gpt-4o-mini" and record.input_tokens > 0
     assert record.total_cost == pytest.approx(expected) and response.headers["X-Cost-Total"] == f"{expected:.10f}"
     line = json.loads((app.extensions["gateway"].config.log_dir / "api_requests.log").read_text().splitlines()[-1])
-    assert line["failed_models"] == ["gemini-2.0-flash: upstream_unavailable"] and line["provider"] == "openai"
+    # its retries of the 500s ran out of its half of the deadline (two models share it)
+    assert line["failed_models"] == ["gemini-2.0-flash: upstream_timeout"] and line["provider"] == "openai"
 
 
 def test_a_request_may_name_its_fallbacks_and_none_means_none(make_app, emulator, openai_emulator):

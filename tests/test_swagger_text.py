@@ -15,7 +15,7 @@ import re
 import pytest
 
 # Cut today; the lead regenerates these from the task table (issue 10). When they pass, empty this set.
-KNOWN_CUT = {"POST /classify/text", "POST /generate/code", "POST /generate/text", "POST /generate/text/stream"}
+KNOWN_CUT: set[str] = set()
 METHODS = ("get", "post", "put", "patch", "delete")
 PAIRS = ("()", "[]", "{}")
 

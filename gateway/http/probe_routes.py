@@ -58,7 +58,7 @@ def probe_namespaces(gateway: Gateway, schemas: Schemas) -> list[tuple[Namespace
         @ready_ns.response(200, "Ready to serve tasks", ready_model)
         @ready_ns.response(503, "Not ready: the failing checks are named", ready_model)
         def get(self):
-            """Report whether this instance can serve tasks, with each check named"""
+            """Report whether this instance can serve tasks, with each check named."""
             checks = readiness(gateway)
             ready = all(value == "ok" for value in checks.values())
             return {"ready": ready, "checks": checks}, 200 if ready else 503
@@ -67,7 +67,7 @@ def probe_namespaces(gateway: Gateway, schemas: Schemas) -> list[tuple[Namespace
     class Status(Resource):
         @status_ns.response(200, "Status")
         def get(self):
-            """Report version, uptime, mode, models and their circuits, cache and limit settings"""
+            """Report version, uptime, mode, models and their circuits, cache and limit settings."""
             config = gateway.config
             circuits = gateway.router.circuits()
             return {
@@ -75,7 +75,7 @@ def probe_namespaces(gateway: Gateway, schemas: Schemas) -> list[tuple[Namespace
                 "environment": config.app_env,
                 "mode": gateway.upstream.mode,
                 "uptime_seconds": round(time.monotonic() - gateway.started_at, 3),
-                "worker": {"pid": os.getpid(), "index": os.environ.get("SERVE_WORKER_INDEX")},
+                "pid": os.getpid(),  # which serve.py worker answered
                 "default_model": gateway.service.default_model,
                 "models": [{**model, "circuit": circuits.get(model["id"])} for model in gateway.models.describe()],
                 "cache": {"enabled": config.cache_enabled, **gateway.cache.stats()["total"]},
