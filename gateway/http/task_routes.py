@@ -140,10 +140,12 @@ def task_options(payload: dict, gateway: Gateway, task: str) -> TaskOptions:
             raise InvalidRequest(f"Invalid input: '{name}' must be a finite number",
                                  details={"fields": {name: "must be a finite number"}})
     fallbacks = payload.get("fallbacks")
+    key = state().api_key
     return gateway.models.checked_options(TaskOptions(
         model=payload.get("model"), temperature=payload.get("temperature"), max_tokens=payload.get("max_tokens"),
         top_p=payload.get("top_p"), stop=tuple(payload.get("stop") or ()),
-        fallbacks=None if fallbacks is None else tuple(fallbacks)), state().api_key, task)
+        fallbacks=None if fallbacks is None else tuple(fallbacks),
+        caller=f"key:{key.id}" if key is not None else f"address:{request.remote_addr}"), key, task)
 
 
 def cache_control(payload: dict) -> CacheControl:

@@ -113,7 +113,8 @@ class FallbackChain:
         self.per_model_deadline = per_model_deadline
         self.min_seconds_per_model = min_seconds_per_model
 
-    def complete(self, candidates: Sequence[Candidate], build: RequestBuilder) -> ChainAnswer:
+    def complete(self, candidates: Sequence[Candidate], build: RequestBuilder, *,
+                 caller: str | None = None) -> ChainAnswer:
         """The first answer of the candidates, in order; raises the stopping or the last error."""
         def attempt(candidate: Candidate, request: ProviderRequest, seconds_left: float) -> Completion:
             permit, reservation, seconds_left = self._admit(candidate, request, seconds_left)
@@ -122,17 +123,18 @@ class FallbackChain:
                 candidate.limiter.settle(reservation, completion)
             return completion
 
-        completion, candidate, failed = self._first_success(candidates, build, attempt, "call")
+        completion, candidate, failed = self._first_success(candidates, build, attempt, "call", caller)
         return ChainAnswer(completion, candidate.model_id, candidate.provider.name, failed)
 
-    def open_stream(self, candidates: Sequence[Candidate], build: RequestBuilder) -> ChainStream:
+    def open_stream(self, candidates: Sequence[Candidate], build: RequestBuilder, *,
+                    caller: str | None = None) -> ChainStream:
         """The first stream of the candidates to deliver text; fallbacks only before that text."""
         def attempt(candidate: Candidate, request: ProviderRequest, seconds_left: float) -> ChainStream:
             permit, reservation, seconds_left = self._admit(candidate, request, seconds_left)
             stream, chunks, head = _reported(permit, lambda: _open_until_text(candidate, request, seconds_left))
             return ChainStream(stream, chunks, head, candidate, reservation)
 
-        stream, _, failed = self._first_success(candidates, build, attempt, "stream")
+        stream, _, failed = self._first_success(candidates, build, attempt, "stream", caller)
         stream.failed = failed
         return stream
 
@@ -140,7 +142,7 @@ class FallbackChain:
 
     def _first_success(self, candidates: Sequence[Candidate], build: RequestBuilder,
                        attempt: Callable[[Candidate, ProviderRequest, float], T],
-                       what: str) -> tuple[T, Candidate, tuple[FailedModel, ...]]:
+                       what: str, caller: str | None = None) -> tuple[T, Candidate, tuple[FailedModel, ...]]:
         if not candidates:
             raise ValueError("a fallback chain needs at least one model")
         clock = self.policy.clock
@@ -160,7 +162,7 @@ class FallbackChain:
             try:
                 # The breaker hears one verdict per request and model, after its retries: one request's
                 # retries of a blip are not "5 failures in a row" (that would open the circuit for everyone).
-                permit = candidate.breaker.acquire() if candidate.breaker is not None else None
+                permit = candidate.breaker.acquire(caller) if candidate.breaker is not None else None
                 result = _reported(permit, lambda c=candidate, r=request, p=policy: p.run(
                     lambda seconds_left: attempt(c, r, seconds_left), label=f"{c.model_id} {what}"))
             except GatewayError as error:

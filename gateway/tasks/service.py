@@ -39,6 +39,7 @@ class TaskOptions:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] | None = None  # None = the task's configured fallbacks
+    caller: str | None = None  # who asks (API key id or client address): circuit breakers count distinct callers
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class TaskService:
 
         def compute() -> Answer:
             started = time.perf_counter()
-            routed = self.router.complete(models, (Message("user", prompt),), params)
+            routed = self.router.complete(models, (Message("user", prompt),), params, options.caller)
             upstream_ms.append((time.perf_counter() - started) * 1000)
             completion = replace(routed.completion, text=task.parse(routed.completion.text, inputs))
             return self._priced_answer(completion, routed, prompt)
@@ -152,7 +153,7 @@ class TaskService:
         task = self.tasks[task_name]
         models, params = self.plan(task, options)
         prompt = task.prompt(inputs)
-        stream, routed = self.router.open_stream(models, (Message("user", prompt),), params)
+        stream, routed = self.router.open_stream(models, (Message("user", prompt),), params, options.caller)
         return OpenStream(stream, routed, prompt)
 
     def stream_outcome(self, opened: OpenStream, completion: Completion, upstream_ms: float) -> TaskOutcome:
