@@ -200,7 +200,7 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
                 gateway.tokens.check(key.id, key.tokens_per_minute)
             if key.monthly_budget_usd is not None and request.path in auth.TASK_OF_PATH:
                 context.budget_reservation = gateway.budgets.reserve(
-                    key.id, key.monthly_budget_usd, _estimated_cost(gateway))
+                    key.id, key.monthly_budget_usd, _estimated_cost(gateway, key))
         elif not authenticate:
             auth.refuse_anonymous_management(request.path)
         if scan:
@@ -235,13 +235,15 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
             gateway.budgets.release(reservation)
 
 
-def _estimated_cost(gateway: Gateway) -> float:
-    """What a task request may cost at most (budgets.py says how it is estimated)."""
+def _estimated_cost(gateway: Gateway, key) -> float:
+    """What a task request may cost at most (budgets.py says how it is estimated): the body is not read
+    yet, so on the dearest model this key may use, at that model's output limit."""
     size = request.content_length
     if size is None:
         size = len(request.get_data(cache=True))
     input_tokens, output_tokens = budgets.estimated_tokens(size, gateway.service.max_output_tokens)
-    return gateway.service.highest_cost(input_tokens, output_tokens)  # the request may ask for any model
+    return gateway.models.highest_cost(input_tokens, output_tokens, gateway.service.price_of, gateway.router.routes,
+                                       key)
 
 
 def _cors_origins(origins: tuple[str, ...]) -> list:

@@ -287,7 +287,7 @@ class Supervisor:
         self.failures = [0] * count
 
     def _start(self, index: int) -> None:
-        env = {**os.environ, "SERVE_WORKER_INDEX": str(index)}  # /api/v1/status names the worker
+        env = dict(os.environ)
         if self.count > 1:
             env["LOG_DIR"] = str(Path(os.environ.get("LOG_DIR", "logs")) / f"worker-{index}")
         args = self.args

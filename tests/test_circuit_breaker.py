@@ -271,3 +271,18 @@ def test_concurrent_failures_open_the_circuit_once(caplog):
 def test_nonsense_settings_are_refused(options):
     with pytest.raises(ValueError):
         make_breaker(FakeClock(), **options)
+
+
+def test_one_callers_failures_alone_never_open_the_circuit():
+    """A client whose own requests fail (a prompt that makes the upstream 500, answers too long for the
+    deadline) must not switch the model off for everyone: the circuit opens only when the failures in a row
+    came from at least two callers."""
+    from gateway.errors import UpstreamTimeout
+
+    clock = FakeClock()
+    breaker = CircuitBreaker("m", failure_threshold=3, cool_down=30, clock=clock.now)
+    for _ in range(10):
+        breaker.acquire("key:attacker").failed(UpstreamTimeout("too long"))
+    assert breaker.state is CircuitState.CLOSED
+    breaker.acquire("key:someone-else").failed(UpstreamTimeout("the model is down"))
+    assert breaker.state is CircuitState.OPEN

@@ -46,7 +46,7 @@ def test_bad_values_fail_at_start_up_with_the_variable_named(environ, words):
 
 
 def test_production_refuses_a_missing_key_and_disabled_limits():
-    with pytest.raises(ConfigError, match="needs GOOGLE_API_KEY"):
+    with pytest.raises(ConfigError, match="needs a provider key: GOOGLE_API_KEY, OPENAI_API_KEY or ANTHROPIC_API_KEY"):
         Config.load({"APP_ENV": "production"})
     with pytest.raises(ConfigError, match="RATELIMIT_ENABLED=false"):
         Config.load({"APP_ENV": "production", "GOOGLE_API_KEY": "AIzaX", "RATELIMIT_ENABLED": "false"})
@@ -113,22 +113,6 @@ def _variable_read(node: ast.AST) -> tuple[str, str | None] | None:
     return (name, _text(arguments[1]) if len(arguments) > 1 else None) if name else None
 
 
-def variables_the_code_sets() -> set[str]:
-    """Variables the code puts in the environment of the processes it starts (`{..., "NAME": value}` or
-    `env["NAME"] = value` on a mapping named env or environ): the launcher telling a worker its index."""
-    names = set()
-    for path in PRODUCT_CODE:
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Assign):
-                names.update(target.slice.value for target in node.targets
-                             if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name)
-                             and target.value.id in ("env", "environ") and _text(target.slice))
-            elif isinstance(node, ast.Dict) and any(key is None and _is_environ(value)  # {**os.environ, ...}
-                                                    for key, value in zip(node.keys, node.values, strict=True)):
-                names.update(text for key in node.keys if (text := _text(key)))
-    return names
-
-
 def variables_read_by_the_code() -> dict[str, set[str]]:
     """{variable: the defaults the code writes for it as literals} for every environment variable read
     by name: `os.environ.get`, `os.getenv`, `os.environ[...]` and Config's `_env(...)`."""
@@ -154,14 +138,11 @@ def test_env_example_lists_every_variable_the_code_reads_and_nothing_else():
     read = variables_read_by_the_code()
     assert {"WORKERS", "HOST", "PORT", "LOG_DIR", "APP_ENV", "SSL_CERT_FILE"} <= set(read)  # the walk works
     settings, commented = env_example()
-    internal = variables_the_code_sets() - set(settings) - commented  # set by the launcher for its workers
-    assert "SERVE_WORKER_INDEX" in internal
-    assert sorted(set(read) - set(settings) - commented - internal) == [], "read by the code, missing from .env.example"
+    assert sorted(set(read) - set(settings) - commented) == [], "read by the code, missing from .env.example"
     for variable, defaults in read.items():  # a literal default in the code: one, and the example's value
         assert defaults <= {settings.get(variable)}, f"{variable}: .env.example {settings.get(variable)!r}, " \
                                                      f"the code {sorted(defaults)}"
     assert sorted((set(settings) | commented) - set(read)) == [], "in .env.example, read by nothing"
-    assert sorted(internal - set(read)) == [], "set for the workers, read by nothing"
 
 
 def test_readme_documents_every_setting():

@@ -240,22 +240,22 @@ def test_one_deadline_for_the_whole_chain_each_model_gets_what_is_left():
     fallback = ScriptedProvider("b", "b answers", clock=clock, takes=1.0)
     answer = FallbackChain(make_policy(clock, max_attempts=2)).complete(
         [candidate("a", slow), candidate("b", fallback)], build)
-    # a: 12 s, a 1 s wait, 12 s again: 25 s of the 30 are gone when b is asked
-    assert [seconds for _, seconds in slow.calls] == [30.0, 17.0]
-    assert [seconds for _, seconds in fallback.calls] == [5.0]
+    # a gets half of the 30 s (two models): 12 s, a 1 s wait, the 2 s left; b gets the other 15
+    assert [seconds for _, seconds in slow.calls] == [15.0, 2.0]
+    assert [seconds for _, seconds in fallback.calls] == [15.0]
     assert answer.model_id == "b" and answer.failed == (FailedModel("a", "upstream_unavailable", 502),)
 
 
-def test_a_first_model_that_uses_the_whole_deadline_leaves_none_for_the_fallbacks():
+def test_a_first_model_that_hangs_leaves_the_fallbacks_their_share_of_the_deadline():
     clock = FakeClock()
-    slow = ScriptedProvider("a", UpstreamUnavailable, clock=clock, takes=12.0)
-    fallback = ScriptedProvider("b", "b answers")
+    hanging = ScriptedProvider("a", UpstreamTimeout, clock=clock, takes=100.0)  # each attempt uses all it gets
+    fallback = ScriptedProvider("b", "b answers", clock=clock, takes=1.0)
     started = clock.now()
-    with pytest.raises(UpstreamTimeout) as timed_out:
-        FallbackChain(make_policy(clock, max_attempts=5)).complete([candidate("a", slow), candidate("b", fallback)],
-                                                                   build)
-    assert clock.now() - started == pytest.approx(30.0) and fallback.calls == []
-    assert timed_out.value.details["failed_models"] == [{"model": "a", "code": "upstream_timeout"}]
+    answer = FallbackChain(make_policy(clock, max_attempts=5)).complete(
+        [candidate("a", hanging), candidate("b", fallback)], build)
+    assert answer.model_id == "b" and answer.failed == (FailedModel("a", "upstream_timeout", 504),)
+    assert hanging.calls[0][1] == 15.0 and fallback.calls[0][1] == pytest.approx(15.0)
+    assert clock.now() - started == pytest.approx(16.0)
 
 
 def test_the_chain_never_waits_past_its_deadline_and_names_the_failed_models():
@@ -265,10 +265,10 @@ def test_the_chain_never_waits_past_its_deadline_and_names_the_failed_models():
     with pytest.raises(UpstreamError) as failed:
         FallbackChain(make_policy(clock, max_attempts=1)).complete([candidate(p.name, p) for p in providers], build)
     assert clock.now() - started <= 30.0
-    assert [len(p.calls) for p in providers] == [1, 1, 1, 1, 0]  # 4 x 9 s: no time left for e
-    assert [p.calls[0][1] for p in providers[:4]] == [30.0, 21.0, 12.0, 3.0]
+    assert [len(p.calls) for p in providers] == [1, 1, 1, 1, 1]  # a fair share each: 6 s of the 30
+    assert [p.calls[0][1] for p in providers] == pytest.approx([6.0] * 5)
     assert failed.value.code == "upstream_unavailable"
-    assert failed.value.details["failed_models"] == [{"model": m, "code": "upstream_unavailable"} for m in "abcd"]
+    assert failed.value.details["failed_models"] == [{"model": m, "code": "upstream_unavailable"} for m in "abcde"]
 
 
 def test_per_model_deadline_keeps_time_for_the_fallbacks():
@@ -281,10 +281,22 @@ def test_per_model_deadline_keeps_time_for_the_fallbacks():
     assert answer.model_id == "b"
 
 
-def test_no_time_at_all_is_a_timeout():
+def test_a_deadline_shorter_than_the_fallback_minimum_still_calls_the_first_model():
+    """GEMINI_DEADLINE_SECONDS=0.3 is a valid setting: the first model is called with it (it used to be
+    skipped, every request a 504 without a call); only fallbacks need `min_seconds_per_model` left."""
     clock = FakeClock()
-    with pytest.raises(UpstreamTimeout):
-        FallbackChain(make_policy(clock), deadline=0.1).complete([candidate("a", ScriptedProvider("a"))], build)
+    first = ScriptedProvider("a", "a answers")
+    answer = FallbackChain(make_policy(clock), deadline=0.1).complete([candidate("a", first)], build)
+    assert answer.model_id == "a" and len(first.calls) == 1
+
+
+def test_a_fallback_is_not_started_without_time_to_answer():
+    clock = FakeClock()
+    failing, fallback = ScriptedProvider("a", UpstreamUnavailable), ScriptedProvider("b", "b answers")
+    with pytest.raises(UpstreamError):
+        FallbackChain(make_policy(clock, max_attempts=1), deadline=0.1).complete(
+            [candidate("a", failing), candidate("b", fallback)], build)
+    assert len(failing.calls) == 1 and fallback.calls == []
 
 
 def test_an_empty_chain_is_a_programming_error():

@@ -92,10 +92,12 @@ def test_waits_are_bounded_by_max_wait(wall):
     assert refused.value.retry_after == pytest.approx(60.0, abs=0.01) and wall.sleeps == []
 
 
-def test_tokens_are_reserved_before_the_call_prompt_estimate_plus_max_tokens(wall):
+def test_tokens_are_reserved_before_the_call_prompt_estimate_plus_max_tokens_up_to_the_assumed_answer(wall):
     outbound = limiter(wall, tokens_per_minute=1000)
     assert outbound.tokens_to_reserve(request(max_tokens=300)) == 100 + 300
     assert outbound.tokens_to_reserve(request(max_tokens=None)) == 100 + 512  # assumed_output_tokens
+    # a huge max_tokens reserves no more than the assumed answer: one request cannot take the minute's ceiling
+    assert outbound.tokens_to_reserve(request(max_tokens=1_000_000)) == 100 + 512
     first = outbound.acquire(request(), seconds_left=30)
     outbound.acquire(request(), seconds_left=30)
     assert first.tokens == 400 and outbound.snapshot()["tokens_left"] == 200
@@ -140,7 +142,7 @@ def test_waiting_for_tokens_does_not_use_up_request_slots(wall):
 
 def test_a_request_larger_than_the_whole_ceiling_is_charged_the_ceiling(wall):
     outbound = limiter(wall, tokens_per_minute=1000)
-    assert outbound.acquire(request(max_tokens=10**12), seconds_left=30).tokens == 1000
+    assert outbound.acquire(request(prompt_chars=40_000, max_tokens=10**12), seconds_left=30).tokens == 1000
     with pytest.raises(UpstreamRateLimited):
         outbound.acquire(request(prompt_chars=0, max_tokens=0), seconds_left=30)
 

@@ -94,7 +94,8 @@ def test_production_without_a_key_refuses_to_start_with_one_line(tmp_path, comma
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["error: cannot start: APP_ENV=production needs GOOGLE_API_KEY "
+    assert lines == ["error: cannot start: APP_ENV=production needs a provider key: GOOGLE_API_KEY, OPENAI_API_KEY or "
+                     "ANTHROPIC_API_KEY "
                      "(demo mode is for development only)"]
 
 

@@ -75,12 +75,8 @@ def test_stream_the_client_abandons_is_recorded_priced_and_released(make_app, em
     app = make_app(ratelimit_enabled=False)
     service, opened = app.extensions["gateway"].service, []
     open_stream = service.open_stream
-
-    def keep_referenced(*args, **kwargs):  # the connection must be closed by the gateway, not by the collector
-        opened.append(open_stream(*args, **kwargs))
-        return opened[-1]
-
-    monkeypatch.setattr(service, "open_stream", keep_referenced)
+    # Keep the stream referenced: the connection must be closed by the gateway, not by the garbage collector.
+    monkeypatch.setattr(service, "open_stream", lambda *args: opened.append(open_stream(*args)) or opened[-1])
     response = app.test_client().post(STREAM, json={"prompt": "one two three four five six"}, buffered=False)
     chunks = iter(response.response)
     first = next(chunks)

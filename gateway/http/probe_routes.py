@@ -75,7 +75,7 @@ def probe_namespaces(gateway: Gateway, schemas: Schemas) -> list[tuple[Namespace
                 "environment": config.app_env,
                 "mode": gateway.upstream.mode,
                 "uptime_seconds": round(time.monotonic() - gateway.started_at, 3),
-                "worker": {"pid": os.getpid(), "index": os.environ.get("SERVE_WORKER_INDEX")},
+                "pid": os.getpid(),  # which serve.py worker answered
                 "default_model": gateway.service.default_model,
                 "models": [{**model, "circuit": circuits.get(model["id"])} for model in gateway.models.describe()],
                 "cache": {"enabled": config.cache_enabled, **gateway.cache.stats()["total"]},

@@ -27,13 +27,13 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 
 # Summaries are the first line, without a period: RESTX cuts a summary at its first "." ("0.7" -> "0").
 DOCS = {
-    "text": "Generate text from a prompt\n\nDefault temperature 0.7; the body may choose the model and sampling.",
-    "code": "Generate code for a request, returned without markdown fences\n\n"
+    "text": "Generate text from a prompt.\n\nDefault temperature 0.7; the body may choose the model and sampling.",
+    "code": "Generate code for a request, returned without markdown fences.\n\n"
             "Default temperature 0.2; the body may choose the language, the model and sampling.",
-    "classify": "Classify a text into exactly one of the given categories\n\n"
+    "classify": "Classify a text into exactly one of the given categories.\n\n"
                 "Default temperature 0.0; the answer is always one of the categories as the caller wrote it.",
 }
-STREAM_DOC = ("Generate text as it is produced, as server-sent events\n\n"
+STREAM_DOC = ("Generate text as it is produced, as server-sent events.\n\n"
               "`chunk` events ({text}), then `done` (model, usage, cost) or `error` (the error shape). "
               "Not cached; cost headers come in the `done` event.")
 STREAM_200 = ("A text/event-stream, not JSON: `event: chunk` with data {\"text\"} for each piece as the provider "
@@ -140,10 +140,12 @@ def task_options(payload: dict, gateway: Gateway, task: str) -> TaskOptions:
             raise InvalidRequest(f"Invalid input: '{name}' must be a finite number",
                                  details={"fields": {name: "must be a finite number"}})
     fallbacks = payload.get("fallbacks")
+    key = state().api_key
     return gateway.models.checked_options(TaskOptions(
         model=payload.get("model"), temperature=payload.get("temperature"), max_tokens=payload.get("max_tokens"),
         top_p=payload.get("top_p"), stop=tuple(payload.get("stop") or ()),
-        fallbacks=None if fallbacks is None else tuple(fallbacks)), state().api_key, task)
+        fallbacks=None if fallbacks is None else tuple(fallbacks),
+        caller=f"key:{key.id}" if key is not None else f"address:{request.remote_addr}"), key, task)
 
 
 def cache_control(payload: dict) -> CacheControl:
@@ -200,7 +202,7 @@ def _stream_events(gateway: Gateway, opened: OpenStream, open_ms: float):
     except GeneratorExit:
         if not accounted:
             _account_stream(gateway, CLIENT_CLOSED_REQUEST,
-                            gateway.service.stream_outcome(opened, stream.received(), open_ms))
+                            gateway.service.partial_stream_outcome(opened, stream.received(), open_ms))
         raise
     finally:
         stream.close()

@@ -135,10 +135,12 @@ class AnthropicProvider:
         body: dict[str, Any] = {"model": request.model, "max_tokens": max_tokens, "messages": turns}
         if system:
             body["system"] = "\n\n".join(system)
-        if params.temperature is not None:
-            body["temperature"] = min(_fraction(params.temperature, "temperature", 2.0), 1.0)
+        # Anthropic's newer models (Haiku 4.5, Sonnet 4.5, Opus 4.1 and later) refuse temperature and top_p
+        # together; the task always has a temperature, so a request's own top_p is sent in its place.
         if params.top_p is not None:
             body["top_p"] = _fraction(params.top_p, "top_p", 1.0)
+        elif params.temperature is not None:
+            body["temperature"] = min(_fraction(params.temperature, "temperature", 2.0), 1.0)
         if not all(isinstance(s, str) for s in params.stop):
             raise InvalidRequest("stop must be a list of strings", details={"field": "stop"})
         stops = [s for s in params.stop if s.strip()]

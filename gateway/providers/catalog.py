@@ -34,12 +34,29 @@ class ModelCatalog:
     def checked_options(self, options: TaskOptions, api_key=None, task: str = "text") -> TaskOptions:
         """`options` with the model and every fallback resolved to ids and checked (or the error to answer)."""
         model = self._checked(options.model or self.default_model, "model", api_key)
+        limit = self.registry.get(model).max_output_tokens
+        if options.max_tokens is not None and limit is not None and options.max_tokens > limit:
+            reason = f"must be at most {limit}, the output limit of {model}"
+            raise InvalidRequest(f"Invalid input: 'max_tokens' {reason}", details={"fields": {"max_tokens": reason}})
         if options.fallbacks is not None:
             fallbacks = tuple(self._checked(name, "fallbacks", api_key) for name in options.fallbacks)
         else:
             fallbacks = tuple(self._usable(name, api_key) for name in self.task_fallbacks.get(task, ()))
         fallbacks = tuple(name for name in dict.fromkeys(fallbacks) if name and name != model)
         return replace(options, model=model, fallbacks=fallbacks)
+
+    def highest_cost(self, input_tokens: int, default_output_tokens: int, price_of, routed, api_key=None) -> float:
+        """The most one request may cost (budget reservations): over every routed model the key may use, its
+        price for `input_tokens` and its output limit (the registry's `max_output_tokens`; a request's
+        `max_tokens` cannot exceed it), or `default_output_tokens` where the registry gives none."""
+        costs = [0.0]
+        for model_id in routed:
+            spec = self.registry.get(model_id)
+            if api_key is None or api_key.allowed_models is None or any(
+                    api_key.allows_model(name) for name in (spec.id, *spec.aliases)):
+                output = spec.max_output_tokens or default_output_tokens
+                costs.append(price_of(model_id, input_tokens, output).total)
+        return max(costs)
 
     def describe(self) -> list[dict]:
         return self.registry.describe()

@@ -47,6 +47,7 @@ T = TypeVar("T")
 
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_COOL_DOWN_SECONDS = 30.0
+MIN_FAILING_SOURCES = 2  # distinct callers whose requests failed before the circuit opens
 PROBE_BUSY_RETRY_AFTER = 1.0  # refused during a probe: the probe settles within one call
 
 
@@ -60,10 +61,10 @@ class Permit:
     """Leave to make one call, issued by `CircuitBreaker.acquire`. Report its outcome exactly once
     with `succeeded()`, `failed(error)` or `released()` (no outcome); later reports are ignored."""
 
-    __slots__ = ("_breaker", "_generation", "probe", "_settled")
+    __slots__ = ("_breaker", "_generation", "probe", "_settled", "source")
 
-    def __init__(self, breaker: CircuitBreaker, generation: int, probe: bool):
-        self._breaker, self._generation, self.probe = breaker, generation, probe
+    def __init__(self, breaker: CircuitBreaker, generation: int, probe: bool, source: str | None = None):
+        self._breaker, self._generation, self.probe, self.source = breaker, generation, probe, source
         self._settled = False
 
     def succeeded(self) -> None:
@@ -80,7 +81,7 @@ class Permit:
     def _settle(self, outcome: str) -> None:
         if not self._settled:
             self._settled = True
-            self._breaker._settle(self._generation, self.probe, outcome)
+            self._breaker._settle(self._generation, self.probe, outcome, self.source)
 
 
 class CircuitBreaker:
@@ -100,6 +101,7 @@ class CircuitBreaker:
         self._state = CircuitState.CLOSED
         self._generation = 0  # bumped on every state change: stale permits are recognised by it
         self._failures = 0  # consecutive retryable failures while closed
+        self._sources: set = set()  # the callers those failures came from
         self._opened_at = 0.0
         self._probe_in_flight = False
 
@@ -118,16 +120,19 @@ class CircuitBreaker:
             return {"state": self._state.value, "consecutive_failures": self._failures,
                     "retry_after": round(self._retry_after(now), 3) if self._state is not CircuitState.CLOSED else 0.0}
 
-    def acquire(self) -> Permit:
-        """A permit for one call, or CircuitOpen (with retry_after) if the circuit refuses it."""
+    def acquire(self, source: str | None = None) -> Permit:
+        """A permit for one call, or CircuitOpen (with retry_after) if the circuit refuses it. `source` names
+        the caller (an API key id or a client address): the circuit opens only on failures seen by at least
+        MIN_FAILING_SOURCES callers, so one client whose own requests fail (a prompt that makes the upstream
+        500, answers too long for the deadline) cannot switch a model off for everyone."""
         with self._lock:
             now = self._clock()
             self._refresh(now)
             if self._state is CircuitState.CLOSED:
-                return Permit(self, self._generation, probe=False)
+                return Permit(self, self._generation, probe=False, source=source)
             if self._state is CircuitState.HALF_OPEN and not self._probe_in_flight:
                 self._probe_in_flight = True
-                return Permit(self, self._generation, probe=True)
+                return Permit(self, self._generation, probe=True, source=source)
             retry_after, state = self._retry_after(now), self._state
         raise CircuitOpen(
             f"model {self.name} is failing; the gateway is not calling it for a while",
@@ -160,7 +165,7 @@ class CircuitBreaker:
             return PROBE_BUSY_RETRY_AFTER
         return 0.0
 
-    def _settle(self, generation: int, probe: bool, outcome: str) -> None:
+    def _settle(self, generation: int, probe: bool, outcome: str, source: str | None = None) -> None:
         with self._lock:
             if generation != self._generation:
                 return  # admitted under an earlier state: proves nothing about this one
@@ -175,9 +180,12 @@ class CircuitBreaker:
                 return
             if outcome == "success":
                 self._failures = 0
+                self._sources.clear()
             elif outcome == "failure":
                 self._failures += 1
-                if self._failures >= self.failure_threshold:
+                self._sources.add(source if source is not None else ("unnamed", self._failures))
+                if self._failures >= self.failure_threshold and \
+                        len(self._sources) >= min(MIN_FAILING_SOURCES, self.failure_threshold):
                     self._open()
 
     def _open(self) -> None:
@@ -191,6 +199,7 @@ class CircuitBreaker:
         failures = self._failures
         if new is CircuitState.CLOSED:
             self._failures = 0
+            self._sources.clear()
         level = logging.WARNING if new is CircuitState.OPEN else logging.INFO
         log.log(level, "circuit for model %s: %s -> %s", self.name, old.value, new.value,
                 extra={"model": self.name, "circuit_state": new.value, "previous_state": old.value,

@@ -34,7 +34,7 @@ class Upstream:
 
 
 @functools.cache
-def _demo_emulator(provider: str = "gemini"):
+def _demo_emulator(provider: str):
     """One emulator per provider and process, started on first use and shared by every app instance."""
     if provider == "openai":
         from gateway.providers.emulators.openai_compat import OpenAIEmulator as Emulator
@@ -56,7 +56,7 @@ def resolve_upstream(config: Config) -> Upstream:
         if config.google_api_key and not config.key_looks_like_google:
             log.warning("GOOGLE_API_KEY does not start with 'AIza'; Google keys do, so calls may be refused")
         return Upstream(mode="live", api_key=config.google_api_key, base_url=config.gemini_base_url or None)
-    emulator = _demo_emulator()
+    emulator = _demo_emulator("gemini")
     log.warning(
         "DEMO MODE: no provider key set, answering from the built-in emulators (Gemini at %s, OpenAI and "
         "Anthropic started on first use). Set GOOGLE_API_KEY, OPENAI_API_KEY or ANTHROPIC_API_KEY to go live.",

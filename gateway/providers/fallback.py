@@ -22,10 +22,10 @@ When to move on to the next model, decided here:
   configuration is wrong; a fallback would hide it). These are raised at once.
 
 One deadline for the whole chain (the policy's `deadline`, unless given): a client never waits
-N times the deadline. Each model gets what is left (capped by `per_model_deadline` if set, so a
-slow first model cannot eat the fallbacks' time); a model is not tried with less than
-`min_seconds_per_model` left. When every model failed, the last error is raised, its details
-naming the failed models.
+N times the deadline. Each model gets a fair share of what is left (what is left divided by the
+models still to try, or `per_model_deadline` if set), so a model that hangs cannot eat its
+fallbacks' time; a fallback is not tried with less than `min_seconds_per_model` left. When
+every model failed, the last error is raised, its details naming the failed models.
 
 The answer says which model answered and which failed before it (public id and error code),
 so the HTTP layer can set `X-Model` and `X-Fallback-Used: true` and log the failures.
@@ -113,7 +113,8 @@ class FallbackChain:
         self.per_model_deadline = per_model_deadline
         self.min_seconds_per_model = min_seconds_per_model
 
-    def complete(self, candidates: Sequence[Candidate], build: RequestBuilder) -> ChainAnswer:
+    def complete(self, candidates: Sequence[Candidate], build: RequestBuilder, *,
+                 caller: str | None = None) -> ChainAnswer:
         """The first answer of the candidates, in order; raises the stopping or the last error."""
         def attempt(candidate: Candidate, request: ProviderRequest, seconds_left: float) -> Completion:
             permit, reservation, seconds_left = self._admit(candidate, request, seconds_left)
@@ -122,17 +123,18 @@ class FallbackChain:
                 candidate.limiter.settle(reservation, completion)
             return completion
 
-        completion, candidate, failed = self._first_success(candidates, build, attempt, "call")
+        completion, candidate, failed = self._first_success(candidates, build, attempt, "call", caller)
         return ChainAnswer(completion, candidate.model_id, candidate.provider.name, failed)
 
-    def open_stream(self, candidates: Sequence[Candidate], build: RequestBuilder) -> ChainStream:
+    def open_stream(self, candidates: Sequence[Candidate], build: RequestBuilder, *,
+                    caller: str | None = None) -> ChainStream:
         """The first stream of the candidates to deliver text; fallbacks only before that text."""
         def attempt(candidate: Candidate, request: ProviderRequest, seconds_left: float) -> ChainStream:
             permit, reservation, seconds_left = self._admit(candidate, request, seconds_left)
             stream, chunks, head = _reported(permit, lambda: _open_until_text(candidate, request, seconds_left))
             return ChainStream(stream, chunks, head, candidate, reservation)
 
-        stream, _, failed = self._first_success(candidates, build, attempt, "stream")
+        stream, _, failed = self._first_success(candidates, build, attempt, "stream", caller)
         stream.failed = failed
         return stream
 
@@ -140,24 +142,27 @@ class FallbackChain:
 
     def _first_success(self, candidates: Sequence[Candidate], build: RequestBuilder,
                        attempt: Callable[[Candidate, ProviderRequest, float], T],
-                       what: str) -> tuple[T, Candidate, tuple[FailedModel, ...]]:
+                       what: str, caller: str | None = None) -> tuple[T, Candidate, tuple[FailedModel, ...]]:
         if not candidates:
             raise ValueError("a fallback chain needs at least one model")
         clock = self.policy.clock
         deadline_at = clock() + self.deadline
         failed: list[FailedModel] = []
         last_error: GatewayError | None = None
-        for candidate in candidates:
+        for index, candidate in enumerate(candidates):
             left = deadline_at - clock()
-            if left < self.min_seconds_per_model:
-                break
-            budget = min(left, self.per_model_deadline) if self.per_model_deadline else left
+            if index and left < self.min_seconds_per_model:  # a fallback needs time to be worth starting;
+                break  # the first model always gets the whole deadline, however short it was configured
+            # A fair share of what is left, so a model that hangs cannot eat its fallbacks' time: with two
+            # models and 30 s the first gets 15 s (and the second what is then left); alone, a model gets it all.
+            share = left / (len(candidates) - index)
+            budget = min(left, self.per_model_deadline) if self.per_model_deadline else share
             request = build(candidate)
             policy = replace(self.policy, deadline=budget)
             try:
                 # The breaker hears one verdict per request and model, after its retries: one request's
                 # retries of a blip are not "5 failures in a row" (that would open the circuit for everyone).
-                permit = candidate.breaker.acquire() if candidate.breaker is not None else None
+                permit = candidate.breaker.acquire(caller) if candidate.breaker is not None else None
                 result = _reported(permit, lambda c=candidate, r=request, p=policy: p.run(
                     lambda seconds_left: attempt(c, r, seconds_left), label=f"{c.model_id} {what}"))
             except GatewayError as error:
@@ -167,13 +172,15 @@ class FallbackChain:
                     raise
                 failed.append(FailedModel(candidate.model_id, error.code, error.status))
                 last_error = error
-                log.warning("model %s failed with %s; trying the next model if any", candidate.model_id, error.code,
-                            extra={"model": candidate.model_id, "error_code": error.code})
+                if index + 1 < len(candidates):
+                    log.warning("model %s failed with %s; trying the next model", candidate.model_id, error.code,
+                                extra={"model": candidate.model_id, "error_code": error.code})
                 continue
             return result, candidate, tuple(failed)
         if last_error is None:
             raise UpstreamTimeout(f"no time was left to call a model within the {self.deadline:g} s deadline")
-        _name_failed(last_error, failed)
+        if len(candidates) > 1:  # a request without fallbacks: its error says all there is
+            _name_failed(last_error, failed)
         raise last_error
 
     def _admit(self, candidate: Candidate, request: ProviderRequest,

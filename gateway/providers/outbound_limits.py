@@ -131,8 +131,11 @@ class OutboundLimiter:
         return bool(self._requests or self._tokens)
 
     def tokens_to_reserve(self, request: ProviderRequest) -> int:
+        # At most `assumed_output_tokens` for the answer: what it really used is charged when it ends (`settle`),
+        # so one request asking for a huge max_tokens cannot take the whole minute's ceiling from everyone.
         output = request.params.max_tokens
-        return estimate_input_tokens(request) + (self.assumed_output_tokens if output is None else max(0, output))
+        assumed = self.assumed_output_tokens if output is None else min(max(0, output), self.assumed_output_tokens)
+        return estimate_input_tokens(request) + assumed
 
     def acquire(self, request: ProviderRequest, seconds_left: float) -> Reservation:
         """Take one request and the request's tokens from the ceilings, waiting briefly if that

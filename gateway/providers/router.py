@@ -41,16 +41,17 @@ class ModelRouter:
         if self.chain is None:
             self.chain = FallbackChain(self.policy)
 
-    def complete(self, model_ids: Sequence[str], messages: tuple[Message, ...], params: GenerationParams) -> Routed:
+    def complete(self, model_ids: Sequence[str], messages: tuple[Message, ...], params: GenerationParams,
+                 caller: str | None = None) -> Routed:
         answer = self.chain.complete([self.routes[model_id] for model_id in model_ids],
-                                     lambda route: ProviderRequest(route.upstream, messages, params))
+                                     lambda route: ProviderRequest(route.upstream, messages, params), caller=caller)
         return Routed(self.routes[answer.model_id], _failed(answer.failed), answer.completion)
 
     def open_stream(self, model_ids: Sequence[str], messages: tuple[Message, ...],
-                    params: GenerationParams) -> tuple[TextStream, Routed]:
+                    params: GenerationParams, caller: str | None = None) -> tuple[TextStream, Routed]:
         """Retries and fallbacks cover opening the stream, up to its first text."""
         stream = self.chain.open_stream([self.routes[model_id] for model_id in model_ids],
-                                        lambda route: ProviderRequest(route.upstream, messages, params))
+                                        lambda route: ProviderRequest(route.upstream, messages, params), caller=caller)
         route = self.routes[stream.model_id]
         return TextStream(stream, route.upstream), Routed(route, _failed(stream.failed))
 

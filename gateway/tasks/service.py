@@ -39,6 +39,7 @@ class TaskOptions:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] | None = None  # None = the task's configured fallbacks
+    caller: str | None = None  # who asks (API key id or client address): circuit breakers count distinct callers
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class TaskService:
 
         def compute() -> Answer:
             started = time.perf_counter()
-            routed = self.router.complete(models, (Message("user", prompt),), params)
+            routed = self.router.complete(models, (Message("user", prompt),), params, options.caller)
             upstream_ms.append((time.perf_counter() - started) * 1000)
             completion = replace(routed.completion, text=task.parse(routed.completion.text, inputs))
             return self._priced_answer(completion, routed, prompt)
@@ -152,7 +153,7 @@ class TaskService:
         task = self.tasks[task_name]
         models, params = self.plan(task, options)
         prompt = task.prompt(inputs)
-        stream, routed = self.router.open_stream(models, (Message("user", prompt),), params)
+        stream, routed = self.router.open_stream(models, (Message("user", prompt),), params, options.caller)
         return OpenStream(stream, routed, prompt)
 
     def stream_outcome(self, opened: OpenStream, completion: Completion, upstream_ms: float) -> TaskOutcome:
@@ -168,11 +169,18 @@ class TaskService:
         received = opened.stream.received()
         if isinstance(error, ContentBlocked) or not (received.text or received.input_tokens is not None):
             return None
-        return self.stream_outcome(opened, received, upstream_ms)
+        return self.partial_stream_outcome(opened, received, upstream_ms)
 
-    def highest_cost(self, input_tokens: int, output_tokens: int) -> float:
-        """What these tokens cost on the dearest model a request could reach (budget reservations)."""
-        return max(self.price_of(model_id, input_tokens, output_tokens).total for model_id in self.router.routes)
+    def partial_stream_outcome(self, opened: OpenStream, received: Completion, upstream_ms: float) -> TaskOutcome:
+        """A stream cut short (by the provider, the deadline or the client): billed for the usage reported
+        so far, but never for less output than the text that was sent. Anthropic reports output tokens only
+        at the end (a placeholder of 1 until then), so a cut Claude stream would otherwise bill one token."""
+        sent = self.counter.count(received.text) if received.text else 0
+        if received.output_tokens is not None and received.output_tokens < sent:
+            received = replace(received, output_tokens=sent)
+            answer = self._priced_answer(received, opened.routed, opened.prompt)
+            return self._outcome(replace(answer, token_source="estimate"), "miss", upstream_ms, 0.0)
+        return self.stream_outcome(opened, received, upstream_ms)
 
     def _outcome(self, answer: Answer, status: str, upstream_ms: float | None, lookup_ms: float) -> TaskOutcome:
         # Priced by the public model that answered: the provider may answer with a versioned name.
