@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gateway.errors import UpstreamBadAnswer
-from gateway.providers.gemini_replies import MAX_TOKEN_COUNT
+from gateway.providers.replies import off_contract, usage_counts
 
 log = logging.getLogger("gateway.anthropic")
 
@@ -61,7 +60,10 @@ def read_event(event: object) -> Reply:
         message = event.get("message")
         if not isinstance(message, dict):
             raise _off_contract("message_start.message")
-        return Reply(kind, model=_model(message.get("model")), **_usage_fields(message.get("usage")))
+        # Its output count is a placeholder (1 or so) until message_delta: only the input count is kept, or a
+        # stream cut before its end would be billed one output token however much text was sent.
+        usage = _usage_fields(message.get("usage"))
+        return Reply(kind, model=_model(message.get("model")), input_tokens=usage["input_tokens"])
     if kind == "content_block_delta":
         delta = event.get("delta")
         if not isinstance(delta, dict):
@@ -114,21 +116,7 @@ def _usage_fields(usage: object) -> dict[str, int | None]:
 
 def _usage_of(usage: object) -> tuple[int | None, int | None]:
     """(input tokens, output tokens) as reported; None for a count absent or not believable."""
-    if usage is None:
-        return None, None
-    if not isinstance(usage, dict):
-        log.warning("the provider's usage is not an object; billing from our token estimate")
-        return None, None
-    counts = []
-    for field in ("input_tokens", "output_tokens"):
-        value = usage.get(field)
-        if value is not None and not (type(value) is int and 0 <= value <= MAX_TOKEN_COUNT):
-            log.warning("the provider reported an unusable %s (%s); billing from our token estimate",
-                        field, type(value).__name__)
-            value = None
-        counts.append(value)
-    return counts[0], counts[1]
+    return usage_counts(usage, "input_tokens", "output_tokens", all_or_nothing=False)
 
 
-def _off_contract(field: str) -> UpstreamBadAnswer:
-    return UpstreamBadAnswer("the provider's reply is not in the documented shape", details={"field": field})
+_off_contract = off_contract

@@ -19,11 +19,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gateway.errors import UpstreamBadAnswer
+from gateway.providers.replies import off_contract, usage_counts
 
 log = logging.getLogger("gateway.gemini")
 
-MAX_TOKEN_COUNT = 10**8  # far above any model's context window (the largest Gemini's is 2M tokens)
 _MAX_MODEL_NAME = 128
 _MAX_REASON = 64
 
@@ -97,19 +96,7 @@ def _reason(value, field: str) -> str | None:
 
 def _usage_of(usage) -> tuple[int | None, int | None]:
     """(prompt tokens, output tokens) as reported; (None, None) when absent or not believable."""
-    if usage is None:
-        return None, None
-    if not isinstance(usage, dict):
-        log.warning("the provider's usageMetadata is not an object; billing from our token estimate")
-        return None, None
-    counts = usage.get("promptTokenCount"), usage.get("candidatesTokenCount")
-    for field, value in zip(("promptTokenCount", "candidatesTokenCount"), counts, strict=True):
-        if value is not None and not (type(value) is int and 0 <= value <= MAX_TOKEN_COUNT):
-            log.warning("the provider reported an unusable %s (%s); billing from our token estimate",
-                        field, type(value).__name__)
-            return None, None
-    return counts
+    return usage_counts(usage, "promptTokenCount", "candidatesTokenCount")
 
 
-def _off_contract(field: str) -> UpstreamBadAnswer:
-    return UpstreamBadAnswer("the provider's reply is not in the documented shape", details={"field": field})
+_off_contract = off_contract

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gateway.errors import UpstreamBadAnswer, UpstreamUnavailable
-from gateway.providers.gemini_replies import MAX_TOKEN_COUNT
+from gateway.errors import UpstreamUnavailable
+from gateway.providers.replies import off_contract, usage_counts
 
 log = logging.getLogger("gateway.openai")
 
@@ -105,19 +105,7 @@ def _reply(answer: dict, choice: dict | None, text: str, refusal: bool) -> Reply
 
 def _usage_of(usage: object) -> tuple[int | None, int | None]:
     """(prompt tokens, completion tokens) as reported; (None, None) when absent or not believable."""
-    if usage is None:
-        return None, None
-    if not isinstance(usage, dict):
-        log.warning("the provider's usage is not an object; billing from our token estimate")
-        return None, None
-    counts = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    for field, value in zip(("prompt_tokens", "completion_tokens"), counts, strict=True):
-        if value is not None and not (type(value) is int and 0 <= value <= MAX_TOKEN_COUNT):
-            log.warning("the provider reported an unusable %s (%s); billing from our token estimate",
-                        field, type(value).__name__)
-            return None, None
-    return counts
+    return usage_counts(usage, "prompt_tokens", "completion_tokens")
 
 
-def _off_contract(field: str) -> UpstreamBadAnswer:
-    return UpstreamBadAnswer("the provider's reply is not in the documented shape", details={"field": field})
+_off_contract = off_contract

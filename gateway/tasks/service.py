@@ -172,14 +172,8 @@ class TaskService:
         return self.partial_stream_outcome(opened, received, upstream_ms)
 
     def partial_stream_outcome(self, opened: OpenStream, received: Completion, upstream_ms: float) -> TaskOutcome:
-        """A stream cut short (by the provider, the deadline or the client): billed for the usage reported
-        so far, but never for less output than the text that was sent. Anthropic reports output tokens only
-        at the end (a placeholder of 1 until then), so a cut Claude stream would otherwise bill one token."""
-        sent = self.counter.count(received.text) if received.text else 0
-        if received.output_tokens is not None and received.output_tokens < sent:
-            received = replace(received, output_tokens=sent)
-            answer = self._priced_answer(received, opened.routed, opened.prompt)
-            return self._outcome(replace(answer, token_source="estimate"), "miss", upstream_ms, 0.0)
+        """A stream cut short (by the provider, the deadline or the client), billed for what it sent: the
+        provider's counts so far, or our estimate where it has not reported the output yet."""
         return self.stream_outcome(opened, received, upstream_ms)
 
     def _outcome(self, answer: Answer, status: str, upstream_ms: float | None, lookup_ms: float) -> TaskOutcome:

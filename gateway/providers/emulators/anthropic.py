@@ -37,7 +37,6 @@ gateway.providers.emulators.anthropic --port 8092``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import threading
@@ -50,6 +49,7 @@ from gateway.providers.emulators.gemini import (
     _split,
     _tokens,
     reply_for_prompt,
+    run_standalone,
 )
 from gateway.providers.emulators.gemini import _Handler as _GeminiHandler
 from gateway.providers.emulators.gemini import _Server as _GeminiServer
@@ -340,21 +340,7 @@ def _check_fault(fault: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run standalone until Ctrl+C (demo mode, benchmarks, manual poking)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8092)
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds added to each reply")
-    args = parser.parse_args(argv)
-    emulator = AnthropicEmulator(args.host, args.port, reply_delay=args.delay).start()
-    print(f"Anthropic emulator listening on {emulator.base_url}", flush=True)
-    try:
-        while not emulator._stopping.wait(0.5):  # a timed wait lets Ctrl+C through on Windows
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        emulator.stop()
+    run_standalone(AnthropicEmulator, "Anthropic", 8092, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

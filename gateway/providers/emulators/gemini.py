@@ -679,15 +679,16 @@ def _check_fault(fault: Any) -> None:
         raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run standalone until Ctrl+C (demo mode, benchmarks, manual poking)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_standalone(emulator_class, label: str, default_port: int, description: str,
+                   argv: list[str] | None = None) -> None:
+    """Run an emulator standalone until Ctrl+C (demo mode, benchmarks, manual poking)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds added to each reply")
     args = parser.parse_args(argv)
-    emulator = GeminiEmulator(args.host, args.port, reply_delay=args.delay).start()
-    print(f"Gemini emulator listening on {emulator.base_url}", flush=True)
+    emulator = emulator_class(args.host, args.port, reply_delay=args.delay).start()
+    print(f"{label} emulator listening on {emulator.base_url}", flush=True)
     try:
         while not emulator._stopping.wait(0.5):  # a timed wait lets Ctrl+C through on Windows
             pass
@@ -695,6 +696,10 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         emulator.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_standalone(GeminiEmulator, "Gemini", 8090, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ Standalone: ``python -m gateway.providers.emulators.openai_compat --port 8091``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -51,6 +50,7 @@ from gateway.providers.emulators.gemini import (
     _sse_event,
     _tokens,
     reply_for_prompt,
+    run_standalone,
 )
 from gateway.providers.emulators.gemini import _Handler as _GeminiHandler
 from gateway.providers.emulators.gemini import _Server as _GeminiServer
@@ -343,21 +343,7 @@ class OpenAIEmulator(GeminiEmulator):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run standalone until Ctrl+C (demo mode, benchmarks, manual poking)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8091)
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds added to each reply")
-    args = parser.parse_args(argv)
-    emulator = OpenAIEmulator(args.host, args.port, reply_delay=args.delay).start()
-    print(f"OpenAI-compatible emulator listening on {emulator.base_url}", flush=True)
-    try:
-        while not emulator._stopping.wait(0.5):  # a timed wait lets Ctrl+C through on Windows
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        emulator.stop()
+    run_standalone(OpenAIEmulator, "OpenAI-compatible", 8091, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
