@@ -1,10 +1,12 @@
-"""The HTTP layer: a Flask + Flask-RESTX app in front of the Gemini task calls.
+"""The HTTP layer: a Flask + Flask-RESTX app in front of the gateway's task calls.
 
-`create_app(config)` wraps one `gateway.Gateway` in HTTP: the namespaces of `routes.py`, the
-request hooks (request id, security scan, timing, cost headers, the ledger record and one
-summary log line per request), client authentication (`auth.py`: the key goes on `g.api_key`),
-rate limits (per key, or per client address without one), CORS and the error handlers that turn every
-failure into one JSON shape. With `routes.py` it is the only code that imports Flask.
+`create_app(config)` wraps one `gateway.container.Gateway` in HTTP: the namespaces of
+`gateway/http/` (tasks, health and stats, probes, models, keys, usage), the request hooks
+(request id, security scan, timing, cost headers, the ledger record and one summary log line per
+request), client authentication (`gateway/auth/guard.py`: the key goes on the request's
+`RequestState`), rate limits (per key, or per client address without one), CORS and the error
+handlers that turn every failure into one JSON shape. With `gateway/http/` it is the only code
+that imports Flask.
 
 Run it with `python app.py` (waitress on HOST:PORT, default 0.0.0.0:8081, with the settings of
 `serve.waitress_settings`), `python serve.py` (production: supervised workers) or
@@ -217,7 +219,7 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
             headers[CLIENT_REQUEST_ID_HEADER] = context.client_request_id
         headers["X-Response-Time-ms"] = f"{elapsed_ms:.1f}"
         if context.streaming:
-            return response  # accounted for when the stream ends (routes.py)
+            return response  # accounted for when the stream ends (gateway/http/routes.py)
         outcome: TaskOutcome | None = context.outcome
         info = routes.request_info()
         overall = gateway.finish_request(info, response.status_code, elapsed_ms, outcome,
@@ -236,7 +238,7 @@ def _register_hooks(app: Flask, gateway: Gateway) -> None:
 
 
 def _estimated_cost(gateway: Gateway, key) -> float:
-    """What a task request may cost at most (budgets.py says how it is estimated): the body is not read
+    """What a task request may cost at most (gateway/auth/budgets.py says how it is estimated): the body is not read
     yet, so on the dearest model this key may use, at that model's output limit."""
     size = request.content_length
     if size is None:

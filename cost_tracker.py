@@ -8,9 +8,9 @@
 - `CostTracker`: one record per task request in a SQLite ledger (WAL mode; each record is
   committed before the response leaves, so a killed server loses no answered request, or, when
   the ledger is locked by someone else for longer than `write_timeout`, fsynced to a spool
-  beside it and replayed later: `ledger_spool.py`), also written to `cost_tracking.log`. Each
+  beside it and replayed later: `gateway/storage/ledger_spool.py`), also written to `cost_tracking.log`. Each
   record has the gateway's unique random request id and the client's X-Request-ID apart.
-  Usage statistics are computed by SQLite (`ledger_stats.py`) and exports stream, so neither
+  Usage statistics are computed by SQLite (`gateway/storage/ledger_stats.py`) and exports stream, so neither
   grows with the ledger; totals survive restarts.
 """
 
@@ -149,7 +149,7 @@ class CostTracker:
     matters when several worker processes share the file).
 
     A batch that cannot take the ledger's write lock within `write_timeout` seconds (another
-    connection holds it) goes to the durable spool instead (`ledger_spool.py`), and so does every
+    connection holds it) goes to the durable spool instead (`gateway/storage/ledger_spool.py`), and so does every
     batch after it until a background replay has emptied the spool: the answer is not held up,
     and each record reaches the ledger exactly once.
     """
@@ -344,7 +344,7 @@ class CostTracker:
     def get_usage_stats(self, hours: float = 24) -> dict:
         """Requests, tokens, costs, cache savings and latency percentiles over the last `hours`.
 
-        Computed by SQLite (ledger_stats.py): the rows fetched into Python do not grow with the
+        Computed by SQLite (gateway/storage/ledger_stats.py): the rows fetched into Python do not grow with the
         ledger, and concurrent calls for the same window share one computation. The window's
         figures and the all-time total are read from one snapshot."""
         return self._stats_calls.run(hours, lambda: self._usage_stats(hours))

@@ -17,7 +17,7 @@ Why it looks like this:
 - It takes plain data (strings, dicts), never Flask objects, so it is testable and reusable.
 - Instances share nothing (no `logging.getLogger` names), so many apps can live in one process.
 
-The security scan lives in `security_scanner.py`; its names are re-exported here.
+The security scan lives in `gateway/observability/security_scanner.py`; its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ _CREDENTIAL_TEXT = [
      rf"\1\2{REDACTED}", True),
     (r"\bbearer[" + _WS + r"]+[A-Za-z0-9._~+/\-]{12,}=*", f"Bearer {REDACTED}", True),
     (r"AIza[0-9A-Za-z_\-]{30,}", REDACTED, False),  # no \b: a key glued to a word is still a key
-    (r"mtk_[0-9A-Za-z_\-]{20,}", REDACTED, False),  # the gateway's own client API keys (api_keys.py)
+    (r"mtk_[0-9A-Za-z_\-]{20,}", REDACTED, False),  # the gateway's own client API keys (gateway/auth/keys.py)
 ]
 _CREDENTIAL_PATTERNS = [(re2.compile(f"(?i){pattern}" if fold else pattern), replacement)
                         for pattern, replacement, fold in _CREDENTIAL_TEXT]

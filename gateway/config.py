@@ -158,10 +158,10 @@ class Config:
     security_mode: str = _env("SECURITY_MODE", "log")
     hsts_enabled: bool = _env("HSTS_ENABLED", "false", kind=bool)
 
-    # Client API keys (api_keys.py, auth.py). Empty AUTH_ENABLED: on in production, off in development/testing.
+    # Client API keys (gateway/auth/keys.py, guard.py). Empty AUTH_ENABLED: on in production, off otherwise.
     auth_enabled: bool = _env("AUTH_ENABLED", "", kind="bool_or_environment")
     auth_allow_anonymous: bool = _env("AUTH_ALLOW_ANONYMOUS", "false", kind=bool)
-    # Optional JWT bearer tokens (jwt_auth.py): an HS256 secret or an RS256 public key file, and the issuer.
+    # Optional JWT bearer tokens (gateway/auth/jwt_tokens.py): an HS256 secret or an RS256 public key file, the issuer.
     auth_jwt_secret: str = _env("AUTH_JWT_SECRET", "", secret=True)
     auth_jwt_public_key_file: str = _env("AUTH_JWT_PUBLIC_KEY_FILE", "")
     auth_jwt_issuer: str = _env("AUTH_JWT_ISSUER", "")

@@ -44,7 +44,7 @@ class RequestInfo:
     error_code: str | None = None
     route: str = UNROUTED  # the URL rule that matched: what the counters are keyed by, never the raw path
     client_request_id: str | None = None  # the client's X-Request-ID, when it sent a valid one
-    key_id: str | None = None  # the API key the request was authenticated with (api_keys.py)
+    key_id: str | None = None  # the API key the request was authenticated with (gateway/auth/keys.py)
     user_agent: str = ""  # clipped (routes.clip_user_agent)
     model: str = ""  # the public model id asked for: what a request that got no answer is recorded under
 
@@ -53,7 +53,7 @@ class RequestInfo:
 # counted per process (/stats `process`) and logged in api_requests.log, but write no ledger row, or one
 # client could grow the ledger (and every later /stats) at hundreds of rows a second. Every other task
 # request, a 400 included, passed the rate limiter first, so its rows grow only as fast as the limit allows.
-# Refusals by authentication (auth.py) are among them: an unauthenticated client must not grow the ledger at all.
+# Refusals by authentication (gateway/auth/guard.py) are among them: an unauthenticated client must not grow the ledger.
 UNBILLED_REFUSALS = frozenset({"rate_limited", "request_blocked", "payload_too_large", "unauthorized", "key_revoked",
                                "key_expired", "forbidden", "task_not_allowed", "model_not_allowed",
                                "token_limit_exceeded", "budget_exceeded"})
@@ -89,7 +89,7 @@ class Gateway:
     logger: RequestLogger
     scanner: SecurityScanner
     keys: KeyStore
-    budgets: BudgetGuard  # keys' monthly budgets (budgets.py)
+    budgets: BudgetGuard  # keys' monthly budgets (gateway/auth/budgets.py)
     registry: ModelRegistry  # the servable models, their providers, keys and prices (data/models.json)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     tokens: TokenWindows = field(default_factory=TokenWindows)  # per-key tokens per minute (this process)

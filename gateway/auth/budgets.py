@@ -50,7 +50,7 @@ from gateway.storage.key_usage import month_bounds, month_of
 
 REFRESH_SECONDS = 1.0  # how stale a key's month spend may be before it is read again from the ledger
 DEFAULT_OUTPUT_TOKENS = 8192  # the output estimate without GEMINI_MAX_OUTPUT_TOKENS: gemini-2.0-flash's cap
-TEMPLATE_TOKENS = 300  # the task instructions wrapped around a prompt (task_prompts.py), generously
+TEMPLATE_TOKENS = 300  # the task instructions wrapped around a prompt (gateway/tasks/prompts.py), generously
 _SPEND = ("SELECT COALESCE(SUM(total_cost), 0) FROM cost_records "
           "WHERE key_id = ? AND timestamp >= ? AND timestamp < ?")
 

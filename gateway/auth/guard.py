@@ -12,7 +12,7 @@ before-request hook and puts the key on the request state (`g.api_key`).
   admin key; `/api/v1/keys/me/usage` is any key's own usage.
 - A task endpoint checks the key's `allowed_tasks`; once the request's model is resolved, the
   task layer checks the key's `allowed_models` (`check_model_allowed`).
-- Optionally (AUTH_JWT_*, `jwt_auth.py`) a Bearer JWT of the configured issuer stands for a key.
+- Optionally (AUTH_JWT_*, `gateway/auth/jwt_tokens.py`) a Bearer JWT of the configured issuer stands for a key.
 - With authentication off (AUTH_ENABLED=false) keys are not read and requests are anonymous,
   but `/api/v1/keys` is refused (403): keys are then managed with the CLI only.
 """
@@ -60,7 +60,7 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 
 def authenticate(store: KeyStore, headers: Mapping[str, str], now: float, jwt: JwtVerifier | None = None) -> ApiKey:
     """The valid key of a request; Unauthorized, KeyRevoked or KeyExpired otherwise. With `jwt` (AUTH_JWT_*),
-    a JWT signed by the configured issuer is accepted too (jwt_auth.py)."""
+    a JWT signed by the configured issuer is accepted too (gateway/auth/jwt_tokens.py)."""
     presented = presented_key(headers)
     if presented is None:
         raise Unauthorized("An API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",

@@ -14,8 +14,8 @@
   process, skipped (tried again later) when the database is busy, so authenticating never
   waits on a write.
 
-Nothing here imports Flask: `auth.py` decides what a request may do, `key_routes.py` and
-`key_cli.py` are the HTTP and command-line doors.
+Nothing here imports Flask: `gateway/auth/guard.py` decides what a request may do, `gateway/http/key_routes.py` and
+`gateway/http/key_cli.py` are the HTTP and command-line doors.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ApiKey:
     revoked_at: float | None = None
     rate_limit: str | None = None  # a Flask-Limiter string such as "100/minute;1000/day"
     tokens_per_minute: int | None = None
-    monthly_budget_usd: float | None = None  # enforced by budgets.py (402 budget_exceeded)
+    monthly_budget_usd: float | None = None  # enforced by gateway/auth/budgets.py (402 budget_exceeded)
     allowed_tasks: tuple[str, ...] | None = None  # None: every task
     allowed_models: tuple[str, ...] | None = None  # registry ids (aliases resolved when stored); None: every model
 

@@ -1,6 +1,6 @@
 """The `/api/v1/keys` namespace: API key management (admin keys) and a key's own usage (any key).
 
-Who may call what is decided before a route runs (`auth.py`, from `app.py`'s hook); these
+Who may call what is decided before a route runs (`gateway/auth/guard.py`, from `app.py`'s hook); these
 routes validate input (`api_keys.parse_key_settings`, the month) and talk to the `KeyStore`
 and the ledger. Creating a key is the only answer that ever contains a key.
 """

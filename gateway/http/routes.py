@@ -28,9 +28,9 @@ from gateway.http.schemas import SECURITY, InvalidBody, Schemas
 from gateway.observability.metrics import UNROUTED
 
 __version__ = "1.0.0"
-TASK_ENDPOINTS = frozenset(TASK_OF_PATH)  # one table of task paths (auth.py), for the ledger too
+TASK_ENDPOINTS = frozenset(TASK_OF_PATH)  # one table of task paths (gateway/auth/guard.py), for the ledger too
 # The /stats window is capped at 31 days: a month's billing. Its work grows with the rows in the window
-# (SQLite scans them once, see ledger_stats.py); longer reviews use CostTracker.export_records.
+# (SQLite scans them once, see gateway/storage/ledger_stats.py); longer reviews use CostTracker.export_records.
 MAX_STATS_HOURS = 24 * 31
 log = logging.getLogger("gateway.http")
 

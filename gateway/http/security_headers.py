@@ -12,7 +12,7 @@ API answers (everything outside the Swagger UI's static files) also get
   Content-Security-Policy: default-src 'none'; frame-ancestors 'none'
                                     JSON loads nothing; a response opened as a page runs nothing
 The Swagger page (`/swagger/`, its script and style, the bundled files under `/swaggerui/`) gets
-a policy that lets only same-origin files run: `swagger_ui.py` renders the page with no inline
+a policy that lets only same-origin files run: `gateway/http/swagger_ui.py` renders the page with no inline
 script or style, so neither 'unsafe-inline' nor a hash is needed. `data:` images are allowed
 because swagger-ui.css draws its icons as inline SVG data URLs.
 
@@ -26,7 +26,7 @@ HSTS_VALUE = "max-age=31536000; includeSubDomains"  # a year: what browsers' pre
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 SWAGGER_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-SWAGGER_PAGE_PREFIX = "/swagger/"  # the page and its own script and style (swagger_ui.py)
+SWAGGER_PAGE_PREFIX = "/swagger/"  # the page and its own script and style (gateway/http/swagger_ui.py)
 SWAGGER_STATIC_PREFIX = "/swaggerui/"  # Flask-RESTX's bundled files: cacheable (Flask revalidates them by ETag)
 NO_STORE = "no-store"
 

@@ -7,7 +7,7 @@ the policy carries their hashes (which change with every Flask-RESTX release) or
 in `/swagger/ui.js` and the styles in `/swagger/ui.css`, served from here; the bundled
 swagger-ui files still come from Flask-RESTX (`/swaggerui/...`). The spec URL reaches the
 script as a data attribute, and swagger-ui's icons (SVG symbols it refers to by id) are taken
-from Flask-RESTX's page. `security_headers.py` holds the policy; tests/test_swagger_browser.py
+from Flask-RESTX's page. `gateway/http/security_headers.py` holds the policy; tests/test_swagger_browser.py
 checks in headless Chromium that the UI renders with nothing refused.
 """
 

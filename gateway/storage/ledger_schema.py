@@ -5,7 +5,7 @@ and carrying the id of the API key it came with (`key_id`, NULL without one);
 `ledger_total` holds the all-time spend, kept by a trigger in each insert's transaction (and
 not touched by an ignored duplicate). The indexes serve /stats (time window, latency
 percentiles), the unique request id (exactly-once replay of the spool), lookups by a
-client's X-Request-ID and per-key usage by time (`key_usage.py`).
+client's X-Request-ID and per-key usage by time (`gateway/storage/key_usage.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class CostRecord:
     latency_ms: float
     status: int
     client_request_id: str | None = None  # the client's X-Request-ID, if it sent a valid one
-    key_id: str | None = None  # the id of the API key the request came with (api_keys.py), if any
+    key_id: str | None = None  # the id of the API key the request came with (gateway/auth/keys.py), if any
 
 
 COLUMNS = [field.name for field in dataclasses.fields(CostRecord)]
@@ -60,7 +60,7 @@ _SCHEMA = [
     "CREATE UNIQUE INDEX IF NOT EXISTS cost_records_by_request_id ON cost_records (request_id)",
     "CREATE INDEX IF NOT EXISTS cost_records_by_client_request_id ON cost_records (client_request_id) "
     "WHERE client_request_id IS NOT NULL",
-    # covering index for the latency percentiles of /stats (see ledger_stats.py)
+    # covering index for the latency percentiles of /stats (see gateway/storage/ledger_stats.py)
     "CREATE INDEX IF NOT EXISTS cost_records_by_latency ON cost_records (latency_ms, endpoint, timestamp)",
     "CREATE INDEX IF NOT EXISTS cost_records_by_key ON cost_records (key_id, timestamp)",  # per-key usage
     "CREATE TABLE IF NOT EXISTS ledger_total (id INTEGER PRIMARY KEY CHECK (id = 1), total_cost REAL NOT NULL)",

@@ -34,7 +34,7 @@ Besides HTTP errors, hangs, drops and bad bodies, an upstream that misbehaves wh
 
 Dripped and stalled replies are recorded in ``deliveries`` (bytes sent of the total, and
 whether the client closed the connection first); ``wait_delivery()`` returns the next finished one.
-Standalone: ``python gemini_emulator.py --port 8090``.
+Standalone: ``python gateway/providers/emulators/gemini.py --port 8090``.
 """
 
 from __future__ import annotations
