@@ -166,7 +166,8 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
     policy = retry_policy_from(config, on_retry=metrics.count_retry, **(retry_overrides or {}))
     router = ModelRouter(build_routes(registry, config), policy)
     models = ModelCatalog(registry, {"text": config.fallbacks_text, "code": config.fallbacks_code,
-                                     "classify": config.fallbacks_classify})
+                                     "classify": config.fallbacks_classify},
+                          output_cap=config.gemini_max_output_tokens or None)
     logger = RequestLogger(
         config.log_dir, max_bytes=config.log_max_bytes, backup_count=config.log_backup_count,
         console=config.log_console, console_level=config.log_level,

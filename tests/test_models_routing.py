@@ -222,3 +222,10 @@ def test_a_claude_stream_cut_short_is_billed_for_the_text_it_sent(make_app, tmp_
         record = only_record(app)
         assert record.model == "claude-haiku-4-5" and record.status == 502
         assert record.output_tokens > 1 and record.token_source == "estimate" and record.total_cost > 0
+
+
+def test_the_gateways_output_cap_bounds_what_a_request_may_ask_for(make_app, emulator):
+    app = make_app(ratelimit_enabled=False, gemini_max_output_tokens=64)
+    response = app.test_client().post(TEXT, json={"prompt": "hello", "max_tokens": 65})
+    assert response.status_code == 400 and "64" in response.get_json()["error"] and emulator.request_count == 0
+    assert app.test_client().post(TEXT, json={"prompt": "hello", "max_tokens": 64}).status_code == 200

@@ -26,6 +26,7 @@ from gateway.tasks.service import TaskOptions
 class ModelCatalog:
     registry: ModelRegistry
     task_fallbacks: Mapping[str, tuple[str, ...]]  # task -> configured fallback ids
+    output_cap: int | None = None  # GEMINI_MAX_OUTPUT_TOKENS: no request may ask for more (None: the model's limit)
 
     @property
     def default_model(self) -> str:
@@ -34,9 +35,9 @@ class ModelCatalog:
     def checked_options(self, options: TaskOptions, api_key=None, task: str = "text") -> TaskOptions:
         """`options` with the model and every fallback resolved to ids and checked (or the error to answer)."""
         model = self._checked(options.model or self.default_model, "model", api_key)
-        limit = self.registry.get(model).max_output_tokens
+        limit = self._output_limit(self.registry.get(model).max_output_tokens)
         if options.max_tokens is not None and limit is not None and options.max_tokens > limit:
-            reason = f"must be at most {limit}, the output limit of {model}"
+            reason = f"must be at most {limit}, the output limit of {model} on this gateway"
             raise InvalidRequest(f"Invalid input: 'max_tokens' {reason}", details={"fields": {"max_tokens": reason}})
         if options.fallbacks is not None:
             fallbacks = tuple(self._checked(name, "fallbacks", api_key) for name in options.fallbacks)
@@ -54,9 +55,14 @@ class ModelCatalog:
             spec = self.registry.get(model_id)
             if api_key is None or api_key.allowed_models is None or any(
                     api_key.allows_model(name) for name in (spec.id, *spec.aliases)):
-                output = spec.max_output_tokens or default_output_tokens
+                output = self._output_limit(spec.max_output_tokens) or default_output_tokens
                 costs.append(price_of(model_id, input_tokens, output).total)
         return max(costs)
+
+    def _output_limit(self, model_limit: int | None) -> int | None:
+        """The most output tokens a request may ask of a model: its own limit, under the gateway's cap."""
+        limits = [limit for limit in (model_limit, self.output_cap) if limit]
+        return min(limits) if limits else None
 
     def describe(self) -> list[dict]:
         return self.registry.describe()
