@@ -289,6 +289,10 @@ class Config:
     def key_looks_like_google(self) -> bool:
         return self.google_api_key.startswith(GOOGLE_KEY_PREFIX)
 
+    def cache_settings(self, task: str) -> tuple[int, float]:
+        """(max entries, TTL seconds) of one task's cache: CACHE_<TASK>_MAX_ENTRIES, CACHE_<TASK>_TTL_SECONDS."""
+        return getattr(self, f"cache_{task}_max_entries"), getattr(self, f"cache_{task}_ttl_seconds")
+
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 

@@ -26,6 +26,7 @@ from gateway.providers.factory import build_routes
 from gateway.providers.registry import ModelRegistry
 from gateway.providers.router import ModelRouter
 from gateway.tasks.service import TaskOutcome, TaskService
+from gateway.tasks.table import TASKS
 from gemini_wrapper import retry_policy_from
 from lru_cache import ResponseCache
 
@@ -174,14 +175,7 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
         secrets=[config.google_api_key, config.openai_api_key, config.anthropic_api_key],
         log_full_prompts=config.log_full_prompts,
     )
-    cache = ResponseCache(
-        {
-            "text": (config.cache_text_max_entries, config.cache_text_ttl_seconds),
-            "code": (config.cache_code_max_entries, config.cache_code_ttl_seconds),
-            "classify": (config.cache_classify_max_entries, config.cache_classify_ttl_seconds),
-        },
-        enabled=config.cache_enabled,
-    )
+    cache = ResponseCache({task: config.cache_settings(task) for task in TASKS}, enabled=config.cache_enabled)
     tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record),
                           write_timeout=config.cost_ledger_write_timeout_seconds)
     service = TaskService(router, cache, prices.cost, TokenCounter(), default_model=registry.default.id,
