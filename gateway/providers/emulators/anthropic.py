@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -307,36 +306,9 @@ class AnthropicEmulator(GeminiEmulator):
     wait_delivery); ``requests`` entries also carry the ``anthropic-version`` sent.
     """
 
-    def __repr__(self) -> str:
-        return f"AnthropicEmulator({self.base_url!r}, running={self._server is not None})"
-
-    def start(self) -> AnthropicEmulator:
-        """Bind (port 0 picks a free port) and serve from a daemon thread."""
-        if self._server is None:
-            self._stopping = threading.Event()
-            self._server = _Server((self.host, self._port), self)
-            self._port = self._server.server_address[1]
-            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                            name=f"anthropic-emulator-{self._port}", daemon=True)
-            self._thread.start()
-        return self
-
-    def inject(self, fault: str, times: int = 1, **params: Any) -> None:
-        """Fail the next ``times`` calls with ``fault`` (queued after earlier ones)."""
-        _check_fault(fault)
-        with self._lock:
-            self._faults.extend((fault, dict(params)) for _ in range(times))
-
-    def set_steady_fault(self, fault: str, **params: Any) -> None:
-        """Fail every call with ``fault`` until clear_faults(); wins over the queue."""
-        _check_fault(fault)
-        with self._lock:
-            self._steady = (fault, dict(params))
-
-
-def _check_fault(fault: Any) -> None:
-    if fault not in FAULTS:
-        raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
+    server_class = _Server
+    thread_name = "anthropic-emulator"
+    faults = FAULTS
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -546,7 +546,12 @@ class GeminiEmulator:
 
     ``start()`` returns self; ``with GeminiEmulator() as emu:`` starts it on entry if
     needed (so ``with GeminiEmulator().start() as emu:`` works too) and stops on exit.
+    The other providers' emulators subclass it and set the three class attributes below.
     """
+
+    server_class: type = _Server  # the HTTP server (its handler speaks the wire protocol)
+    thread_name = "gemini-emulator"
+    faults: frozenset[str] = FAULTS  # what inject() and set_steady_fault() accept
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, reply_delay: float = 0.0,
                  required_key: str | None = None) -> None:
@@ -566,7 +571,7 @@ class GeminiEmulator:
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
-        return f"GeminiEmulator({self.base_url!r}, running={self._server is not None})"
+        return f"{type(self).__name__}({self.base_url!r}, running={self._server is not None})"
 
     @property
     def port(self) -> int:
@@ -585,15 +590,15 @@ class GeminiEmulator:
         with self._lock:
             return self._count
 
-    def start(self) -> GeminiEmulator:
+    def start(self) -> Self:
         """Bind (port 0 picks a free port) and serve from a daemon thread."""
         if self._server is None:
             self._stopping = threading.Event()
-            self._server = _Server((self.host, self._port), self)
+            self._server = self.server_class((self.host, self._port), self)
             self._port = self._server.server_address[1]
             self._thread = threading.Thread(target=self._server.serve_forever,
                                             kwargs={"poll_interval": 0.05},
-                                            name=f"gemini-emulator-{self._port}", daemon=True)
+                                            name=f"{self.thread_name}-{self._port}", daemon=True)
             self._thread.start()
         return self
 
@@ -618,15 +623,19 @@ class GeminiEmulator:
     # -- faults
     def inject(self, fault: str, times: int = 1, **params: Any) -> None:
         """Fail the next ``times`` model calls with ``fault`` (queued after earlier ones)."""
-        _check_fault(fault)
+        self._check_fault(fault)
         with self._lock:
             self._faults.extend((fault, dict(params)) for _ in range(times))
 
     def set_steady_fault(self, fault: str, **params: Any) -> None:
         """Fail every model call with ``fault`` until clear_faults(); wins over the queue."""
-        _check_fault(fault)
+        self._check_fault(fault)
         with self._lock:
             self._steady = (fault, dict(params))
+
+    def _check_fault(self, fault: Any) -> None:
+        if fault not in self.faults:
+            raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(self.faults)}")
 
     def clear_faults(self) -> None:
         """Drop queued and steady faults."""
@@ -672,11 +681,6 @@ class GeminiEmulator:
             if self._steady:
                 return self._steady
             return self._faults.popleft() if self._faults else (None, {})
-
-
-def _check_fault(fault: Any) -> None:
-    if fault not in FAULTS:
-        raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
 
 
 def run_standalone(emulator_class, label: str, default_port: int, description: str,

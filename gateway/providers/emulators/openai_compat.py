@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -312,13 +311,13 @@ class OpenAIEmulator(GeminiEmulator):
     (Azure's ``azure_endpoint``). `models` is what ``GET /v1/models`` lists (any model is answered).
     """
 
+    server_class = _Server
+    thread_name = "openai-emulator"
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0, reply_delay: float = 0.0,
                  required_key: str | None = None, models: tuple[str, ...] = DEFAULT_MODELS) -> None:
         super().__init__(host, port, reply_delay, required_key)
         self.models = tuple(models)
-
-    def __repr__(self) -> str:
-        return f"OpenAIEmulator({self.base_url!r}, running={self._server is not None})"
 
     @property
     def root_url(self) -> str:
@@ -329,17 +328,6 @@ class OpenAIEmulator(GeminiEmulator):
     def base_url(self) -> str:
         """What to pass as the openai SDK's base_url, e.g. ``http://127.0.0.1:54321/v1``."""
         return f"{self.root_url}/v1"
-
-    def start(self) -> OpenAIEmulator:
-        """Bind (port 0 picks a free port) and serve from a daemon thread."""
-        if self._server is None:
-            self._stopping = threading.Event()
-            self._server = _Server((self.host, self._port), self)
-            self._port = self._server.server_address[1]
-            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                            name=f"openai-emulator-{self._port}", daemon=True)
-            self._thread.start()
-        return self
 
 
 def main(argv: list[str] | None = None) -> None:
