@@ -8,7 +8,6 @@ really waits. The thread tests run on real time with no waiting at all.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -20,8 +19,7 @@ from gateway.errors import UpstreamRateLimited
 from gateway.providers.base import Completion, GenerationParams, Message, ProviderRequest
 from gateway.providers.outbound_limits import OutboundLimiter, estimate_input_tokens, outbound_storage
 from tests.fakes import FakeClock
-
-REDIS_URI = "redis://127.0.0.1:6379"
+from tests.support.marks import require_redis
 
 
 @pytest.fixture
@@ -257,21 +255,9 @@ def test_a_redis_that_never_answers_costs_at_most_its_timeout(caplog):
     assert "goes through unlimited" in caplog.text
 
 
-def redis_is_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def redis_uri():
-    if not redis_is_up():
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but no Redis answers on 127.0.0.1:6379")
-        pytest.skip("no Redis on 127.0.0.1:6379: the shared-ceiling tests need one")
-    return REDIS_URI
+    return require_redis("the shared-ceiling tests")
 
 
 def test_two_workers_share_one_ceiling_through_redis(redis_uri):

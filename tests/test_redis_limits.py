@@ -6,30 +6,16 @@ instead, so CI always runs it.
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 
 import pytest
 
-REDIS_URI = "redis://127.0.0.1:6379"
-
-
-def redis_is_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
+from tests.support.marks import require_redis
 
 
 @pytest.fixture
 def redis_storage():
-    if not redis_is_up():
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but no Redis answers on 127.0.0.1:6379")
-        pytest.skip("no Redis on 127.0.0.1:6379: the shared-limit test needs one")
-    return REDIS_URI
+    return require_redis("the shared-limit test")
 
 
 def test_two_gateways_share_one_budget_through_redis(make_app, redis_storage, emulator):
