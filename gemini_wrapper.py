@@ -56,6 +56,7 @@ from gateway.errors import (
 )
 from gateway.providers import deadline as upstream_deadline
 from gateway.providers.base import (
+    BLOCKED_FINISH_REASONS,
     Chunk,
     ChunkStream,
     Completion,
@@ -249,7 +250,7 @@ def _completion_from(reply: Reply, model: str, text: str | None = None) -> Compl
     """A usable answer from a checked reply: blocked and empty answers are errors."""
     text = reply.text if text is None else text
     if not text.strip():
-        if reply.block_reason or reply.finish_reason in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII"):
+        if reply.block_reason or reply.finish_reason in BLOCKED_FINISH_REASONS:
             raise ContentBlocked("the provider's safety filter blocked this request",
                                  details={"reason": reply.block_reason or reply.finish_reason})
         raise UpstreamBadAnswer("the model returned an empty answer", details={"finish_reason": reply.finish_reason})

@@ -102,12 +102,16 @@ def authorize(key: ApiKey, path: str) -> None:
                              details={"key_id": key.id, "task": task, "allowed_tasks": list(key.allowed_tasks or ())})
 
 
+def model_allowed(key: ApiKey | None, model: ModelSpec) -> bool:
+    """Whether the key's `allowed_models` include the model, named by its id or an alias (a JWT's claim is not
+    resolved against the registry). No key (authentication off, anonymous) may use every model."""
+    return key is None or key.allowed_models is None or any(
+        key.allows_model(name) for name in (model.id, *model.aliases))
+
+
 def check_model_allowed(key: ApiKey | None, model: ModelSpec) -> None:
-    """ModelNotAllowed (403) if the key's `allowed_models` exclude the model (named by its id or an alias: a JWT's
-    claim is not resolved against the registry). No key (authentication off, anonymous) may use every model."""
-    if key is None or key.allowed_models is None:
-        return
-    if any(key.allows_model(name) for name in (model.id, *model.aliases)):
+    """ModelNotAllowed (403) unless `model_allowed`."""
+    if model_allowed(key, model):
         return
     raise ModelNotAllowed(f"This API key may not use the model '{model.id}'",
                           details={"key_id": key.id, "model": model.id, "allowed_models": list(key.allowed_models)})

@@ -61,13 +61,7 @@ def _add_task_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task: 
     request_schema, response_model = schemas.requests[task.name], schemas.responses[task.name]
 
     def post(self):
-        payload = request_schema.validate(json_body())
-        inputs = task.inputs(payload)
-        current = state()
-        current.prompt = inputs[task.prompt_field]
-        current.model = gateway.service.default_model  # what a refused request is recorded under
-        options = task_options(payload, gateway, task.name)
-        current.model = options.model
+        payload, inputs, options = _read_request(gateway, task, request_schema)
         outcome = gateway.service.run(task.name, inputs, options, cache_control(payload))
         echoed = {name: inputs[name] for name in task.echo}
         return {task.result_field: outcome.completion.text, **echoed, **answer_fields(outcome)}
@@ -89,21 +83,28 @@ def _add_stream_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task
         @_task_responses(ns, schemas, None, STREAM_200)
         @task_limit
         def post(self):
-            payload = request_schema.validate(json_body())
-            inputs = task.inputs(payload)
-            current = state()
-            current.prompt = inputs[task.prompt_field]
-            current.model = gateway.service.default_model
-            options = task_options(payload, gateway, task.name)
-            current.model = options.model
+            _, inputs, options = _read_request(gateway, task, request_schema)
             started = time.perf_counter()
             opened = gateway.service.open_stream(task.name, inputs, options)  # failures here are plain JSON errors
-            current.streaming = True
+            state().streaming = True
             events = _stream_events(gateway, opened, (time.perf_counter() - started) * 1000)
             return Response(stream_with_context(events), mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         post.__doc__ = STREAM_DOC
+
+
+def _read_request(gateway: Gateway, task: TaskDefinition, request_schema) -> tuple[dict, dict, TaskOptions]:
+    """(body, task inputs, checked options) of a task request, noting on the request state what its log
+    line and ledger row need: the prompt, and the model (the default one while the options are refused)."""
+    payload = request_schema.validate(json_body())
+    inputs = task.inputs(payload)
+    current = state()
+    current.prompt = inputs[task.prompt_field]
+    current.model = gateway.service.default_model
+    options = task_options(payload, gateway, task.name)
+    current.model = options.model
+    return payload, inputs, options
 
 
 def _task_responses(ns: Namespace, schemas: Schemas, success_model,
@@ -202,7 +203,7 @@ def _stream_events(gateway: Gateway, opened: OpenStream, open_ms: float):
     except GeneratorExit:
         if not accounted:
             _account_stream(gateway, CLIENT_CLOSED_REQUEST,
-                            gateway.service.partial_stream_outcome(opened, stream.received(), open_ms))
+                            gateway.service.stream_outcome(opened, stream.received(), open_ms))
         raise
     finally:
         stream.close()

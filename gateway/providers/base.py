@@ -102,42 +102,21 @@ class TextStream:
     the end), and a chunk reporting less (1000 then 1) is not believed, or a provider could stream
     a long answer and bill it from a last tiny count."""
 
-    def __init__(self, chunks: ChunkStream, model: str, first: Chunk | None = None):
+    def __init__(self, chunks: ChunkStream, model: str):
         self._chunks = chunks
-        self._iterator = iter(chunks)
-        self._first = first
         self._model = model
         self._parts: list[str] = []
         self._peak = Chunk(text="")
-        self._seen = False
         self.completion: Completion | None = None
 
-    @classmethod
-    def opened(cls, chunks: ChunkStream, model: str) -> TextStream:
-        """Read the first chunk now (so a failure to start is an error of opening, which is retried)."""
-        stream = cls(chunks, model)
-        try:
-            stream._first = next(stream._iterator, None)
-        except BaseException:
-            chunks.close()
-            raise
-        return stream
-
     def __iter__(self) -> Iterator[str]:
-        chunk, self._first = self._first, None
-        if chunk is None and not self._seen:
-            chunk = next(self._iterator, None)
-        while chunk is not None:
-            self._seen = True
+        for chunk in self._chunks:
             self._peak = _peak(self._peak, chunk)
             if chunk.text:
                 self._parts.append(chunk.text)
                 yield chunk.text
-            chunk = next(self._iterator, None)
-        if not self._seen:
-            raise UpstreamBadAnswer("the provider closed the stream without an answer")
         text = "".join(self._parts)
-        if not text.strip():
+        if not text.strip():  # the chain opened it at a chunk with text, but that text may be blank
             if self._peak.finish_reason in BLOCKED_FINISH_REASONS:
                 raise ContentBlocked("the provider's safety filter blocked this request",
                                      details={"reason": self._peak.finish_reason})
@@ -162,12 +141,13 @@ BLOCKED_FINISH_REASONS = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST",
 
 def _peak(previous: Chunk, chunk: Chunk) -> Chunk:
     return replace(previous, model=chunk.model or previous.model,
-                   input_tokens=_larger(previous.input_tokens, chunk.input_tokens),
-                   output_tokens=_larger(previous.output_tokens, chunk.output_tokens),
+                   input_tokens=larger(previous.input_tokens, chunk.input_tokens),
+                   output_tokens=larger(previous.output_tokens, chunk.output_tokens),
                    finish_reason=chunk.finish_reason or previous.finish_reason)
 
 
-def _larger(a: int | None, b: int | None) -> int | None:
+def larger(a: int | None, b: int | None) -> int | None:
+    """The larger of two reported counts, either of which may be missing."""
     return b if a is None else a if b is None else max(a, b)
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from gateway.auth.guard import check_model_allowed
+from gateway.auth.guard import check_model_allowed, model_allowed
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.providers.model_file import ModelSpec
 from gateway.providers.registry import ModelRegistry
 from gateway.tasks.service import TaskOptions
 
@@ -34,13 +35,14 @@ class ModelCatalog:
 
     def checked_options(self, options: TaskOptions, api_key=None, task: str = "text") -> TaskOptions:
         """`options` with the model and every fallback resolved to ids and checked (or the error to answer)."""
-        model = self._checked(options.model or self.default_model, "model", api_key)
-        limit = self._output_limit(self.registry.get(model).max_output_tokens)
+        spec = self._checked(options.model or self.default_model, "model", api_key)
+        model = spec.id
+        limit = self._output_limit(spec.max_output_tokens)
         if options.max_tokens is not None and limit is not None and options.max_tokens > limit:
             reason = f"must be at most {limit}, the output limit of {model} on this gateway"
             raise InvalidRequest(f"Invalid input: 'max_tokens' {reason}", details={"fields": {"max_tokens": reason}})
         if options.fallbacks is not None:
-            fallbacks = tuple(self._checked(name, "fallbacks", api_key) for name in options.fallbacks)
+            fallbacks = tuple(self._checked(name, "fallbacks", api_key).id for name in options.fallbacks)
         else:
             fallbacks = tuple(self._usable(name, api_key) for name in self.task_fallbacks.get(task, ()))
         fallbacks = tuple(name for name in dict.fromkeys(fallbacks) if name and name != model)
@@ -53,8 +55,7 @@ class ModelCatalog:
         costs = [0.0]
         for model_id in routed:
             spec = self.registry.get(model_id)
-            if api_key is None or api_key.allowed_models is None or any(
-                    api_key.allows_model(name) for name in (spec.id, *spec.aliases)):
+            if model_allowed(api_key, spec):
                 output = self._output_limit(spec.max_output_tokens) or default_output_tokens
                 costs.append(price_of(model_id, input_tokens, output).total)
         return max(costs)
@@ -67,7 +68,7 @@ class ModelCatalog:
     def describe(self) -> list[dict]:
         return self.registry.describe()
 
-    def _checked(self, name: str, field_name: str, api_key) -> str:
+    def _checked(self, name: str, field_name: str, api_key) -> ModelSpec:
         spec = self.registry.find(name)
         if spec is None:
             reason = "names a model this gateway does not serve (GET /api/v1/models lists them)"
@@ -75,10 +76,10 @@ class ModelCatalog:
                                  details={"fields": {field_name: reason}, "model": name[:128]})
         self.registry.require_configured(spec)
         check_model_allowed(api_key, spec)
-        return spec.id
+        return spec
 
     def _usable(self, name: str, api_key) -> str | None:
         try:
-            return self._checked(name, "fallbacks", api_key)
+            return self._checked(name, "fallbacks", api_key).id
         except GatewayError:
             return None

@@ -51,7 +51,7 @@ from gateway.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
-from gateway.providers.base import BLOCKED_FINISH_REASONS
+from gateway.providers.base import BLOCKED_FINISH_REASONS, larger
 from gateway.providers.retry_policy import RetryPolicy
 
 if TYPE_CHECKING:
@@ -234,8 +234,8 @@ class ChainStream:
             self._settle()
 
     def _seen(self, chunk: Chunk) -> Chunk:
-        self._input_tokens = _larger(self._input_tokens, chunk.input_tokens)
-        self._output_tokens = _larger(self._output_tokens, chunk.output_tokens)
+        self._input_tokens = larger(self._input_tokens, chunk.input_tokens)
+        self._output_tokens = larger(self._output_tokens, chunk.output_tokens)
         return chunk
 
     def _settle(self) -> None:
@@ -288,6 +288,3 @@ def _reported(permit: Permit | None, call: Callable[[], T]) -> T:
 def _name_failed(error: GatewayError, failed: list[FailedModel]) -> None:
     error.details = {**error.details, "failed_models": [{"model": f.model_id, "code": f.code} for f in failed]}
 
-
-def _larger(a: int | None, b: int | None) -> int | None:
-    return b if a is None else a if b is None else max(a, b)

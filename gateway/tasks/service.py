@@ -169,11 +169,6 @@ class TaskService:
         received = opened.stream.received()
         if isinstance(error, ContentBlocked) or not (received.text or received.input_tokens is not None):
             return None
-        return self.partial_stream_outcome(opened, received, upstream_ms)
-
-    def partial_stream_outcome(self, opened: OpenStream, received: Completion, upstream_ms: float) -> TaskOutcome:
-        """A stream cut short (by the provider, the deadline or the client), billed for what it sent: the
-        provider's counts so far, or our estimate where it has not reported the output yet."""
         return self.stream_outcome(opened, received, upstream_ms)
 
     def _outcome(self, answer: Answer, status: str, upstream_ms: float | None, lookup_ms: float) -> TaskOutcome:
