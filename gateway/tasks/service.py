@@ -116,14 +116,14 @@ class TaskService:
                                      **task.cache_inputs(inputs))
         upstream_ms: list[float] = []
 
-        def compute() -> Answer:
+        def compute() -> Answer:  # a miss only: a cache hit builds no prompt
+            prompt = task.prompt(inputs)
             started = time.perf_counter()
             routed = self.router.complete(models, (Message("user", prompt),), params, options.caller)
             upstream_ms.append((time.perf_counter() - started) * 1000)
             completion = replace(routed.completion, text=task.parse(routed.completion.text, inputs))
             return self._priced_answer(completion, routed, prompt)
 
-        prompt = task.prompt(inputs)
         started = time.perf_counter()
         answer, status = self.cache.get_or_compute(task.name, key, compute, read=control.read, write=control.write,
                                                    wait_timeout=self._share_wait_seconds)
