@@ -224,6 +224,18 @@ class ResponseCache:
             flight.done.set()
         return flight.value, "miss"
 
+    def lookup(self, task: str, key: str) -> Any:
+        """The cached value (counted as a hit or a miss), or None; None too when the cache is off. For answers
+        that are not computed under single flight: a stream, stored with `store` once it finished."""
+        cache = self._cache(task)
+        return cache.get(key) if self.enabled else None
+
+    def store(self, task: str, key: str, value: Any) -> None:
+        """Cache `value` under `key` (nothing when the cache is off)."""
+        cache = self._cache(task)
+        if self.enabled:
+            cache.put(key, value)
+
     @staticmethod
     def _compute_alone(cache: LRUCache, key: str, compute: Callable[[], V], write: bool) -> V:
         value = compute()

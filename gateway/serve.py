@@ -55,6 +55,11 @@ CHANNEL_TIMEOUT = 30
 # client: its default, 16 MB, let a streamed ledger export (/usage/export) run that far ahead of a
 # slow reader in memory (19 MB measured for a 27 MB export); at 1 MB the export holds about 2 MB.
 OUTBUF_HIGH_WATERMARK = 1024 * 1024
+# Requests waitress reads ahead on a connection while one runs. Above 0 it keeps reading the socket
+# during a request, so a client that closes its connection is seen at once (and told to the app by
+# `waitress.client_disconnected`): a stream stops its upstream at the next chunk and is billed 499.
+# At 0 (waitress's default) the close was seen only when a write failed, chunks later or never.
+CHANNEL_REQUEST_LOOKAHEAD = 1
 # Descriptors a worker keeps besides its client connections: stdio, the listening socket and
 # waitress's trigger, the ledger (database, WAL, shared memory, readers), log files, imports.
 RESERVED_DESCRIPTORS = 64
@@ -118,6 +123,7 @@ def waitress_settings(config, *, threads: int = THREADS, connections: int = CONN
         "ident": "",  # no Server header
         "channel_timeout": CHANNEL_TIMEOUT,
         "outbuf_high_watermark": OUTBUF_HIGH_WATERMARK,
+        "channel_request_lookahead": CHANNEL_REQUEST_LOOKAHEAD,
     }
 
 

@@ -28,15 +28,16 @@ def test_stream_sends_chunks_then_done_with_usage_and_cost(make_app, emulator):
     chunks = [data["text"] for name, data in events if name == "chunk"]
     name, done = events[-1]
     assert name == "done" and len(chunks) >= 2
+    # the completed stream was cached: the plain request is served from it, at no cost
     whole = client.post("/api/v1/generate/text", json={"prompt": "Tell me about rivers"}).get_json()
-    assert "".join(chunks) == whole["generated_text"]
+    assert "".join(chunks) == whole["generated_text"] and whole["cached"] is True
     assert done["usage"] == whole["usage"] and done["usage"]["source"] == "provider"
-    assert done["cost"]["total"] == whole["cost"]["total"] > 0
-    assert done["request_id"] == response.headers["X-Request-ID"]
+    assert done["cost"]["total"] == whole["cost"]["saved"] > 0 and whole["cost"]["total"] == 0
+    assert done["request_id"] == response.headers["X-Request-ID"] and done["cached"] is False
     records = app.extensions["gateway"].tracker.records()
     assert [r.endpoint for r in records] == [STREAM, "/api/v1/generate/text"]
     assert records[0].request_id == done["request_id"] and records[0].total_cost == done["cost"]["total"]
-    assert emulator.requests[0]["stream"] is True
+    assert emulator.request_count == 1 and emulator.requests[0]["stream"] is True
 
 
 def test_stream_retries_before_the_first_chunk(make_app, emulator, clock):

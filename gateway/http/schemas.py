@@ -159,6 +159,9 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
                                  description="Models to try in order when the model keeps failing "
                                              "(replaces the task's configured fallbacks; [] for none)"),
     }
+    stream_field = fields.Boolean(default=False, example=False, description=(
+        "Answer as server-sent events (text/event-stream): `chunk` events, then `done` with this answer's "
+        "fields, or `error`. Absent: `Accept: text/event-stream` asks for the stream; false always answers JSON"))
     answer_fields = {
         "model": fields.String(description="Public id of the model that answered (a fallback, if the asked "
                                            "one failed)", example="gemini-2.0-flash"),
@@ -175,7 +178,7 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
     return Schemas(
         text_request=RequestSchema.of(api.model("TextGeneration", {
             "prompt": prompt_field("Text prompt for generation", "Write a short story about a robot"),
-            "cache": cache_field, **generation,
+            "cache": cache_field, "stream": stream_field, **generation,
         }), api),
         code_request=RequestSchema.of(api.model("CodeGeneration", {
             "prompt": prompt_field("What the code should do",
@@ -183,7 +186,7 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
             "language": fields.String(min_length=1, max_length=MAX_LANGUAGE_CHARS, pattern=LANGUAGE_PATTERN,
                                       default="python", example="python",
                                       description=f"Programming language (default python): {LANGUAGE_RULE}"),
-            "cache": cache_field, **generation,
+            "cache": cache_field, "stream": stream_field, **generation,
         }), api),
         classify_request=RequestSchema.of(api.model("TextClassification", {
             "text": prompt_field("Text to classify", "This movie was amazing!"),

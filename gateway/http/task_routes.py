@@ -4,6 +4,9 @@ Each task's resource validates its body with the task's schema, reads the per-re
 (model, temperature, max_tokens, top_p, stop, fallbacks, cache control), runs the task through
 `TaskService` and answers with the task's result field plus the model, usage and cost. What
 differs between tasks is in `gateway.tasks.table` and the task's request schema, nothing here.
+A task that streams answers as server-sent events when the body says `"stream": true` (or, with no
+`stream` in the body, when `Accept` prefers `text/event-stream` to JSON): `chunk` events as the
+provider produces them, then `done` with the same fields as the JSON answer, or `error`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 
 from flask import Response, request, stream_with_context
 from flask_restx import Namespace, Resource
@@ -27,19 +31,28 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 
 # Summaries are the first line, without a period: RESTX cuts a summary at its first "." ("0.7" -> "0").
 DOCS = {
-    "text": "Generate text from a prompt.\n\nDefault temperature 0.7; the body may choose the model and sampling.",
+    "text": "Generate text from a prompt.\n\nDefault temperature 0.7; the body may choose the model and sampling. "
+            "With `\"stream\": true` (or `Accept: text/event-stream` and no `stream`) the 200 is a "
+            "text/event-stream: `chunk` events, then `done` with this answer's fields, or `error`.",
     "code": "Generate code for a request, returned without markdown fences.\n\n"
-            "Default temperature 0.2; the body may choose the language, the model and sampling.",
+            "Default temperature 0.2; the body may choose the language, the model and sampling. "
+            "With `\"stream\": true` (or `Accept: text/event-stream` and no `stream`) the 200 is a "
+            "text/event-stream: `chunk` events (the model's text, fences included), then `done` with this "
+            "answer's fields (`generated_code`: the code extracted from the whole answer), or `error`.",
     "classify": "Classify a text into exactly one of the given categories.\n\n"
                 "Default temperature 0.0; the answer is always one of the categories as the caller wrote it.",
 }
 STREAM_DOC = ("Generate text as it is produced, as server-sent events.\n\n"
               "`chunk` events ({text}), then `done` (model, usage, cost) or `error` (the error shape). "
-              "Not cached; cost headers come in the `done` event.")
+              "Like POST /generate/text with `\"stream\": true`, whose `done` also carries `generated_text`. "
+              "A completed stream is cached and a hit is replayed as a stream; cost headers come in the `done` event.")
 STREAM_200 = ("A text/event-stream, not JSON: `event: chunk` with data {\"text\"} for each piece as the provider "
               "produces it, then one `event: done` with data {model, provider, cached, usage, cost, request_id} "
               "or one `event: error` with data {error, code, details, request_id}. Errors before the stream "
               "starts are plain JSON with the statuses below.")
+TASK_200 = ("Answer (JSON; cost headers X-Cost-*, X-Tokens-*, X-Cached), or with `stream` a text/event-stream: "
+            "`event: chunk` data {\"text\"} per piece, then one `event: done` with the JSON answer's fields "
+            "or one `event: error` with the error shape")
 # Resource class names give the Swagger operation ids (post_text_generation...): kept stable for client generators.
 RESOURCE_NAMES = {"text": "TextGeneration", "code": "CodeGeneration", "classify": "TextClassification"}
 NAMESPACES = {"generate": ("/generate", "Text and code generation"),
@@ -62,12 +75,18 @@ def _add_task_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task: 
 
     def post(self):
         payload, inputs, options = _read_request(gateway, task, request_schema)
-        outcome = gateway.service.run(task.name, inputs, options, cache_control(payload))
         echoed = {name: inputs[name] for name in task.echo}
+        if wants_stream(task, payload):
+            return stream_response(gateway, task, inputs, options, cache_control(payload), echoed)
+        outcome = gateway.service.run(task.name, inputs, options, cache_control(payload))
         return {task.result_field: outcome.completion.text, **echoed, **answer_fields(outcome)}
 
     post.__doc__ = DOCS[task.name]
-    post = ns.expect(request_schema.model)(_task_responses(ns, schemas, response_model)(task_limit(post)))
+    documented = _task_responses(ns, schemas, response_model, TASK_200) if task.streams else \
+        _task_responses(ns, schemas, response_model)
+    post = ns.expect(request_schema.model)(documented(task_limit(post)))
+    if task.streams:
+        post = ns.produces(["application/json", "text/event-stream"])(post)
     resource = type(RESOURCE_NAMES[task.name], (Resource,), {"post": post})
     ns.route(task.path.removeprefix(f"/{ns.name}"))(resource)
 
@@ -83,15 +102,47 @@ def _add_stream_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task
         @_task_responses(ns, schemas, None, STREAM_200)
         @task_limit
         def post(self):
-            _, inputs, options = _read_request(gateway, task, request_schema)
-            started = time.perf_counter()
-            opened = gateway.service.open_stream(task.name, inputs, options)  # failures here are plain JSON errors
-            state().streaming = True
-            events = _stream_events(gateway, opened, (time.perf_counter() - started) * 1000)
-            return Response(stream_with_context(events), mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            payload, inputs, options = _read_request(gateway, task, request_schema)
+            return stream_response(gateway, task, inputs, options, cache_control(payload), None)
 
         post.__doc__ = STREAM_DOC
+
+
+def wants_stream(task: TaskDefinition, payload: dict) -> bool:
+    """Whether to answer as server-sent events: the body's `stream` decides; without it, an `Accept` that
+    prefers text/event-stream to JSON (`*/*`, or both listed alike, keeps JSON). A task that does not
+    stream refuses `"stream": true` (400) and answers JSON whatever `Accept` says."""
+    asked = payload.get("stream")
+    if not task.streams:
+        if asked is not None and asked is not False:
+            raise InvalidRequest(f"Invalid input: '{task.name}' does not stream: leave 'stream' out or false",
+                                 details={"fields": {"stream": "this task does not stream"}})
+        return False
+    if asked is not None:
+        return asked
+    accept = request.accept_mimetypes
+    return bool(accept) and accept["text/event-stream"] > accept["application/json"]
+
+
+def stream_response(gateway: Gateway, task: TaskDefinition, inputs: dict, options: TaskOptions,
+                    control: CacheControl, echoed: dict | None) -> Response:
+    """Open the task's stream (a cached answer's replay, or the provider's: failures before its first chunk are
+    plain JSON errors) and answer with its events. `echoed` None: the `done` event carries only the answer
+    fields (the /generate/text/stream protocol), else the result field and these inputs too.
+
+    Under waitress (with `channel_request_lookahead`, gateway/serve.py) a client that closed its connection is
+    seen between chunks through `waitress.client_disconnected`: the provider's stream is closed there."""
+    gone = request.environ.get("waitress.client_disconnected")
+    if gone is not None and gone():  # it left while the request waited for a thread: no provider call
+        return Response(status=CLIENT_CLOSED_REQUEST)
+    started = time.perf_counter()
+    opened = gateway.service.open_stream(task.name, inputs, options, control)
+    state().streaming = True
+    result = None if echoed is None else (task.result_field, echoed)
+    events = _stream_events(gateway, opened, (time.perf_counter() - started) * 1000, result, gone)
+    return Response(stream_with_context(events), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                             "X-Cached": "true" if opened.cached is not None else "false"})
 
 
 def _read_request(gateway: Gateway, task: TaskDefinition, request_schema) -> tuple[dict, dict, TaskOptions]:
@@ -176,21 +227,35 @@ def answer_fields(outcome: TaskOutcome) -> dict:
     }
 
 
-def _stream_events(gateway: Gateway, opened: OpenStream, open_ms: float):
+def _stream_events(gateway: Gateway, opened: OpenStream, open_ms: float, result: tuple[str, dict] | None,
+                   gone: Callable[[], bool] | None):
     """SSE events for one stream; the ledger record is written before the final event is sent.
 
     A stream that fails mid-way (the provider cut it, sent a bad chunk or an error, or ran past
     the deadline) ends with an `error` event and is recorded with that status, priced for what
-    the provider sent until then. So is a client that disconnects mid-stream (GeneratorExit at a
-    `yield`), as status 499; either way the provider's stream is closed."""
+    the provider sent until then. So is a client that disconnects mid-stream, as status 499: seen by
+    `gone()` before each chunk is sent (waitress), or as GeneratorExit at a `yield` (a server that closes
+    the response); either way the provider's stream is closed, and the answer is not cached."""
     accounted = False
     stream = opened.stream
     try:
         try:
+            left = False
             for text in stream:
+                if gone is not None and gone():
+                    left = True
+                    break
                 yield _sse("chunk", {"text": text})
-            status, outcome = 200, gateway.service.stream_outcome(opened, stream.completion, open_ms)
-            final = ("done", answer_fields(outcome))
+            if left or (gone is not None and gone()):
+                accounted = True
+                _account_stream(gateway, CLIENT_CLOSED_REQUEST, gateway.service.partial_stream_outcome(opened, open_ms))
+                return
+            outcome = gateway.service.stream_outcome(opened, open_ms)
+            status, fields = 200, answer_fields(outcome)
+            if result is not None:
+                field, echoed = result
+                fields = {field: outcome.completion.text, **echoed, **fields}
+            final = ("done", fields)
         except Exception as exc:  # noqa: BLE001 - the 200 already went out: the failure becomes the last event
             body, status, _ = error_payload(exc)
             final = ("error", body)
@@ -202,8 +267,7 @@ def _stream_events(gateway: Gateway, opened: OpenStream, open_ms: float):
         yield _sse(*final)
     except GeneratorExit:
         if not accounted:
-            _account_stream(gateway, CLIENT_CLOSED_REQUEST,
-                            gateway.service.stream_outcome(opened, stream.received(), open_ms))
+            _account_stream(gateway, CLIENT_CLOSED_REQUEST, gateway.service.partial_stream_outcome(opened, open_ms))
         raise
     finally:
         stream.close()

@@ -10,7 +10,7 @@ their row in `gateway.tasks.table`; models only by their route in the router.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from cost_tracker import Cost, TokenCounter
@@ -53,6 +53,12 @@ class Answer:
     output_tokens: int
     token_source: str  # "provider" or "estimate"
     failed_models: tuple[tuple[str, str], ...] = ()  # (model id, error code) tried before it
+    raw_text: str | None = None  # the provider's text before the task's parser, when it differs (a replay sends it)
+
+    @property
+    def streamed_text(self) -> str:
+        """What a stream of this answer sends as chunks: the provider's own text (code with its fences)."""
+        return self.completion.text if self.raw_text is None else self.raw_text
 
 
 @dataclass(frozen=True)
@@ -81,13 +87,43 @@ class TaskOutcome:
         return bool(self.failed_models)
 
 
+class CachedStream:
+    """A cached answer replayed as a `TextStream` would stream it: the same text in pieces, then `completion`."""
+
+    PIECE_CHARS = 4096  # a replay's chunk size: no single SSE line as long as a whole long answer
+
+    def __init__(self, answer: Answer):
+        self._text = answer.streamed_text
+        self._sent = 0
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self._text), self.PIECE_CHARS):
+            piece = self._text[start:start + self.PIECE_CHARS]
+            self._sent = start + len(piece)
+            yield piece
+        self.completion = self.received()
+
+    def received(self) -> Completion:
+        return Completion(text=self._text[:self._sent], model="")
+
+    def close(self) -> None:
+        """Nothing to release: no provider connection."""
+
+
 @dataclass(frozen=True)
 class OpenStream:
-    """A task stream that has started (first chunk in hand), and who is answering it."""
+    """A task stream that has started: a provider's (first chunk in hand, `routed` says who answers) or a
+    cached answer's replay (`cached`). A finished provider stream is stored under `store_key` (None: not stored)."""
 
-    stream: TextStream
-    routed: Routed
+    stream: TextStream | CachedStream
+    routed: Routed | None
     prompt: str
+    task: TaskDefinition | None = None
+    inputs: Mapping | None = None
+    store_key: str | None = None
+    cached: Answer | None = None
+    lookup_ms: float = 0.0
 
 
 class TaskService:
@@ -112,8 +148,7 @@ class TaskService:
             control: CacheControl = CacheControl()) -> TaskOutcome:
         task = self.tasks[task_name]
         models, params = self.plan(task, options)
-        key = ResponseCache.make_key(task.name, model=models[0], fallbacks=list(models[1:]), **_key_params(params),
-                                     **task.cache_inputs(inputs))
+        key = self._cache_key(task, models, params, inputs)
         upstream_ms: list[float] = []
 
         def compute() -> Answer:  # a miss only: a cache hit builds no prompt
@@ -121,8 +156,7 @@ class TaskService:
             started = time.perf_counter()
             routed = self.router.complete(models, (Message("user", prompt),), params, options.caller)
             upstream_ms.append((time.perf_counter() - started) * 1000)
-            completion = replace(routed.completion, text=task.parse(routed.completion.text, inputs))
-            return self._priced_answer(completion, routed, prompt)
+            return self._parsed_answer(task, inputs, routed.completion, routed, prompt)
 
         started = time.perf_counter()
         answer, status = self.cache.get_or_compute(task.name, key, compute, read=control.read, write=control.write,
@@ -148,28 +182,56 @@ class TaskService:
             top_p=_first(options.top_p, defaults.get("top_p")), stop=tuple(options.stop))
         return models, params
 
-    def open_stream(self, task_name: str, inputs: dict, options: TaskOptions = TaskOptions()) -> OpenStream:
-        """Start streaming an answer (retries and fallbacks until the first chunk). Streams bypass the cache."""
+    def _cache_key(self, task: TaskDefinition, models: tuple[str, ...], params: GenerationParams,
+                   inputs: dict) -> str:
+        """One key for a question, streamed or not: a plain answer can be replayed as a stream and back."""
+        return ResponseCache.make_key(task.name, model=models[0], fallbacks=list(models[1:]), **_key_params(params),
+                                      **task.cache_inputs(inputs))
+
+    def open_stream(self, task_name: str, inputs: dict, options: TaskOptions = TaskOptions(),
+                    control: CacheControl = CacheControl()) -> OpenStream:
+        """Start streaming an answer: a cached one (replayed, no upstream call), else the provider's (retries and
+        fallbacks until the first chunk). Streams skip single flight: each miss opens its own provider stream."""
         task = self.tasks[task_name]
         models, params = self.plan(task, options)
+        key = self._cache_key(task, models, params, inputs)
+        started = time.perf_counter()
+        if control.read and (answer := self.cache.lookup(task.name, key)) is not None:
+            return OpenStream(CachedStream(answer), None, "", task, inputs, cached=answer,
+                              lookup_ms=(time.perf_counter() - started) * 1000)
         prompt = task.prompt(inputs)
         stream, routed = self.router.open_stream(models, (Message("user", prompt),), params, options.caller)
-        return OpenStream(stream, routed, prompt)
+        return OpenStream(stream, routed, prompt, task, inputs, store_key=key if control.write else None)
 
-    def stream_outcome(self, opened: OpenStream, completion: Completion, upstream_ms: float) -> TaskOutcome:
-        """Price a stream's answer like any other upstream answer: the whole `completion` of a finished
-        stream, or what `received()` holds of one that failed mid-way or that the client left (its
-        prompt and the chunks sent were billed all the same)."""
-        return self._outcome(self._priced_answer(completion, opened.routed, opened.prompt), "miss", upstream_ms, 0.0)
+    def stream_outcome(self, opened: OpenStream, upstream_ms: float) -> TaskOutcome:
+        """The outcome of a stream that ran to its end: a replay is a cache hit (cost 0, `saved` what it would
+        have cost); a provider's answer is read by the task's parser (the code of a code answer), priced like any
+        other upstream answer, and cached (a parser's refusal raises, and nothing is cached)."""
+        if opened.cached is not None:
+            return self._outcome(opened.cached, "hit", None, opened.lookup_ms)
+        answer = self._parsed_answer(opened.task, opened.inputs, opened.stream.completion, opened.routed,
+                                     opened.prompt)
+        if opened.store_key is not None:
+            self.cache.store(opened.task.name, opened.store_key, answer)
+        return self._outcome(answer, "miss", upstream_ms, 0.0)
+
+    def partial_stream_outcome(self, opened: OpenStream, upstream_ms: float) -> TaskOutcome:
+        """Price what a stream the client left had received (its prompt and the chunks sent were billed all the
+        same): the usage the provider reported until then, never cached. A replay left early cost nothing."""
+        if opened.cached is not None:
+            return self._outcome(opened.cached, "hit", None, opened.lookup_ms)
+        return self._outcome(self._priced_answer(opened.stream.received(), opened.routed, opened.prompt), "miss",
+                             upstream_ms, 0.0)
 
     def failed_stream_outcome(self, opened: OpenStream, error: BaseException, upstream_ms: float) -> TaskOutcome | None:
         """What a stream that failed after it opened is billed: what `received()` holds, the usage the
         provider reported until then. Nothing when the provider refused the prompt (its safety filter,
         billed $0 as for a plain call) or sent nothing usable (no text, no usage)."""
         received = opened.stream.received()
-        if isinstance(error, ContentBlocked) or not (received.text or received.input_tokens is not None):
+        if opened.cached is not None or isinstance(error, ContentBlocked) or not (
+                received.text or received.input_tokens is not None):
             return None
-        return self.stream_outcome(opened, received, upstream_ms)
+        return self.partial_stream_outcome(opened, upstream_ms)
 
     def _outcome(self, answer: Answer, status: str, upstream_ms: float | None, lookup_ms: float) -> TaskOutcome:
         # Priced by the public model that answered: the provider may answer with a versioned name.
@@ -182,6 +244,13 @@ class TaskService:
             upstream_ms=upstream_ms, cache_lookup_ms=lookup_ms,
             model_id=answer.model_id, provider=answer.provider, failed_models=answer.failed_models,
         )
+
+    def _parsed_answer(self, task: TaskDefinition, inputs: Mapping, completion: Completion, routed: Routed,
+                       prompt: str) -> Answer:
+        """The task's result out of a whole answer, priced; the provider's own text kept when it differs."""
+        result = task.parse(completion.text, inputs)
+        answer = self._priced_answer(replace(completion, text=result), routed, prompt)
+        return answer if result == completion.text else replace(answer, raw_text=completion.text)
 
     def _priced_answer(self, completion: Completion, routed: Routed, prompt: str) -> Answer:
         """Bill from the provider's usage; estimate with tiktoken only when it reported none."""

@@ -33,6 +33,7 @@ class TaskDefinition:
     echo: tuple[str, ...] = ()  # inputs given back in the answer beside the result
     # Applied to every result, cached or not: a classification comes back in this caller's spelling.
     present: Callable[[str, dict], str] = unchanged
+    streams: bool = True  # may answer as server-sent events ("stream": true); a classification is one word
 
 
 def _code_inputs(body: dict) -> dict:
@@ -82,7 +83,7 @@ TASKS: dict[str, TaskDefinition] = {
             prompt=lambda inputs: prompts.classification_prompt(inputs["text"], inputs["categories"]),
             parse=lambda answer, inputs: prompts.match_category(answer, inputs["categories"]),
             cache_inputs=_categories_key, inputs=_classify_inputs, prompt_field="text", echo=("categories",),
-            present=lambda label, inputs: prompts.match_category(label, inputs["categories"]),
+            present=lambda label, inputs: prompts.match_category(label, inputs["categories"]), streams=False,
         ),
     )
 }

@@ -16,13 +16,16 @@ import threading
 from waitress import wasyncore
 from waitress.server import create_server
 
+from gateway.serve import CHANNEL_REQUEST_LOOKAHEAD
+
 CLOSE_TIMEOUT_SECONDS = 5.0  # a task still running after that is left to finish (its thread is a daemon)
 
 
 class LiveServer:
     """`app` served by waitress on 127.0.0.1 (a free port unless `port` is given): `url`, `port`, `close()`.
 
-    `waitress_settings` go to `waitress.server.create_server` (threads, trusted_proxy, ...);
+    `waitress_settings` go to `waitress.server.create_server` (threads, trusted_proxy, ...), with the
+    launcher's `channel_request_lookahead` unless given (streams see a client's disconnect through it);
     `channel_class` replaces waitress's HTTP channel (serve.py's JSON error channel, say).
     Use as a context manager or call `close()`; closing twice is harmless.
     """
@@ -30,6 +33,7 @@ class LiveServer:
     def __init__(self, app, *, port: int = 0, channel_class=None, threads: int = 16, **waitress_settings):
         self.app = app
         self._sockets: dict = {}  # this server's socket map: the listener, its trigger, the connections
+        waitress_settings.setdefault("channel_request_lookahead", CHANNEL_REQUEST_LOOKAHEAD)
         self.server = create_server(app, map=self._sockets, host="127.0.0.1", port=port, threads=threads,
                                     **waitress_settings)
         if channel_class is not None:
