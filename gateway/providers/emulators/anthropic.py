@@ -26,7 +26,7 @@ Faults (``inject()`` one-shot, ``set_steady_fault()`` until ``clear_faults()``, 
 a string sent verbatim), ``overloaded`` (529), ``server_error`` (500 ``api_error``),
 ``bad_request`` (400), ``auth`` (401), ``permission_denied`` (403), ``not_found`` (404),
 ``refusal`` (no text, stop_reason ``refusal``), ``hang``, ``slow``, ``drop``, ``malformed``,
-``empty``, ``no_usage``, ``drip``, ``cut``, ``bad_chunk``, ``error_chunk`` (an ``error`` event
+``empty``, ``no_usage``, ``drip``, ``pace``, ``cut``, ``bad_chunk``, ``error_chunk`` (an ``error`` event
 mid-stream, of ``error_type``, default ``overloaded_error``), ``stall`` and ``raw`` (``body``
 as a 200 reply, or ``events``: dicts sent as ``event: <type>`` frames, bytes verbatim).
 
@@ -43,6 +43,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.providers.emulators.gemini import (
+    SLOW_FAULTS,
     GeminiEmulator,
     _chunk,
     _split,
@@ -65,7 +66,7 @@ _ERROR_FAULTS = {  # fault -> (HTTP status, Anthropic error type, message)
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                 500: "api_error", 529: "overloaded_error"}
-_REPLY_FAULTS = frozenset({"drip", "cut", "bad_chunk", "error_chunk", "stall"})  # misbehave while answering
+_REPLY_FAULTS = frozenset({"drip", "pace", "cut", "bad_chunk", "error_chunk", "stall"})  # misbehave while answering
 _ANSWER_FAULTS = _REPLY_FAULTS | {"slow", "empty", "no_usage", "refusal"}  # a reply is still built
 FAULTS = frozenset(_ERROR_FAULTS) | _ANSWER_FAULTS | {"hang", "drop", "malformed", "raw"}
 _MALFORMED = b'{"type": "message", "content": [{"type": "text", <html>Bad Gateway'
@@ -251,7 +252,7 @@ class _Handler(_GeminiHandler):
         error = _error_body(params.get("error_type", "overloaded_error"), "Overloaded")
         if stream:
             frames = [_chunk(_sse(event)) for event in stream_events(message)]
-            if fault in ("drip", "stall"):
+            if fault in SLOW_FAULTS:
                 return self._send_slowly(self._STREAM_HEAD, [*frames, b"0\r\n\r\n"], fast=min(after, len(frames)),
                                          fault=fault, params=params)
             sent = frames[:after]
@@ -269,7 +270,7 @@ class _Handler(_GeminiHandler):
             self._send(head + body[:len(body) // 2])
             return self._drop()
         half = [body[:len(body) // 2], body[len(body) // 2:]]
-        self._send_slowly(head, half, fast=1 if fault == "stall" else 0, fault=fault, params=params)
+        self._send_slowly(head, half, fast=0 if fault == "drip" else 1, fault=fault, params=params)
 
     def _fail(self, fault: str, params: dict, stream: bool) -> None:
         """Answer with one of the injected faults instead of a reply."""

@@ -23,6 +23,9 @@ Besides HTTP errors, hangs, drops and bad bodies, an upstream that misbehaves wh
 
 * ``drip``: the normal reply one byte every ``interval`` s (default 0.5); ``headers=True``
   drips the status line and headers too; a stream sends its first ``after`` chunks at once.
+* ``pace``: a good reply whose frames (a stream's chunks; a plain body's two halves) are sent
+  ``interval`` s apart (default 0.2), the first ``after`` at once (default 1): an upstream still
+  producing while the gateway forwards what it has. It stops when the client closes the connection.
 * ``cut``, ``bad_chunk``, ``error_chunk``, ``stall``: a stream sends ``after`` good chunks
   (default 1), then closes mid-stream, sends a chunk that is not JSON, sends an error object,
   or waits ``seconds`` (default 60) and closes. A plain call gets half its body then the close
@@ -32,8 +35,9 @@ Besides HTTP errors, hangs, drops and bad bodies, an upstream that misbehaves wh
 * ``raw``: serve ``body`` (any JSON, or bytes sent verbatim) as a 200 reply, or ``events`` as a
   stream's chunks: off-contract replies, lying usage, numbers or nesting no encoder would write.
 
-Dripped and stalled replies are recorded in ``deliveries`` (bytes sent of the total, and
-whether the client closed the connection first); ``wait_delivery()`` returns the next finished one.
+Dripped, paced and stalled replies are recorded in ``deliveries`` (bytes and frames sent of the
+total, when the first frame went out, and whether the client closed the connection first);
+``wait_delivery()`` returns the next finished one.
 Standalone: ``python gateway/providers/emulators/gemini.py --port 8090``.
 """
 
@@ -53,6 +57,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -73,7 +78,8 @@ _ERROR_FAULTS = {  # fault -> (HTTP code, Google status, message)
     "bad_request": (400, "INVALID_ARGUMENT", "Request contains an invalid argument."),
     "permission_denied": (403, "PERMISSION_DENIED", "The caller does not have permission."),
 }
-_REPLY_FAULTS = frozenset({"drip", "cut", "bad_chunk", "error_chunk", "stall"})  # misbehave while answering
+_REPLY_FAULTS = frozenset({"drip", "pace", "cut", "bad_chunk", "error_chunk", "stall"})  # misbehave while answering
+SLOW_FAULTS = ("drip", "pace", "stall")  # answered through `_send_slowly`
 FAULTS = frozenset(_ERROR_FAULTS) | _REPLY_FAULTS | {
     "safety_block", "slow", "hang", "malformed", "drop", "empty", "no_usage", "raw"}
 
@@ -307,6 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
         emu, rest = self.server.emulator, b"".join(frames[fast:])
         delivery = Delivery(fault, total=len(head) + sum(map(len, frames)))
         try:
+            if fault == "pace":
+                return self._send_paced(head, frames, fast, float(params.get("interval", 0.2)), delivery)
             if fault == "drip" and params.get("headers"):
                 rest, head = head + b"".join(frames[:fast]) + rest, b""
             else:
@@ -327,6 +335,17 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.close_connection = delivery.sent < delivery.total  # a finished drip keeps the connection
             emu._delivered(delivery)
+
+    def _send_paced(self, head: bytes, frames: list[bytes], fast: int, interval: float, delivery: Delivery) -> None:
+        """`head` and the first `fast` frames at once, then one frame every `interval` s until the client leaves."""
+        delivery.sent = self._send(head + b"".join(frames[:fast]))
+        delivery.first_sent_at, delivery.frames_sent = time.perf_counter(), min(fast, len(frames))
+        for frame in frames[fast:]:
+            if self._wait_for_close(interval):
+                delivery.client_closed = True
+                return
+            delivery.sent += self._send(frame)
+            delivery.frames_sent += 1
 
     def _send(self, data: bytes) -> int:
         self.connection.sendall(data)
@@ -435,7 +454,7 @@ class _Handler(BaseHTTPRequestHandler):
             head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n")
             frames = [_chunk(_sse_event(event)) for event in events]
-            if fault in ("drip", "stall"):
+            if fault in SLOW_FAULTS:
                 return self._send_slowly(head, [*frames, b"0\r\n\r\n"], fast=after if fault == "drip" else
                                          min(after, len(frames)), fault=fault, params=params)
             sent = [*frames[:after]]
@@ -462,7 +481,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(head + body[:len(body) // 2])
             return self._drop()
         half = [body[:len(body) // 2], body[len(body) // 2:]]
-        self._send_slowly(head, half, fast=1 if fault == "stall" else 0, fault=fault, params=params)
+        self._send_slowly(head, half, fast=0 if fault == "drip" else 1, fault=fault, params=params)
 
     def _fail(self, fault: str, params: dict, stream: bool, prompt_tokens: int,
               meta: dict) -> None:
@@ -533,12 +552,15 @@ def _split(text: str, pieces: int = 4) -> list[str]:
 # --------------------------------------------------------------------------- public API
 @dataclasses.dataclass
 class Delivery:
-    """How far a dripped or stalled reply got: bytes `sent` of `total`, and whether the client hung up."""
+    """How far a dripped, paced or stalled reply got: bytes `sent` of `total`, and whether the client hung up;
+    for `pace`, the frames sent and when the first went out (`time.perf_counter()`, for time-to-first-byte)."""
 
     fault: str
     total: int
     sent: int = 0
     client_closed: bool = False
+    frames_sent: int = 0
+    first_sent_at: float | None = None
 
 
 class GeminiEmulator:

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from gateway.providers.emulators.gemini import (
     _REPLY_FAULTS,
+    SLOW_FAULTS,
     GeminiEmulator,
     _chunk,
     _split,
@@ -255,7 +256,7 @@ class _Handler(_GeminiHandler):
         if stream:
             head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
             frames = [_chunk(_sse_event(event)) for event in events]
-            if fault in ("drip", "stall"):
+            if fault in SLOW_FAULTS:
                 return self._send_slowly(head, [*frames, b"0\r\n\r\n"], fast=after if fault == "drip" else
                                          min(after, len(frames)), fault=fault, params=params)
             sent = frames[:after]
@@ -273,7 +274,7 @@ class _Handler(_GeminiHandler):
             self._send(head + body[:len(body) // 2])
             return self._drop()
         half = [body[:len(body) // 2], body[len(body) // 2:]]
-        self._send_slowly(head, half, fast=1 if fault == "stall" else 0, fault=fault, params=params)
+        self._send_slowly(head, half, fast=0 if fault == "drip" else 1, fault=fault, params=params)
 
     def _fail(self, fault: str, params: dict, stream: bool, meta: dict, include_usage: bool,
               prompt_tokens: int) -> None:
