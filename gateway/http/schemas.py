@@ -161,7 +161,8 @@ def register_models(api: Api, max_prompt_chars: int) -> Schemas:
     }
     stream_field = fields.Boolean(default=False, example=False, description=(
         "Answer as server-sent events (text/event-stream): `chunk` events, then `done` with this answer's "
-        "fields, or `error`. Absent: `Accept: text/event-stream` asks for the stream; false always answers JSON"))
+        "fields (a text's without `generated_text`, the chunks joined), or `error`. Absent: "
+        "`Accept: text/event-stream` asks for the stream; false always answers JSON"))
     answer_fields = {
         "model": fields.String(description="Public id of the model that answered (a fallback, if the asked "
                                            "one failed)", example="gemini-2.0-flash"),

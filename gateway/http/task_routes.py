@@ -25,7 +25,7 @@ from gateway.http.request_state import state
 from gateway.http.routes import error_payload, json_body, request_id, request_info
 from gateway.http.schemas import SECURITY, Schemas
 from gateway.tasks.service import CacheControl, OpenStream, TaskOptions, TaskOutcome
-from gateway.tasks.table import TASKS, TaskDefinition
+from gateway.tasks.table import TASKS, TaskDefinition, unchanged
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer was complete
 
@@ -33,7 +33,8 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 DOCS = {
     "text": "Generate text from a prompt.\n\nDefault temperature 0.7; the body may choose the model and sampling. "
             "With `\"stream\": true` (or `Accept: text/event-stream` and no `stream`) the 200 is a "
-            "text/event-stream: `chunk` events, then `done` with this answer's fields, or `error`.",
+            "text/event-stream: `chunk` events, then `done` with this answer's fields except `generated_text` "
+            "(the chunks joined), or `error`.",
     "code": "Generate code for a request, returned without markdown fences.\n\n"
             "Default temperature 0.2; the body may choose the language, the model and sampling. "
             "With `\"stream\": true` (or `Accept: text/event-stream` and no `stream`) the 200 is a "
@@ -44,7 +45,7 @@ DOCS = {
 }
 STREAM_DOC = ("Generate text as it is produced, as server-sent events.\n\n"
               "`chunk` events ({text}), then `done` (model, usage, cost) or `error` (the error shape). "
-              "Like POST /generate/text with `\"stream\": true`, whose `done` also carries `generated_text`. "
+              "The same as POST /generate/text with `\"stream\": true`. "
               "A completed stream is cached and a hit is replayed as a stream; cost headers come in the `done` event.")
 STREAM_200 = ("A text/event-stream, not JSON: `event: chunk` with data {\"text\"} for each piece as the provider "
               "produces it, then one `event: done` with data {model, provider, cached, usage, cost, request_id} "
@@ -52,7 +53,7 @@ STREAM_200 = ("A text/event-stream, not JSON: `event: chunk` with data {\"text\"
               "starts are plain JSON with the statuses below.")
 TASK_200 = ("Answer (JSON; cost headers X-Cost-*, X-Tokens-*, X-Cached), or with `stream` a text/event-stream: "
             "`event: chunk` data {\"text\"} per piece, then one `event: done` with the JSON answer's fields "
-            "or one `event: error` with the error shape")
+            "(a text's without `generated_text`: the chunks joined) or one `event: error` with the error shape")
 # Resource class names give the Swagger operation ids (post_text_generation...): kept stable for client generators.
 RESOURCE_NAMES = {"text": "TextGeneration", "code": "CodeGeneration", "classify": "TextClassification"}
 NAMESPACES = {"generate": ("/generate", "Text and code generation"),
@@ -75,10 +76,10 @@ def _add_task_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task: 
 
     def post(self):
         payload, inputs, options = _read_request(gateway, task, request_schema)
-        echoed = {name: inputs[name] for name in task.echo}
         if wants_stream(task, payload):
-            return stream_response(gateway, task, inputs, options, cache_control(payload), echoed)
+            return stream_response(gateway, task, inputs, options, cache_control(payload))
         outcome = gateway.service.run(task.name, inputs, options, cache_control(payload))
+        echoed = {name: inputs[name] for name in task.echo}
         return {task.result_field: outcome.completion.text, **echoed, **answer_fields(outcome)}
 
     post.__doc__ = DOCS[task.name]
@@ -103,7 +104,7 @@ def _add_stream_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task
         @task_limit
         def post(self):
             payload, inputs, options = _read_request(gateway, task, request_schema)
-            return stream_response(gateway, task, inputs, options, cache_control(payload), None)
+            return stream_response(gateway, task, inputs, options, cache_control(payload))
 
         post.__doc__ = STREAM_DOC
 
@@ -125,10 +126,11 @@ def wants_stream(task: TaskDefinition, payload: dict) -> bool:
 
 
 def stream_response(gateway: Gateway, task: TaskDefinition, inputs: dict, options: TaskOptions,
-                    control: CacheControl, echoed: dict | None) -> Response:
+                    control: CacheControl) -> Response:
     """Open the task's stream (a cached answer's replay, or the provider's: failures before its first chunk are
-    plain JSON errors) and answer with its events. `echoed` None: the `done` event carries only the answer
-    fields (the /generate/text/stream protocol), else the result field and these inputs too.
+    plain JSON errors) and answer with its events. The `done` event carries the answer fields, plus the task's
+    result (and echoed inputs) when its parser changes the text: the code of a code answer. A text's result is
+    the chunks joined, and is not sent twice (an answer may be megabytes).
 
     Under waitress (with `channel_request_lookahead`, gateway/serve.py) a client that closed its connection is
     seen between chunks through `waitress.client_disconnected`: the provider's stream is closed there."""
@@ -138,7 +140,7 @@ def stream_response(gateway: Gateway, task: TaskDefinition, inputs: dict, option
     started = time.perf_counter()
     opened = gateway.service.open_stream(task.name, inputs, options, control)
     state().streaming = True
-    result = None if echoed is None else (task.result_field, echoed)
+    result = None if task.parse is unchanged else (task.result_field, {name: inputs[name] for name in task.echo})
     events = _stream_events(gateway, opened, (time.perf_counter() - started) * 1000, result, gone)
     return Response(stream_with_context(events), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
