@@ -283,3 +283,11 @@ def test_a_client_that_leaves_before_the_first_chunk_gets_the_provider_closed_at
     assert delivery.client_closed and delivery.frames_sent == 1
     [record] = _wait_for_records(app, 1)
     assert record.status == 499 and record.input_tokens > 0
+
+
+def test_the_launcher_and_the_documented_waitress_flags_read_ahead_to_see_disconnects(make_config):
+    from gateway.serve import waitress_settings
+    from tests.support.processes import ROOT
+
+    assert waitress_settings(make_config())["channel_request_lookahead"] == 1
+    assert "--channel-request-lookahead=1" in (ROOT / "README.md").read_text()

@@ -121,8 +121,10 @@ def wants_stream(task: TaskDefinition, payload: dict) -> bool:
         return False
     if asked is not None:
         return asked
+    if "text/event-stream" not in request.headers.get("Accept", "").lower():  # most requests: no parsing
+        return False
     accept = request.accept_mimetypes
-    return bool(accept) and accept["text/event-stream"] > accept["application/json"]
+    return accept["text/event-stream"] > accept["application/json"]
 
 
 def stream_response(gateway: Gateway, task: TaskDefinition, inputs: dict, options: TaskOptions,
