@@ -6,7 +6,8 @@ Each task's resource validates its body with the task's schema, reads the per-re
 differs between tasks is in `gateway.tasks.table` and the task's request schema, nothing here.
 A task that streams answers as server-sent events when the body says `"stream": true` (or, with no
 `stream` in the body, when `Accept` prefers `text/event-stream` to JSON): `chunk` events as the
-provider produces them, then `done` with the same fields as the JSON answer, or `error`.
+provider produces them, then `done` with the JSON answer's fields (a text's without the text,
+which is the chunks joined), or `error`.
 """
 
 from __future__ import annotations
