@@ -29,6 +29,8 @@ from gateway.tasks.service import CacheControl, OpenStream, TaskOptions, TaskOut
 from gateway.tasks.table import TASKS, TaskDefinition, unchanged
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer was complete
+# The WSGI environ entry (not an OS variable) waitress sets to a callable: True once the client has closed.
+CLIENT_DISCONNECTED = "waitress.client_disconnected"
 
 # Summaries are the first line, without a period: RESTX cuts a summary at its first "." ("0.7" -> "0").
 DOCS = {
@@ -137,7 +139,7 @@ def stream_response(gateway: Gateway, task: TaskDefinition, inputs: dict, option
 
     Under waitress (with `channel_request_lookahead`, gateway/serve.py) a client that closed its connection is
     seen between chunks through `waitress.client_disconnected`: the provider's stream is closed there."""
-    gone = request.environ.get("waitress.client_disconnected")
+    gone = request.environ.get(CLIENT_DISCONNECTED)
     if gone is not None and gone():  # it left while the request waited for a thread: no provider call
         return Response(status=CLIENT_CLOSED_REQUEST)
     started = time.perf_counter()
