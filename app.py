@@ -43,6 +43,7 @@ from gateway.http import (
     key_cli,
     key_routes,
     model_routes,
+    openai_routes,
     probe_routes,
     routes,
     security_headers,
@@ -144,6 +145,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     api.add_namespace(key_routes.keys_namespace(gateway, schemas, stats_limit), path="/keys")
     api.add_namespace(usage_routes.usage_namespace(gateway, schemas, stats_limit), path="/usage")
     api.add_namespace(model_routes.models_namespace(gateway, schemas, stats_limit), path="/models")
+    app.register_blueprint(openai_routes.blueprint(gateway, task_limit, stats_limit))  # /v1: OpenAI's wire format
     app.cli.add_command(key_cli.keys_command)
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
     log.info("client authentication: %s", "on (API keys required; /health and Swagger open)" if config.auth_enabled
@@ -371,7 +373,10 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
 
     @app.errorhandler(Exception)
     def flask_error(exc):
-        body, status, headers = routes.error_payload(exc)
+        if openai_routes.is_openai_path(request.path):  # OpenAI's clients read OpenAI's error format
+            body, status, headers = openai_routes.openai_error(exc)
+        else:
+            body, status, headers = routes.error_payload(exc)
         return jsonify(body), status, headers
 
 

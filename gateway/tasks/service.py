@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 
 from cost_tracker import Cost, TokenCounter
 from gateway.errors import ContentBlocked
-from gateway.providers.base import Completion, GenerationParams, Message, TextStream
+from gateway.providers.base import Completion, GenerationParams, TextStream
 from gateway.providers.router import ModelRouter, Routed
-from gateway.tasks.table import TASKS, TaskDefinition, unchanged
+from gateway.tasks.table import SERVED_TASKS, TaskDefinition, unchanged
 from lru_cache import ResponseCache
 
 
@@ -96,7 +96,7 @@ class TaskService:
     def __init__(self, router: ModelRouter, cache: ResponseCache, price_of: Callable[[str, int, int], Cost],
                  counter: TokenCounter, *, default_model: str, max_output_tokens: int | None = None,
                  model_defaults: Callable[[str, str], Mapping] | None = None,
-                 tasks: dict[str, TaskDefinition] = TASKS):
+                 tasks: dict[str, TaskDefinition] = SERVED_TASKS):
         self.router = router
         # A request sharing another's call waits no longer than that call may take; then it calls itself.
         self._share_wait_seconds = router.policy.deadline
@@ -119,7 +119,7 @@ class TaskService:
         def compute() -> Answer:  # a miss only: a cache hit builds no prompt
             prompt = task.prompt(inputs)
             started = time.perf_counter()
-            routed = self.router.complete(models, (Message("user", prompt),), params, options.caller)
+            routed = self.router.complete(models, task.conversation(inputs, prompt), params, options.caller)
             upstream_ms.append((time.perf_counter() - started) * 1000)
             completion = replace(routed.completion, text=task.parse(routed.completion.text, inputs))
             return self._priced_answer(completion, routed, prompt)
@@ -153,7 +153,7 @@ class TaskService:
         task = self.tasks[task_name]
         models, params = self.plan(task, options)
         prompt = task.prompt(inputs)
-        stream, routed = self.router.open_stream(models, (Message("user", prompt),), params, options.caller)
+        stream, routed = self.router.open_stream(models, task.conversation(inputs, prompt), params, options.caller)
         return OpenStream(stream, routed, prompt)
 
     def stream_outcome(self, opened: OpenStream, completion: Completion, upstream_ms: float) -> TaskOutcome:
