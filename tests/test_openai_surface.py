@@ -37,7 +37,7 @@ def openai_emulator(openai_server):
 
 @pytest.fixture
 def gateway_with_key(make_app, serve, openai_emulator):
-    """(app, live server, key, secret): AUTH on, limits off unless a test asks, FALLBACKS_TEXT to the OpenAI emulator."""
+    """start() -> (app, live server, key, secret): AUTH on, limits off unless asked, FALLBACKS_TEXT to gpt-4o-mini."""
 
     def start(key_settings: dict | None = None, **overrides):
         settings = {"auth_enabled": True, "ratelimit_enabled": False, "openai_api_key": "sk-test-not-a-secret",

@@ -102,9 +102,11 @@ def _messages(messages: object, max_chars: int) -> tuple[tuple[str, str], ...]:
         if not isinstance(message, dict):
             raise refuse(where, "must be an object with 'role' and 'content'")
         role = message.get("role")
+        if not isinstance(role, str):
+            raise refuse(f"{where}.role", f"must be one of {', '.join(ROLES)}")
         if role in REFUSED_ROLES:
             raise refuse(f"{where}.role", f"'{role}' messages are not supported (no tools on this gateway)")
-        if not isinstance(role, str) or role not in ROLES:
+        if role not in ROLES:
             raise refuse(f"{where}.role", f"must be one of {', '.join(ROLES)}")
         for name in sorted(set(message) - MESSAGE_FIELDS):
             if message[name] is not None:
