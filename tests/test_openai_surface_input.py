@@ -104,6 +104,7 @@ def test_bad_or_unsupported_input_is_a_400_naming_the_field(chat, emulator, payl
     {"n": 1}, {"logprobs": False}, {"response_format": {"type": "text"}}, {"frequency_penalty": 0},
     {"presence_penalty": 0.0}, {"tools": []}, {"tools": None, "seed": None, "stream_options": None},
     {"max_tokens": 50, "max_completion_tokens": 50}, {"stop": "###"}, {"user": "end-user-1"},
+    {"messages": [USER, {"role": "assistant", "content": "Rivers?", "tool_calls": [], "refusal": None}, USER]},
 ])
 def test_neutral_values_of_unsupported_fields_are_accepted(chat, emulator, extra):
     response = chat(body(**extra))

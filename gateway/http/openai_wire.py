@@ -109,7 +109,7 @@ def _messages(messages: object, max_chars: int) -> tuple[tuple[str, str], ...]:
         if role not in ROLES:
             raise refuse(f"{where}.role", f"must be one of {', '.join(ROLES)}")
         for name in sorted(set(message) - MESSAGE_FIELDS):
-            if message[name] is not None:
+            if message[name] is not None and message[name] != []:  # `tool_calls: []` asks for nothing
                 raise refuse(f"{where}.{name}", "is not supported by this gateway (only role and content)")
         content = _content(message.get("content"), where)
         total += len(content)
