@@ -190,3 +190,44 @@ def test_a_model_listing_needs_a_key_too(keyed):
     assert openai_error(client.get("/v1/models"), 401)["type"] == "authentication_error"
     listing = client.get("/v1/models", headers=make()).get_json()
     assert listing["object"] == "list" and {"gemini-2.0-flash", "gpt-4o-mini"} <= {m["id"] for m in listing["data"]}
+
+
+def test_a_chat_stream_the_client_abandons_is_closed_upstream_and_recorded_as_499(make_app, emulator, monkeypatch):
+    emulator.inject("stall", after=1, seconds=30)  # the first chunk, then the stream held open until we hang up
+    app = make_app(ratelimit_enabled=False)
+    service, opened = app.extensions["gateway"].service, []
+    open_stream = service.open_stream
+    monkeypatch.setattr(service, "open_stream", lambda *args: opened.append(open_stream(*args)) or opened[-1])
+    response = app.test_client().post(CHAT, json=body(stream=True), buffered=False)
+    chunks = iter(response.response)
+    assert json.loads(next(chunks).removeprefix(b"data: "))["choices"][0]["delta"]["role"] == "assistant"
+    assert b'"content":"' in next(chunks) and emulator.deliveries.empty()  # the provider's stream is open
+    response.close()  # what the server does when the client disconnects
+    delivery = emulator.wait_delivery(timeout=5)
+    assert delivery.client_closed and delivery.sent < delivery.total
+    [record] = app.extensions["gateway"].tracker.records()
+    assert (record.endpoint, record.status, record.token_source) == (CHAT, 499, "provider") and record.total_cost > 0
+
+
+def test_an_alias_answers_under_the_models_id_and_a_cut_answer_finishes_with_length(chat, emulator, make_app):
+    alias = next(spec for spec in make_app().extensions["gateway"].registry if spec.aliases)
+    emulator.inject("raw", body={"candidates": [{"content": {"role": "model", "parts": [{"text": "cut short"}]},
+                                                 "finishReason": "MAX_TOKENS"}],
+                                 "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 3,
+                                                   "totalTokenCount": 8}})
+    answer = chat(body(model=alias.aliases[0], max_tokens=3)).get_json()
+    assert answer["model"] == alias.id and answer["choices"][0]["finish_reason"] == "length"
+    assert answer["choices"][0]["message"]["content"] == "cut short"
+    too_many = openai_error(chat(body(max_tokens=900_000)), 400)  # over the model's output limit
+    assert too_many["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("reason, expected", [("STOP", "stop"), ("end_turn", "stop"), ("stop_sequence", "stop"),
+                                              ("MAX_TOKENS", "length"), ("length", "length"),
+                                              ("max_tokens", "length"), ("SAFETY", "content_filter"),
+                                              ("content_filter", "content_filter"), (None, "stop"),
+                                              ("OTHER", "stop")])
+def test_every_providers_finish_reason_maps_to_openais(reason, expected):
+    from gateway.http.openai_wire import finish_reason
+
+    assert finish_reason(reason) == expected
