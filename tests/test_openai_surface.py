@@ -243,3 +243,20 @@ def test_a_stream_that_cannot_start_is_a_plain_openai_error(gateway_with_key, em
                              headers={"Authorization": f"Bearer {secret}"}, timeout=30)
     assert response.status_code == 502 and response.headers["Content-Type"] == "application/json"
     assert response.json()["error"]["code"] == "upstream_rejected"
+
+
+def test_in_demo_mode_the_sdk_streams_from_the_gateway_into_the_ledger(make_app, serve):
+    """The issue's "done when": the SDK with stream=True against a gateway with no provider key (demo mode)."""
+    app = make_app(google_api_key="", gemini_base_url="", auth_enabled=True, ratelimit_enabled=False)
+    gateway = app.extensions["gateway"]
+    assert gateway.upstream.mode == "demo"
+    key, secret = gateway.keys.create(name="demo")
+    client = sdk(serve(app), secret)
+    for model in ("gemini-2.0-flash", "gpt-4o-mini", "claude-haiku-4-5"):  # each provider's emulator
+        chunks = list(client.chat.completions.create(model=model, messages=[USER], stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[0].model == model and "".join(
+            chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert [(r.model, r.key_id, r.status) for r in records(app)] == [
+        (model, key.id, 200) for model in ("gemini-2.0-flash", "gpt-4o-mini", "claude-haiku-4-5")]
+    assert all(r.total_cost > 0 and r.token_source == "provider" for r in records(app))
