@@ -140,7 +140,9 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
         api.add_namespace(namespace, path=path)
     batch_limit = _task_limit(limiter, config.ratelimit_task_limits,  # each item of a batch counts as a request
                               cost=batch_routes.batch_cost(config.batch_max_items))
-    api.add_namespace(*batch_routes.batch_namespace(gateway, schemas, batch_limit))
+    batch_namespace, batch_path = batch_routes.batch_namespace(gateway, schemas, batch_limit)
+    app.extensions["batch_runner"] = batch_namespace.runner  # the process's one pool for batch items
+    api.add_namespace(batch_namespace, path=batch_path)
     for namespace, path in probe_routes.probe_namespaces(gateway, schemas):
         api.add_namespace(namespace, path=path)
     stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget

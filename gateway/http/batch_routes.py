@@ -96,6 +96,7 @@ def batch_namespace(gateway: Gateway, schemas: Schemas, batch_limit) -> tuple[Na
         @ns.response(413, "Body too large", schemas.error)
         @ns.response(415, "Body is not JSON", schemas.error)
         @ns.response(429, "Rate limited (each item counts) or the key's tokens per minute are used", schemas.error)
+        @ns.response(503, "The key store or ledger stayed busy; see Retry-After", schemas.error)
         @batch_limit
         def post(self):
             items = _envelope(json_body(), config.batch_max_items)

@@ -97,6 +97,11 @@ class BatchRunner:
             results[duplicate.index] = self._shared(duplicate, results[original.index])
         return [results[item.index] for item in items]
 
+    @property
+    def threads(self) -> int:
+        """Worker threads started so far (never more than `workers`)."""
+        return len(self._pool._threads)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
