@@ -46,6 +46,13 @@ DOC = ("Run up to BATCH_MAX_ITEMS text, code and classify requests in one call, 
        "and counts against the key's rate limit, tokens per minute and monthly budget.")
 
 
+class AnyItem(fields.Raw):
+    """A batch item in the spec: any JSON value. Each item is checked on its own, and a bad one is answered in
+    the 200's `items` (the others still run), so the envelope's schema must not promise a 400 for it."""
+
+    __schema_type__ = None
+
+
 def batch_cost(max_items: int):
     """Flask-Limiter's `cost=`: a batch counts as many requests as it has items (one when it will be refused
     as a 400 anyway: not an object, no list, or over `max_items`). The body is parsed once (Flask caches it)."""
@@ -64,19 +71,17 @@ def batch_namespace(gateway: Gateway, schemas: Schemas, batch_limit) -> tuple[Na
     runner = BatchRunner(gateway.service, workers=config.batch_concurrency,
                          deadline=gateway.service.router.policy.deadline)
     ns = Namespace("batch", description="Many task requests in one call")
-    item_model = ns.model("BatchItem", {
-        "task": fields.String(required=True, enum=list(TASKS), example="text",
-                              description="Which task: its own request fields go beside this one "
-                                          "(TextGeneration, CodeGeneration or TextClassification)"),
-    })
     request_model = ns.model("BatchRequest", {
-        "items": fields.List(fields.Nested(item_model), required=True, min_items=1, max_items=config.batch_max_items,
+        "items": fields.List(AnyItem(description="An object: `task` (text, code or classify) and that task's own "
+                                                 "fields (TextGeneration, CodeGeneration or TextClassification); an "
+                                                 "item that is not is answered with its own 400 in `items`"),
+                             required=True, min_items=1, max_items=config.batch_max_items,
                              example=[{"task": "text", "prompt": "Write a haiku about the sea"},
                                       {"task": "code", "prompt": "Reverse a string", "language": "python"},
                                       {"task": "classify", "text": "I loved it",
                                        "categories": ["positive", "negative"]}],
                              description=f"1 to {config.batch_max_items} items (BATCH_MAX_ITEMS)"),
-    })
+    }, strict=True)
     answer_model = ns.model("BatchResponse", {
         "items": fields.List(fields.Raw, description="Per item, in order: `index`, `task`, `status`, and either the "
                                                      "task's answer fields or `error`, `code`, `details`"),
@@ -128,7 +133,7 @@ def batch_namespace(gateway: Gateway, schemas: Schemas, batch_limit) -> tuple[Na
 def _envelope(body, max_items: int) -> list:
     """The items of a well-formed envelope, or a 400 before any work (a million items are refused by count)."""
     if not isinstance(body, dict) or set(body) != {"items"}:
-        extra = sorted(set(body) - {"items"})[:5] if isinstance(body, dict) else []
+        extra = [name[:64] for name in sorted(set(body) - {"items"})[:5]] if isinstance(body, dict) else []
         raise InvalidRequest("Invalid input: the body must be an object with one field, 'items' (a list of requests)",
                              details={"fields": {"body": "must be {\"items\": [...]}"}, "unknown_fields": extra})
     items = body["items"]
