@@ -45,13 +45,14 @@ def test_a_failing_item_and_invalid_items_fail_alone_and_the_order_is_kept(make_
         {"task": "text", "prompt": "ok", "temperature": 7},
         {"task": "text", "prompt": "ok", "model": "no-such-model"},
         {"task": "classify", "text": "fine", "categories": ["a"]},
+        {"task": "text", "prompt": "as a stream, please", "stream": True},
     ]
     response = app.test_client().post(BATCH, json={"items": items})
     assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
     answers = body["items"]
     assert [answer["index"] for answer in answers] == list(range(len(items)))
-    assert [answer["status"] for answer in answers] == [502, 200, 200, 200, 400, 400, 400, 400, 400, 400, 400]
+    assert [answer["status"] for answer in answers] == [502, 200, 200, 200, 400, 400, 400, 400, 400, 400, 400, 400]
     assert answers[0]["code"] == "upstream_rejected" and answers[0]["error"]
     assert "second" in answers[1]["generated_text"]
     assert answers[2]["generated_code"] and answers[2]["language"] == "python"
@@ -63,9 +64,10 @@ def test_a_failing_item_and_invalid_items_fail_alone_and_the_order_is_kept(make_
     assert "temperature" in answers[8]["details"]["fields"]
     assert "model" in answers[9]["details"]["fields"]
     assert "categories" in answers[10]["details"]["fields"]
+    assert answers[11]["details"]["fields"] == {"stream": "is not available in a batch"}
     for answer in answers[4:]:
         assert answer["code"] == "invalid_request" and "generated_text" not in answer
-    assert body["totals"]["succeeded"] == 3 and body["totals"]["failed"] == 8
+    assert body["totals"]["succeeded"] == 3 and body["totals"]["failed"] == 9
     assert emulator.request_count == 4  # the refused call and three answers; invalid items never reach it
 
 

@@ -158,6 +158,9 @@ def _checked_item(gateway: Gateway, schemas: Schemas, index: int, raw) -> BatchI
         if not isinstance(task, str) or task not in TASKS:
             raise InvalidRequest(f"Invalid input: 'task' must be one of {', '.join(TASKS)}",
                                  details={"fields": {"task": f"must be one of {', '.join(TASKS)}"}})
+        if raw.get("stream") not in (None, False):  # a batch answers JSON: never run a stream as if it were not one
+            raise InvalidRequest("Invalid input: 'stream' is not available in a batch; send streams one at a time",
+                                 details={"fields": {"stream": "is not available in a batch"}})
         key = state().api_key
         if key is not None and not key.allows(task):
             raise TaskNotAllowed(f"This API key may not run the '{task}' task",
