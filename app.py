@@ -40,6 +40,7 @@ from gateway.config import Config, ConfigError
 from gateway.container import Gateway, build_gateway
 from gateway.errors import GatewayError, RequestBlocked
 from gateway.http import (
+    batch_routes,
     key_cli,
     key_routes,
     model_routes,
@@ -138,6 +139,11 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     api.add_namespace(routes.health_namespace(gateway, schemas), path="/health")
     for namespace, path in task_routes.task_namespaces(gateway, schemas, task_limit):
         api.add_namespace(namespace, path=path)
+    batch_limit = _task_limit(limiter, config.ratelimit_task_limits,  # each item of a batch counts as a request
+                              cost=batch_routes.batch_cost(config.batch_max_items))
+    batch_namespace, batch_path = batch_routes.batch_namespace(gateway, schemas, batch_limit)
+    app.extensions["batch_runner"] = batch_namespace.runner  # the process's one pool for batch items
+    api.add_namespace(batch_namespace, path=batch_path)
     for namespace, path in probe_routes.probe_namespaces(gateway, schemas):
         api.add_namespace(namespace, path=path)
     stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget
@@ -163,12 +169,14 @@ def _limit_key() -> str:
     return f"key:{key.id}" if key is not None else get_remote_address()
 
 
-def _task_limit(limiter: Limiter, default: str):
+def _task_limit(limiter: Limiter, default: str, cost=1):
     """The task endpoints' limits: `default` on each endpoint, or, for a key with its own `rate_limit`,
-    that limit over all task endpoints together (requests per key, whichever task they ask for)."""
-    per_endpoint = limiter.limit(default, exempt_when=_has_own_limit)
+    that limit over all task endpoints together (requests per key, whichever task they ask for).
+    `cost`: what one request counts (a batch: its items, `batch_routes.batch_cost`)."""
+    per_endpoint = limiter.limit(default, exempt_when=_has_own_limit, cost=cost)
     per_key = limiter.shared_limit(lambda: state().api_key.rate_limit if _has_own_limit() else default,  # read even
-                                   scope="key-own-limit", exempt_when=lambda: not _has_own_limit())  # when exempt
+                                   scope="key-own-limit", exempt_when=lambda: not _has_own_limit(),  # when exempt
+                                   cost=cost)
 
     def decorate(view):
         return per_key(per_endpoint(view))

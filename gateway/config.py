@@ -133,6 +133,10 @@ class Config:
 
     request_max_bytes: int = _env("REQUEST_MAX_BYTES", "1048576", kind=int, minimum=1024)
     request_max_prompt_chars: int = _env("REQUEST_MAX_PROMPT_CHARS", "32000", kind=int, minimum=1)
+    # Batches (POST /generate/batch, gateway/tasks/batch.py): most items per batch, and the one pool of
+    # threads per process that runs every batch's items (so the upstream calls batches make stay bounded).
+    batch_max_items: int = _env("BATCH_MAX_ITEMS", "50", kind=int, minimum=1, maximum=1000)
+    batch_concurrency: int = _env("BATCH_CONCURRENCY", "8", kind=int, minimum=1, maximum=64)
 
     cache_enabled: bool = _env("CACHE_ENABLED", "true", kind=bool)
     cache_text_max_entries: int = _env("CACHE_TEXT_MAX_ENTRIES", "1000", kind=int, minimum=1)

@@ -129,6 +129,20 @@ class Gateway:
                                 key_id=request.key_id, user_agent=request.user_agent, **summary)
         return overall
 
+    def record_batch_item(self, item: RequestInfo, status: int, elapsed_ms: float,
+                          outcome: TaskOutcome | None) -> float | None:
+        """Account for one item of a batch as for a task request of its own: its ledger row (except
+        UNBILLED_REFUSALS), its key's month spend and tokens window. The batch's own request has no row
+        (`finish_request` with is_task False): only its items are billed. Returns the overall spend."""
+        overall = None
+        if item.error_code not in UNBILLED_REFUSALS:
+            overall = self._record_cost(_cost_record(item, status, elapsed_ms, outcome))
+            if item.key_id is not None and outcome is not None:
+                self.budgets.recorded(item.key_id, outcome.cost.total, spooled=self.tracker.spooled > 0)
+        if item.key_id is not None and outcome is not None and not outcome.cached:
+            self.tokens.add(item.key_id, outcome.input_tokens + outcome.output_tokens)
+        return overall
+
     def _record_cost(self, record: CostRecord) -> float:
         """Commit the record; when it can be neither committed nor spooled (ledger locked and disk full, say),
         the answer was paid for and still goes out: the record is logged in full instead, and said to be missing
