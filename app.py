@@ -44,6 +44,7 @@ from gateway.http import (
     key_routes,
     model_routes,
     probe_routes,
+    process_routes,
     routes,
     security_headers,
     swagger_ui,
@@ -137,6 +138,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     api.add_namespace(routes.health_namespace(gateway, schemas), path="/health")
     for namespace, path in task_routes.task_namespaces(gateway, schemas, task_limit):
         api.add_namespace(namespace, path=path)
+    api.add_namespace(process_routes.process_namespace(gateway, api, schemas, task_limit), path="/process")
     for namespace, path in probe_routes.probe_namespaces(gateway, schemas):
         api.add_namespace(namespace, path=path)
     stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget
