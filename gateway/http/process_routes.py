@@ -27,6 +27,12 @@ DOC = ("Process a text by type: summary, keywords, sentiment, entities, translat
        "result, required for translation (its target). `processing_time` is in seconds. Default temperature 0.2.")
 
 
+class AnyJSON(fields.Raw):
+    """A field of no fixed JSON type (the spec says nothing of its type): `result` is a string, list or object."""
+
+    __schema_type__ = None
+
+
 def process_namespace(gateway: Gateway, api: Api, schemas: Schemas, task_limit) -> Namespace:
     """The namespace holding `/process` (mount it at path "/process")."""
     ns = Namespace("process", description="Prompt processing by type, with templates kept in a data file")
@@ -73,7 +79,7 @@ def _models(api: Api, max_prompt_chars: int) -> tuple[RequestSchema, object]:
         **options,
     })
     response_model = api.model("ProcessResponse", {
-        "result": fields.Raw(description="summary, translation, custom: a string; keywords: a list of strings; "
+        "result": AnyJSON(description="summary, translation, custom: a string; keywords: a list of strings; "
                                          "entities: a list of {text, type}; sentiment: {sentiment, score}",
                              example="The company plans to reduce hiring."),
         "type": fields.String(enum=list(TYPES), example="summary"),
