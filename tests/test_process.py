@@ -254,7 +254,8 @@ def test_a_bad_templates_file_stops_the_start_with_the_entry_named(make_app, tmp
 
 
 @pytest.mark.parametrize(("changes", "words"), [
-    ({"summary": "Summarise {txt}\n-{boundary}-\n{text}\n-{boundary}-"}, r"template 'summary': unknown placeholder \{txt\}"),
+    ({"summary": "Summarise {txt}\n-{boundary}-\n{text}\n-{boundary}-"},
+     r"template 'summary': unknown placeholder \{txt\}"),
     ({"keywords": "Keywords of {text}"}, r"template 'keywords': \{text\} must sit between two delimiter lines"),
     ({"custom": "{boundary}\n{text}\n{text}\n{boundary}"}, r"template 'custom': must hold \{text\} exactly once"),
     ({"translation": "Translate\n{boundary}\n{text}\n{boundary}"}, r"template 'translation': must use \{language\}"),
