@@ -157,6 +157,8 @@ def test_an_unparseable_structured_answer_is_a_502_recorded_in_the_ledger(app, c
     ("entities", "[]", []),
     ("sentiment", "The sentiment is clearly Negative.", {"sentiment": "negative", "score": None}),
     ("sentiment", '```\n{"label": "mixed", "score": 0}\n```', {"sentiment": "mixed", "score": 0.0}),
+    ("sentiment", 'Given {"text": "..."} the answer is {"sentiment": "Neutral", "score": -0.1}.',
+     {"sentiment": "neutral", "score": -0.1}),
 ])
 def test_answers_in_fences_prose_or_wrappers_are_read(client, emulator, kind, reply, result):
     emulator.inject("reply", text=reply)
@@ -183,6 +185,7 @@ def test_answers_of_the_wrong_shape_are_502s(client, emulator, kind, reply):
 @pytest.mark.parametrize("reply", [
     '["' + "k" * 1_000_000 + '"]',  # a 1 MB answer
     "[" + "1," * 1_000_000 + "1]",  # a million items
+    "[" + '"k",' * 19_000 + '"k"]',  # 19,001 items within the size limit: refused by count
     "[" * 50_000 + "]" * 50_000,  # nesting deeper than the parser goes
     "[" * 200 + "x" * 90_000,  # brackets everywhere, none of them JSON
 ])

@@ -81,7 +81,8 @@ def _entities(answer: str) -> list[dict[str, str]]:
 def _sentiment(answer: str) -> dict[str, Any]:
     """{"sentiment": label, "score": number in [-1, 1] or None}: from a JSON object, a JSON string, or an
     answer in words that names exactly one label ("The sentiment is positive.")."""
-    value = _first_json(answer, lambda found: isinstance(found, (dict, str)))
+    value = _first_json(answer, lambda found: isinstance(found, str) or (
+        isinstance(found, dict) and ("sentiment" in found or "label" in found)))
     if isinstance(value, dict):
         label, score = value.get("sentiment", value.get("label")), value.get("score")
     else:
