@@ -46,6 +46,7 @@ from gateway.http import (
     model_routes,
     openai_routes,
     probe_routes,
+    process_routes,
     routes,
     security_headers,
     swagger_ui,
@@ -144,6 +145,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     batch_namespace, batch_path = batch_routes.batch_namespace(gateway, schemas, batch_limit)
     app.extensions["batch_runner"] = batch_namespace.runner  # the process's one pool for batch items
     api.add_namespace(batch_namespace, path=batch_path)
+    api.add_namespace(process_routes.process_namespace(gateway, api, schemas, task_limit), path="/process")
     for namespace, path in probe_routes.probe_namespaces(gateway, schemas):
         api.add_namespace(namespace, path=path)
     stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget

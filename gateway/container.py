@@ -25,6 +25,8 @@ from gateway.providers.catalog import ModelCatalog
 from gateway.providers.factory import build_routes
 from gateway.providers.registry import ModelRegistry
 from gateway.providers.router import ModelRouter
+from gateway.tasks import process_templates
+from gateway.tasks.process import process_task
 from gateway.tasks.service import TaskOutcome, TaskService
 from gateway.tasks.table import TASKS
 from gemini_wrapper import retry_policy_from
@@ -189,12 +191,13 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
         secrets=[config.google_api_key, config.openai_api_key, config.anthropic_api_key],
         log_full_prompts=config.log_full_prompts,
     )
-    cache = ResponseCache({task: config.cache_settings(task) for task in TASKS}, enabled=config.cache_enabled)
+    tasks = {**TASKS, "process": process_task(process_templates.load(config.process_templates_file))}
+    cache = ResponseCache({task: config.cache_settings(task) for task in tasks}, enabled=config.cache_enabled)
     tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record),
                           write_timeout=config.cost_ledger_write_timeout_seconds)
     service = TaskService(router, cache, prices.cost, TokenCounter(), default_model=registry.default.id,
                           max_output_tokens=config.gemini_max_output_tokens or None,
-                          model_defaults=registry.task_defaults)
+                          model_defaults=registry.task_defaults, tasks=tasks)
     return Gateway(
         config=config, upstream=upstream, router=router, service=service,
         models=models, cache=cache, tracker=tracker,
