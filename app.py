@@ -40,10 +40,13 @@ from gateway.config import Config, ConfigError
 from gateway.container import Gateway, build_gateway
 from gateway.errors import GatewayError, RequestBlocked
 from gateway.http import (
+    batch_routes,
     key_cli,
     key_routes,
     model_routes,
+    openai_routes,
     probe_routes,
+    process_routes,
     routes,
     security_headers,
     swagger_ui,
@@ -137,6 +140,12 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     api.add_namespace(routes.health_namespace(gateway, schemas), path="/health")
     for namespace, path in task_routes.task_namespaces(gateway, schemas, task_limit):
         api.add_namespace(namespace, path=path)
+    batch_limit = _task_limit(limiter, config.ratelimit_task_limits,  # each item of a batch counts as a request
+                              cost=batch_routes.batch_cost(config.batch_max_items))
+    batch_namespace, batch_path = batch_routes.batch_namespace(gateway, schemas, batch_limit)
+    app.extensions["batch_runner"] = batch_namespace.runner  # the process's one pool for batch items
+    api.add_namespace(batch_namespace, path=batch_path)
+    api.add_namespace(process_routes.process_namespace(gateway, api, schemas, task_limit), path="/process")
     for namespace, path in probe_routes.probe_namespaces(gateway, schemas):
         api.add_namespace(namespace, path=path)
     stats_limit = limiter.limit(config.ratelimit_stats_limits)  # /stats reads the ledger: its own budget
@@ -144,6 +153,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     api.add_namespace(key_routes.keys_namespace(gateway, schemas, stats_limit), path="/keys")
     api.add_namespace(usage_routes.usage_namespace(gateway, schemas, stats_limit), path="/usage")
     api.add_namespace(model_routes.models_namespace(gateway, schemas, stats_limit), path="/models")
+    app.register_blueprint(openai_routes.blueprint(gateway, task_limit, stats_limit))  # /v1: OpenAI's wire format
     app.cli.add_command(key_cli.keys_command)
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
     log.info("client authentication: %s", "on (API keys required; /health and Swagger open)" if config.auth_enabled
@@ -161,12 +171,14 @@ def _limit_key() -> str:
     return f"key:{key.id}" if key is not None else get_remote_address()
 
 
-def _task_limit(limiter: Limiter, default: str):
+def _task_limit(limiter: Limiter, default: str, cost=1):
     """The task endpoints' limits: `default` on each endpoint, or, for a key with its own `rate_limit`,
-    that limit over all task endpoints together (requests per key, whichever task they ask for)."""
-    per_endpoint = limiter.limit(default, exempt_when=_has_own_limit)
+    that limit over all task endpoints together (requests per key, whichever task they ask for).
+    `cost`: what one request counts (a batch: its items, `batch_routes.batch_cost`)."""
+    per_endpoint = limiter.limit(default, exempt_when=_has_own_limit, cost=cost)
     per_key = limiter.shared_limit(lambda: state().api_key.rate_limit if _has_own_limit() else default,  # read even
-                                   scope="key-own-limit", exempt_when=lambda: not _has_own_limit())  # when exempt
+                                   scope="key-own-limit", exempt_when=lambda: not _has_own_limit(),  # when exempt
+                                   cost=cost)
 
     def decorate(view):
         return per_key(per_endpoint(view))
@@ -371,7 +383,10 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
 
     @app.errorhandler(Exception)
     def flask_error(exc):
-        body, status, headers = routes.error_payload(exc)
+        if openai_routes.is_openai_path(request.path):  # OpenAI's clients read OpenAI's error format
+            body, status, headers = openai_routes.openai_error(exc)
+        else:
+            body, status, headers = routes.error_payload(exc)
         return jsonify(body), status, headers
 
 

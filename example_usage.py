@@ -5,7 +5,8 @@
     API_KEY=mtk_... python example_usage.py          # a gateway that requires client API keys
 
 Prints one line per check and a summary; exits 1 if any check failed, so it also works as
-a smoke test after a deployment. It only needs `requests`, not the gateway's own modules.
+a smoke test after a deployment. It needs `requests` and, for the OpenAI-compatible step, the
+official `openai` SDK (pointed at the gateway's `/v1`), not the gateway's own modules.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def expect(condition: bool, message: str) -> None:
 
 class Demo:
     def __init__(self, base_url: str, api_key: str = ""):
-        self.api = base_url.rstrip("/") + "/api/v1"
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.api = self.base_url + "/api/v1"
         self.http = requests.Session()
         if api_key:
             self.http.headers["Authorization"] = f"Bearer {api_key}"
@@ -99,6 +102,34 @@ class Demo:
             expect({"error", "code", "request_id"} <= set(body), f"error body lacks the standard fields: {body}")
         return f"{len(cases)} bad requests, each a JSON error with the right status"
 
+    def openai_sdk(self) -> str:
+        """The official OpenAI SDK, unchanged but for its base URL: the gateway key is its API key."""
+        import openai  # only this step needs it
+
+        client = openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.api_key or "no-key-needed",
+                               timeout=TIMEOUT_SECONDS, max_retries=0)
+        messages = [{"role": "system", "content": "Answer in one short paragraph."},
+                    {"role": "user", "content": "Explain what an API gateway does"}]
+        reply = client.chat.completions.create(model="gemini-2.0-flash", messages=messages)
+        text = reply.choices[0].message.content or ""
+        expect(len(text) > 20 and reply.usage.total_tokens > 0, f"a short or unmetered answer: {reply}")
+        pieces, usage = [], None
+        for chunk in client.chat.completions.create(model="gemini-2.0-flash", messages=messages, stream=True,
+                                                    stream_options={"include_usage": True}):
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+            usage = chunk.usage or usage
+        expect(len("".join(pieces)) > 20, "the streamed answer is too short")  # a live model words it anew
+        expect(usage is not None and usage.completion_tokens > 0, "the stream sent no usage")
+        try:
+            client.chat.completions.create(model="gemini-2.0-flash", messages=messages, n=2)
+        except openai.BadRequestError as exc:
+            expect(exc.param == "n", f"the refusal names {exc.param!r}, not 'n'")
+        else:
+            raise Check("n=2 was not refused")
+        return (f"{reply.model} answered {reply.usage.total_tokens} tokens, streamed {usage.total_tokens} in "
+                f"{len([piece for piece in pieces if piece])} chunks; n=2 refused naming 'n'")
+
 
 def run_check(name: str, check: Callable[[], str]) -> bool:
     started = time.perf_counter()
@@ -126,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         ("Code generation", demo.code_generation),
         ("Text classification", demo.text_classification),
         ("Error handling", demo.error_handling),
+        ("OpenAI SDK on /v1", demo.openai_sdk),
     ]
     passed = sum(run_check(name, check) for name, check in checks)
     print(f"\nOverall: {passed}/{len(checks)} checks passed")

@@ -254,8 +254,8 @@ def _completion_from(reply: Reply, model: str, text: str | None = None) -> Compl
             raise ContentBlocked("the provider's safety filter blocked this request",
                                  details={"reason": reply.block_reason or reply.finish_reason})
         raise UpstreamBadAnswer("the model returned an empty answer", details={"finish_reason": reply.finish_reason})
-    return Completion(text=text, model=reply.model or model,
-                      input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
+    return Completion(text=text, model=reply.model or model, input_tokens=reply.input_tokens,
+                      output_tokens=reply.output_tokens, finish_reason=reply.finish_reason)  # /v1 reports it
 
 
 def translate_provider_error(exc: BaseException) -> GatewayError:

@@ -96,6 +96,7 @@ class Config:
 
     # The model registry (gateway/providers/registry.py) and the other providers' keys and endpoints.
     models_file: str = _env("MODELS_FILE", "")  # empty: the bundled data/models.json
+    process_templates_file: str = _env("PROCESS_TEMPLATES_FILE", "")  # empty: the bundled data/process_templates.json
     default_model: str = _env("DEFAULT_MODEL", "")  # empty: GEMINI_MODEL
     openai_api_key: str = _env("OPENAI_API_KEY", "", secret=True)
     openai_base_url: str = _env("OPENAI_BASE_URL", "")
@@ -133,6 +134,10 @@ class Config:
 
     request_max_bytes: int = _env("REQUEST_MAX_BYTES", "1048576", kind=int, minimum=1024)
     request_max_prompt_chars: int = _env("REQUEST_MAX_PROMPT_CHARS", "32000", kind=int, minimum=1)
+    # Batches (POST /generate/batch, gateway/tasks/batch.py): most items per batch, and the one pool of
+    # threads per process that runs every batch's items (so the upstream calls batches make stay bounded).
+    batch_max_items: int = _env("BATCH_MAX_ITEMS", "50", kind=int, minimum=1, maximum=1000)
+    batch_concurrency: int = _env("BATCH_CONCURRENCY", "8", kind=int, minimum=1, maximum=64)
 
     cache_enabled: bool = _env("CACHE_ENABLED", "true", kind=bool)
     cache_text_max_entries: int = _env("CACHE_TEXT_MAX_ENTRIES", "1000", kind=int, minimum=1)
@@ -141,6 +146,8 @@ class Config:
     cache_code_ttl_seconds: float = _env("CACHE_CODE_TTL_SECONDS", "86400", kind=float, minimum=0)
     cache_classify_max_entries: int = _env("CACHE_CLASSIFY_MAX_ENTRIES", "5000", kind=int, minimum=1)
     cache_classify_ttl_seconds: float = _env("CACHE_CLASSIFY_TTL_SECONDS", "86400", kind=float, minimum=0)
+    cache_process_max_entries: int = _env("CACHE_PROCESS_MAX_ENTRIES", "1000", kind=int, minimum=1)
+    cache_process_ttl_seconds: float = _env("CACHE_PROCESS_TTL_SECONDS", "86400", kind=float, minimum=0)
 
     cost_ledger_path: Path = _env("COST_LEDGER_PATH", "var/cost_ledger.sqlite3", kind=Path)
     cost_ledger_write_timeout_seconds: float = _env("COST_LEDGER_WRITE_TIMEOUT_SECONDS", "2", kind=float,

@@ -25,8 +25,10 @@ from gateway.providers.catalog import ModelCatalog
 from gateway.providers.factory import build_routes
 from gateway.providers.registry import ModelRegistry
 from gateway.providers.router import ModelRouter
+from gateway.tasks import process_templates
+from gateway.tasks.process import process_task
 from gateway.tasks.service import TaskOutcome, TaskService
-from gateway.tasks.table import TASKS
+from gateway.tasks.table import CHAT_TASK, TASKS
 from gemini_wrapper import retry_policy_from
 from lru_cache import ResponseCache
 
@@ -129,6 +131,20 @@ class Gateway:
                                 key_id=request.key_id, user_agent=request.user_agent, **summary)
         return overall
 
+    def record_batch_item(self, item: RequestInfo, status: int, elapsed_ms: float,
+                          outcome: TaskOutcome | None) -> float | None:
+        """Account for one item of a batch as for a task request of its own: its ledger row (except
+        UNBILLED_REFUSALS), its key's month spend and tokens window. The batch's own request has no row
+        (`finish_request` with is_task False): only its items are billed. Returns the overall spend."""
+        overall = None
+        if item.error_code not in UNBILLED_REFUSALS:
+            overall = self._record_cost(_cost_record(item, status, elapsed_ms, outcome))
+            if item.key_id is not None and outcome is not None:
+                self.budgets.recorded(item.key_id, outcome.cost.total, spooled=self.tracker.spooled > 0)
+        if item.key_id is not None and outcome is not None and not outcome.cached:
+            self.tokens.add(item.key_id, outcome.input_tokens + outcome.output_tokens)
+        return overall
+
     def _record_cost(self, record: CostRecord) -> float:
         """Commit the record; when it can be neither committed nor spooled (ledger locked and disk full, say),
         the answer was paid for and still goes out: the record is logged in full instead, and said to be missing
@@ -175,12 +191,14 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
         secrets=[config.google_api_key, config.openai_api_key, config.anthropic_api_key],
         log_full_prompts=config.log_full_prompts,
     )
-    cache = ResponseCache({task: config.cache_settings(task) for task in TASKS}, enabled=config.cache_enabled)
+    # the cache has a section per task name; the chat task (/v1) runs under its own key but caches as "text"
+    tasks = {**TASKS, "process": process_task(process_templates.load(config.process_templates_file))}
+    cache = ResponseCache({task: config.cache_settings(task) for task in tasks}, enabled=config.cache_enabled)
     tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record),
                           write_timeout=config.cost_ledger_write_timeout_seconds)
     service = TaskService(router, cache, prices.cost, TokenCounter(), default_model=registry.default.id,
                           max_output_tokens=config.gemini_max_output_tokens or None,
-                          model_defaults=registry.task_defaults)
+                          model_defaults=registry.task_defaults, tasks={**tasks, "chat": CHAT_TASK})
     return Gateway(
         config=config, upstream=upstream, router=router, service=service,
         models=models, cache=cache, tracker=tracker,

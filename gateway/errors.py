@@ -17,6 +17,7 @@ so no SDK type leaks past the wrapper and retry decisions are made on our own ty
     │   └── ModelNotAllowed           403 model_not_allowed   (the key's allowed_models exclude the model)
     ├── BudgetExceeded                402 budget_exceeded     (the key's monthly budget; details: budget, spent, reset)
     ├── NotFound                      404 not_found           (an unknown key id)
+    │   └── ModelNotFound             404 model_not_found     (/v1: a model the registry does not serve)
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── TokenLimitExceeded            429 token_limit_exceeded (the key's tokens_per_minute; has retry_after)
     ├── StoreBusy                     503 store_busy          (the database stayed locked; has retry_after)
@@ -121,6 +122,12 @@ class BudgetExceeded(GatewayError):
 class NotFound(GatewayError):
     status = 404
     code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """The OpenAI-compatible surface names an unknown model as OpenAI does (404), not as a field error (400)."""
+
+    code = "model_not_found"
 
 
 class TokenLimitExceeded(GatewayError):

@@ -44,7 +44,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 OPERATIONS = ["GET /health", "POST /generate/text", "POST /generate/code", "POST /generate/text/stream",
               "POST /classify/text", "GET /stats", "GET /keys", "POST /keys", "GET /keys/me/usage",
               "DELETE /keys/{key_id}", "GET /keys/{key_id}/usage", "GET /usage/export", "GET /models",
-              "GET /ready", "GET /status"]
+              "GET /ready", "GET /status", "POST /generate/batch", "POST /process"]
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def test_python_app_py_serves_demo_mode_and_the_example_passes(tmp_path):
             capture_output=True, text=True, timeout=120,
         )
         assert example.returncode == 0, example.stdout + example.stderr
-        assert "Overall: 5/5 checks passed" in example.stdout
+        assert "Overall: 6/6 checks passed" in example.stdout
     finally:
         out, err = stop(process)
     assert f"Swagger UI available at: http://127.0.0.1:{port}/swagger/" in out

@@ -22,6 +22,8 @@ OPERATIONS = {  # Swagger UI's element id of each operation -> its path
     "operations-generate-post_code_generation": "/generate/code",
     "operations-generate-post_text_generation_stream": "/generate/text/stream",
     "operations-classify-post_text_classification": "/classify/text",
+    "operations-batch-post_batch_generation": "/generate/batch",
+    "operations-process-post_prompt_processing": "/process",
     "operations-stats-get_stats": "/stats",
     "operations-keys-get_keys": "/keys",
     "operations-keys-post_keys": "/keys",

@@ -291,3 +291,4 @@ def test_the_launcher_and_the_documented_waitress_flags_read_ahead_to_see_discon
 
     assert waitress_settings(make_config())["channel_request_lookahead"] == 1
     assert "--channel-request-lookahead=1" in (ROOT / "README.md").read_text()
+

@@ -37,6 +37,8 @@ ADMIN_PREFIXES = (KEYS_PREFIX, "/api/v1/stats", "/api/v1/usage")
 TASK_OF_PATH = {
     "/api/v1/generate/text": "text", "/api/v1/generate/text/stream": "text",
     "/api/v1/generate/code": "code", "/api/v1/classify/text": "classify",
+    "/v1/chat/completions": "text",  # the OpenAI-compatible surface (gateway/http/openai_routes.py)
+    "/api/v1/process": "process",
 }
 
 

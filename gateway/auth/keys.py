@@ -37,7 +37,7 @@ from gateway.providers.registry import MODEL_ID
 
 KEY_PREFIX = "mtk_"
 SCOPES = ("user", "admin")
-TASKS = ("text", "code", "classify")  # what `allowed_tasks` may name (the stream is a `text` task)
+TASKS = ("text", "code", "classify", "process")  # what `allowed_tasks` may name (the stream is a `text` task)
 WRITE_WAIT_SECONDS = 5.0  # how long creating or revoking a key waits for the database's write lock
 LAST_USED_EVERY = 60.0  # seconds between two writes of one key's last_used_at by one process
 MAX_NAME_CHARS = 100

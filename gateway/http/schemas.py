@@ -260,6 +260,8 @@ def _describe(error) -> tuple[str, str]:
     limit = error.validator_value
     if error.validator == "required":
         return error.message.split("'")[1], "is required"
+    if error.validator == "enum":  # before the table below: its value is a list, which the table cannot take
+        return field, f"must be one of {', '.join(map(str, limit))}{where}"
     messages = {
         "type": f"must be {_TYPE_WORDS.get(limit, limit)}{where}",
         "minLength": f"must not be empty{where}",

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 
 from cost_tracker import Cost, TokenCounter
 from gateway.errors import ContentBlocked
-from gateway.providers.base import Completion, GenerationParams, Message, TextStream
+from gateway.providers.base import Completion, GenerationParams, TextStream
 from gateway.providers.router import ModelRouter, Routed
-from gateway.tasks.table import TASKS, TaskDefinition, unchanged
+from gateway.tasks.table import SERVED_TASKS, TaskDefinition, unchanged
 from lru_cache import ResponseCache
 
 
@@ -125,6 +125,11 @@ class OpenStream:
     cached: Answer | None = None
     lookup_ms: float = 0.0
 
+    @property
+    def model_id(self) -> str:
+        """The public id of the model answering (or that answered the replayed one)."""
+        return self.cached.model_id if self.cached is not None else self.routed.route.model_id
+
 
 class TaskService:
     """Runs tasks through the response cache and the router, pricing each answer for the model that gave it."""
@@ -132,7 +137,7 @@ class TaskService:
     def __init__(self, router: ModelRouter, cache: ResponseCache, price_of: Callable[[str, int, int], Cost],
                  counter: TokenCounter, *, default_model: str, max_output_tokens: int | None = None,
                  model_defaults: Callable[[str, str], Mapping] | None = None,
-                 tasks: dict[str, TaskDefinition] = TASKS):
+                 tasks: dict[str, TaskDefinition] = SERVED_TASKS):
         self.router = router
         # A request sharing another's call waits no longer than that call may take; then it calls itself.
         self._share_wait_seconds = router.policy.deadline
@@ -154,7 +159,7 @@ class TaskService:
         def compute() -> Answer:  # a miss only: a cache hit builds no prompt
             prompt = task.prompt(inputs)
             started = time.perf_counter()
-            routed = self.router.complete(models, (Message("user", prompt),), params, options.caller)
+            routed = self.router.complete(models, task.conversation(inputs, prompt), params, options.caller)
             upstream_ms.append((time.perf_counter() - started) * 1000)
             return self._parsed_answer(task, inputs, routed.completion, routed, prompt)
 
@@ -200,7 +205,7 @@ class TaskService:
             return OpenStream(CachedStream(answer), None, "", task, inputs, cached=answer,
                               lookup_ms=(time.perf_counter() - started) * 1000)
         prompt = task.prompt(inputs)
-        stream, routed = self.router.open_stream(models, (Message("user", prompt),), params, options.caller)
+        stream, routed = self.router.open_stream(models, task.conversation(inputs, prompt), params, options.caller)
         return OpenStream(stream, routed, prompt, task, inputs, store_key=key if control.write else None)
 
     def stream_outcome(self, opened: OpenStream, upstream_ms: float) -> TaskOutcome:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.errors import InvalidRequest
+from gateway.providers.base import Message
 from gateway.tasks import prompts
 
 
@@ -34,6 +35,12 @@ class TaskDefinition:
     # Applied to every result, cached or not: a classification comes back in this caller's spelling.
     present: Callable[[str, dict], str] = unchanged
     streams: bool = True  # may answer as server-sent events ("stream": true); a classification is one word
+    # The conversation sent, when it is more than one user message built by `prompt` (the chat task).
+    messages: Callable[[dict], tuple[Message, ...]] | None = None
+
+    def conversation(self, inputs: dict, prompt: str) -> tuple[Message, ...]:
+        """The messages sent for these inputs (`prompt` is `self.prompt(inputs)`, built once by the caller)."""
+        return self.messages(inputs) if self.messages is not None else (Message("user", prompt),)
 
 
 def _code_inputs(body: dict) -> dict:
@@ -87,3 +94,18 @@ TASKS: dict[str, TaskDefinition] = {
         ),
     )
 }
+
+
+# The OpenAI-compatible `/v1/chat/completions` (gateway/http/openai_routes.py): a text task whose input is a whole
+# conversation. It shares the text task's name, so its cache section, the models' `text` defaults, FALLBACKS_TEXT
+# and the keys' `allowed_tasks` apply; its cache key holds the messages, so it never meets a text task's entry.
+CHAT_TASK = TaskDefinition(
+    name="text", path="/v1/chat/completions", result_field="content", temperature=0.7,
+    prompt=lambda inputs: "\n".join(content for _role, content in inputs["messages"]),  # token estimate, log line
+    parse=unchanged,
+    cache_inputs=lambda inputs: {"messages": [list(message) for message in inputs["messages"]]},
+    inputs=lambda body: {"messages": tuple((role, content) for role, content in body["messages"])},
+    prompt_field="messages",
+    messages=lambda inputs: tuple(Message(role, content) for role, content in inputs["messages"]),
+)
+SERVED_TASKS: dict[str, TaskDefinition] = {**TASKS, "chat": CHAT_TASK}  # what TaskService runs, by name

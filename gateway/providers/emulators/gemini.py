@@ -15,6 +15,9 @@ Replies are deterministic and fit each task when prompts use the markers below:
 * Code: a line ``Task: generate code``, optionally ``Language: python`` and
   ``Request: ...`` (runs to the end, so last). Reply: one fenced block; for Python a
   valid function with a docstring, named after the request.
+* Prompt processing (``POST /api/v1/process``): a line ``Task: process <type>`` and the text between
+  ``-----BEGIN TEXT <boundary>-----`` / ``-----END TEXT <boundary>-----`` lines
+  (``process_replies``): JSON for keywords, entities and sentiment, text otherwise.
 * Anything else: a short paragraph starting ``Demo reply to: <first words>``.
 
 Faults: ``inject()`` queues one-shot faults, ``set_steady_fault()`` fails every call
@@ -32,6 +35,7 @@ Besides HTTP errors, hangs, drops and bad bodies, an upstream that misbehaves wh
   (cut) or the wait (stall); bad_chunk is then a malformed body, error_chunk a 200 error object.
 * ``rate_limit``: a 429 with RetryInfo and Retry-After from ``retry_delay`` (seconds); a string
   ``retry_delay`` is sent verbatim (``"nans"``), with ``retry_after`` as the raw header if given.
+* ``reply``: a normal, well-formed reply whose text is ``text`` (an answer the task cannot use).
 * ``raw``: serve ``body`` (any JSON, or bytes sent verbatim) as a 200 reply, or ``events`` as a
   stream's chunks: off-contract replies, lying usage, numbers or nesting no encoder would write.
 
@@ -63,6 +67,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
+from gateway.providers.emulators.process_replies import process_reply
 from gateway.tasks.prompts import (  # the gateway's prompt markers: one definition for both sides
     CATEGORIES_PREFIX,
     CODE_MARKER,
@@ -81,7 +86,8 @@ _ERROR_FAULTS = {  # fault -> (HTTP code, Google status, message)
 _REPLY_FAULTS = frozenset({"drip", "pace", "cut", "bad_chunk", "error_chunk", "stall"})  # misbehave while answering
 SLOW_FAULTS = ("drip", "pace", "stall")  # answered through `_send_slowly`
 FAULTS = frozenset(_ERROR_FAULTS) | _REPLY_FAULTS | {
-    "safety_block", "slow", "hang", "malformed", "drop", "empty", "no_usage", "raw"}
+    "safety_block", "slow", "hang", "malformed", "drop", "empty", "no_usage", "raw", "reply"}
+_TEXT_FAULTS = frozenset({"slow", "empty", "no_usage", "reply"})  # a normal reply is still sent
 
 _MODEL_PATH = re.compile(
     r"/v1(?:beta|alpha)?/(?P<model>(?:models|tunedModels)/[^/:]+)"
@@ -163,7 +169,10 @@ def text_reply(prompt: str) -> str:
 
 
 def reply_for_prompt(prompt: str, user_text: str | None = None) -> str:
-    """Route a prompt to the code, classification or text reply by its markers."""
+    """Route a prompt to the process, code, classification or text reply by its markers."""
+    processed = process_reply(prompt, classify)
+    if processed is not None:
+        return processed
     if re.search(rf"^[ \t]*{re.escape(CODE_MARKER)}[ \t]*$", prompt, re.MULTILINE):
         request = _field(prompt, REQUEST_PREFIX, to_end=True)
         if request is None:
@@ -432,7 +441,7 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = "\n".join(system + _texts(contents))
         meta = {"modelVersion": model, "responseId": f"emu-{number:06d}"}
         fault, params = emu._next_fault()
-        if fault and fault not in _REPLY_FAULTS | {"slow", "empty", "no_usage"}:
+        if fault and fault not in _REPLY_FAULTS | _TEXT_FAULTS:
             return self._fail(fault, params, stream, _tokens(prompt), meta)
         delay = emu.reply_delay + (float(params.get("seconds", 1)) if fault == "slow" else 0)
         if delay > 0 and emu._stopping.wait(delay):
@@ -440,7 +449,7 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "countTokens":
             return self._send_json(200, {"totalTokens": _tokens(prompt)})
         user_turns = [c for c in contents if not isinstance(c, dict) or c.get("role") != "model"]
-        text = "" if fault == "empty" else reply_for_prompt(
+        text = "" if fault == "empty" else str(params.get("text", "")) if fault == "reply" else reply_for_prompt(
             prompt, "\n".join(_texts(user_turns[-1:])))
         events = _reply_events(text, stream, _tokens(prompt), meta, with_usage=fault != "no_usage")
         if fault in _REPLY_FAULTS:

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from gateway.providers.emulators.gemini import (
     _REPLY_FAULTS,
+    _TEXT_FAULTS,
     SLOW_FAULTS,
     GeminiEmulator,
     _chunk,
@@ -235,13 +236,14 @@ class _Handler(_GeminiHandler):
                 "model": model, "system_fingerprint": "fp_emulator"}
         fault, params = emu._next_fault()
         include_usage = stream and (body.get("stream_options") or {}).get("include_usage") is True
-        if fault and fault not in _REPLY_FAULTS | {"slow", "empty", "no_usage"}:
+        if fault and fault not in _REPLY_FAULTS | _TEXT_FAULTS:
             return self._fail(fault, params, stream, meta, include_usage, _tokens(prompt))
         delay = emu.reply_delay + (float(params.get("seconds", 1)) if fault == "slow" else 0)
         if delay > 0 and emu._stopping.wait(delay):
             return self._drop()  # the emulator is stopping
         users = [_text_of(m.get("content")) for m in messages if m.get("role") == "user"]
-        text = "" if fault == "empty" else reply_for_prompt(prompt, users[-1] if users else None)
+        text = "" if fault == "empty" else str(params.get("text", "")) if fault == "reply" else reply_for_prompt(
+            prompt, users[-1] if users else None)
         text, finish = _shaped(text.replace("local Gemini emulator", "local OpenAI-compatible emulator"), body)
         usage = None if fault == "no_usage" else {"prompt_tokens": _tokens(prompt), "completion_tokens": _tokens(text),
                                                    "total_tokens": _tokens(prompt) + _tokens(text)}

@@ -1,0 +1,259 @@
+"""`POST /api/v1/generate/batch`: many text, code and classify requests in one, each answered on its own.
+
+The envelope `{"items": [...]}` (1 to BATCH_MAX_ITEMS items) is checked first: anything else, or
+too many items, is a 400 before any work. Then each item is checked like a request of its own
+(its task's schema and options, the key's `allowed_tasks` and `allowed_models`): an invalid item
+gets its own error in the answer and the others still run. The valid items run on the process's
+batch pool (`gateway/tasks/batch.py`), everything they need from the Flask request (key, caller,
+options, cache control) read here on the request thread first.
+
+Accounting: each item is billed as a task request of its own (one ledger row, request id
+`<batch request id>.<item index>`, the task's own endpoint, the key id, the client's
+X-Request-ID; rows written before the answer leaves); the batch request adds no row. The rate
+limit counts the items (Flask-Limiter `cost=`), the monthly budget reserves for all of them, the
+key's tokens-per-minute window is checked once before and gets every item's tokens after.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from flask import request
+from flask_restx import Namespace, Resource, fields
+
+from gateway.auth import budgets
+from gateway.auth.guard import TASK_OF_PATH
+from gateway.container import Gateway, RequestInfo
+from gateway.errors import GatewayError, InvalidRequest, TaskNotAllowed, error_body, sane_retry_after
+from gateway.http.request_state import state
+from gateway.http.routes import json_body, request_id
+from gateway.http.schemas import SECURITY, Schemas
+from gateway.http.task_routes import cache_control, task_options
+from gateway.tasks.batch import BatchItem, BatchRunner, ItemResult
+from gateway.tasks.service import TaskOutcome
+from gateway.tasks.table import TASKS
+
+BATCH_PATH = "/api/v1/generate/batch"
+PATH_OF_TASK = {task: path for path, task in TASK_OF_PATH.items() if not path.endswith("/stream")}
+log = logging.getLogger("gateway.http")
+
+DOC = ("Run up to BATCH_MAX_ITEMS text, code and classify requests in one call, each answered on its own.\n\n"
+       "Body `{\"items\": [{\"task\": \"text\"|\"code\"|\"classify\", ...that task's own fields}]}`. The answer "
+       "lists, in item order, each item's result (as the task's own endpoint answers it) or its error "
+       "({error, code, details} with the `status` it would have had), plus totals. 200 whenever the envelope "
+       "is valid, even if items failed. Identical items share one upstream call. Each item is one ledger row "
+       "and counts against the key's rate limit, tokens per minute and monthly budget.")
+
+
+class AnyItem(fields.Raw):
+    """A batch item in the spec: any JSON value. Each item is checked on its own, and a bad one is answered in
+    the 200's `items` (the others still run), so the envelope's schema must not promise a 400 for it."""
+
+    __schema_type__ = None
+
+
+def batch_cost(max_items: int):
+    """Flask-Limiter's `cost=`: a batch counts as many requests as it has items (one when it will be refused
+    as a 400 anyway: not an object, no list, or over `max_items`). The body is parsed once (Flask caches it)."""
+
+    def cost() -> int:
+        body = request.get_json(silent=True) if request.is_json else None
+        items = body.get("items") if isinstance(body, dict) else None
+        return len(items) if isinstance(items, list) and 0 < len(items) <= max_items else 1
+
+    return cost
+
+
+def batch_namespace(gateway: Gateway, schemas: Schemas, batch_limit) -> tuple[Namespace, str]:
+    """The batch resource under /generate, and the process's pool its items run on."""
+    config = gateway.config
+    runner = BatchRunner(gateway.service, workers=config.batch_concurrency,
+                         deadline=gateway.service.router.policy.deadline)
+    ns = Namespace("batch", description="Many task requests in one call")
+    request_model = ns.model("BatchRequest", {
+        "items": fields.List(AnyItem(description="An object: `task` (text, code or classify) and that task's own "
+                                                 "fields (TextGeneration, CodeGeneration or TextClassification); an "
+                                                 "item that is not is answered with its own 400 in `items`"),
+                             required=True, min_items=1, max_items=config.batch_max_items,
+                             example=[{"task": "text", "prompt": "Write a haiku about the sea"},
+                                      {"task": "code", "prompt": "Reverse a string", "language": "python"},
+                                      {"task": "classify", "text": "I loved it",
+                                       "categories": ["positive", "negative"]}],
+                             description=f"1 to {config.batch_max_items} items (BATCH_MAX_ITEMS)"),
+    }, strict=True)
+    answer_model = ns.model("BatchResponse", {
+        "items": fields.List(fields.Raw, description="Per item, in order: `index`, `task`, `status`, and either the "
+                                                     "task's answer fields or `error`, `code`, `details`"),
+        "totals": fields.Raw(description="items, succeeded, failed, input_tokens, output_tokens, total_tokens, "
+                                         "cost, saved, cache_hits"),
+        "request_id": fields.String(example="3f2c9a7e4b1d4e0f9a8b7c6d5e4f3a2b"),
+    })
+
+    @ns.route("/batch")
+    class BatchGeneration(Resource):
+        @ns.expect(request_model)
+        @ns.doc(security=SECURITY)
+        @ns.response(200, "Each item's answer or error, in order, and the totals", answer_model)
+        @ns.response(400, "The envelope is not {\"items\": [1..BATCH_MAX_ITEMS objects]}", schemas.error)
+        @ns.response(401, "No valid API key, when AUTH_ENABLED", schemas.error)
+        @ns.response(402, "The key's monthly budget cannot cover the batch", schemas.error)
+        @ns.response(413, "Body too large", schemas.error)
+        @ns.response(415, "Body is not JSON", schemas.error)
+        @ns.response(429, "Rate limited (each item counts) or the key's tokens per minute are used", schemas.error)
+        @ns.response(503, "The key store or ledger stayed busy; see Retry-After", schemas.error)
+        @batch_limit
+        def post(self):
+            items = _envelope(json_body(), config.batch_max_items)
+            key = state().api_key
+            if key is not None and key.tokens_per_minute is not None:
+                gateway.tokens.check(key.id, key.tokens_per_minute)
+            if key is not None and key.monthly_budget_usd is not None:
+                state().budget_reservation = gateway.budgets.reserve(
+                    key.id, key.monthly_budget_usd, _estimated_cost(gateway, key, len(items)))
+            batch_id = request_id()
+            checked = [_checked_item(gateway, schemas, index, raw) for index, raw in enumerate(items)]
+            ran = {result.index: result for result in runner.run([item for item in checked
+                                                                  if isinstance(item, BatchItem)])}
+            answers = []
+            for index, item in enumerate(checked):
+                result = ran.get(index) or ItemResult(index, error=item)
+                answers.append(_account(gateway, batch_id, items[index], item, result))
+            totals = _totals(answers)
+            headers = {"X-Tokens-Input": str(totals["input_tokens"]), "X-Tokens-Output": str(totals["output_tokens"]),
+                       "X-Cost-Total": f"{totals['cost']:.10f}", "X-Cost-Saved": f"{totals['saved']:.10f}"}
+            return {"items": [answer for answer, _ in answers], "totals": totals, "request_id": batch_id}, 200, headers
+
+        post.__doc__ = DOC
+
+    ns.runner = runner  # the process's pool (tests look at it)
+    return ns, "/generate"
+
+
+def _envelope(body, max_items: int) -> list:
+    """The items of a well-formed envelope, or a 400 before any work (a million items are refused by count)."""
+    if not isinstance(body, dict) or set(body) != {"items"}:
+        extra = [name[:64] for name in sorted(set(body) - {"items"})[:5]] if isinstance(body, dict) else []
+        raise InvalidRequest("Invalid input: the body must be an object with one field, 'items' (a list of requests)",
+                             details={"fields": {"body": "must be {\"items\": [...]}"}, "unknown_fields": extra})
+    items = body["items"]
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest("Invalid input: 'items' must be a non-empty list of requests",
+                             details={"fields": {"items": "must be a non-empty list"}})
+    if len(items) > max_items:
+        raise InvalidRequest(f"Invalid input: a batch holds at most {max_items} items (BATCH_MAX_ITEMS), "
+                             f"this one has {len(items)}",
+                             details={"fields": {"items": f"allows at most {max_items} items"},
+                                      "max_items": max_items, "items": len(items)})
+    return items
+
+
+def _checked_item(gateway: Gateway, schemas: Schemas, index: int, raw) -> BatchItem | GatewayError:
+    """The item ready to run, or the error it is answered with (the others still run)."""
+    try:
+        if not isinstance(raw, dict):
+            raise InvalidRequest("Invalid input: each item must be an object with a 'task' and that task's fields",
+                                 details={"fields": {"item": "must be an object"}})
+        task = raw.get("task")
+        if not isinstance(task, str) or task not in TASKS:
+            raise InvalidRequest(f"Invalid input: 'task' must be one of {', '.join(TASKS)}",
+                                 details={"fields": {"task": f"must be one of {', '.join(TASKS)}"}})
+        if raw.get("stream") not in (None, False):  # a batch answers JSON: never run a stream as if it were not one
+            raise InvalidRequest("Invalid input: 'stream' is not available in a batch; send streams one at a time",
+                                 details={"fields": {"stream": "is not available in a batch"}})
+        key = state().api_key
+        if key is not None and not key.allows(task):
+            raise TaskNotAllowed(f"This API key may not run the '{task}' task",
+                                 details={"key_id": key.id, "task": task,
+                                          "allowed_tasks": list(key.allowed_tasks or ())})
+        payload = schemas.requests[task].validate({name: value for name, value in raw.items() if name != "task"})
+        inputs = TASKS[task].inputs(payload)
+        return BatchItem(index, task, inputs, task_options(payload, gateway, task), cache_control(payload))
+    except GatewayError as exc:
+        return exc
+
+
+def _account(gateway: Gateway, batch_id: str, raw, item, result: ItemResult) -> tuple[dict, TaskOutcome | None]:
+    """The item's ledger row (before the answer leaves) and its part of the answer."""
+    task = item.task if isinstance(item, BatchItem) else (raw.get("task") if isinstance(raw, dict) else None)
+    task = task if task in TASKS else None
+    item_id = f"{batch_id}.{result.index}"
+    context = state()
+    key = context.api_key
+    status, error_code, answer = 200, None, {}
+    if result.error is not None:
+        answer, status = _error_answer(gateway, result.error, item_id)
+        error_code = answer["code"]
+    prompt = None
+    if isinstance(item, BatchItem):
+        prompt = item.inputs.get(TASKS[item.task].prompt_field)
+    info = RequestInfo(
+        request_id=item_id, method="POST", path=PATH_OF_TASK.get(task, BATCH_PATH), client=request.remote_addr or "",
+        prompt=prompt, error_code=error_code, route=BATCH_PATH, client_request_id=context.client_request_id,
+        key_id=key.id if key is not None else None,
+        model=item.options.model if isinstance(item, BatchItem) else gateway.service.default_model)
+    overall = gateway.record_batch_item(info, status, result.elapsed_ms, result.outcome)
+    head = {"index": result.index, "task": task, "status": status}
+    if result.outcome is None:
+        return {**head, **answer}, None
+    outcome = result.outcome
+    definition = TASKS[item.task]
+    fields_ = {definition.result_field: outcome.completion.text,
+               **{name: item.inputs[name] for name in definition.echo}, **_outcome_fields(outcome, item_id)}
+    if overall is not None:
+        fields_["cost"]["overall"] = round(overall, 10)
+    if result.shared_with is not None:
+        fields_["shared_with"] = result.shared_with
+    return {**head, **fields_}, outcome
+
+
+def _outcome_fields(outcome: TaskOutcome, item_id: str) -> dict:
+    """The fields a task endpoint's answer carries besides its result (as `task_routes.answer_fields`)."""
+    return {
+        "model": outcome.model_id, "provider": outcome.provider, "cached": outcome.cached,
+        "fallback_used": outcome.fallback_used,
+        "usage": {"input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
+                  "total_tokens": outcome.input_tokens + outcome.output_tokens, "source": outcome.token_source},
+        "cost": {"currency": "USD", "input": round(outcome.cost.input, 10), "output": round(outcome.cost.output, 10),
+                 "total": round(outcome.cost.total, 10), "saved": round(outcome.saved.total, 10)},
+        "request_id": item_id,
+    }
+
+
+def _error_answer(gateway: Gateway, exc: BaseException, item_id: str) -> tuple[dict, int]:
+    """An item's error as the one error shape and the status it would have had on its own. Unlike
+    `routes.error_payload` it leaves the batch's own request state alone (its error code, Retry-After)."""
+    if isinstance(exc, GatewayError):
+        status, code, message, details = exc.status, exc.code, exc.message, exc.details
+        if (retry_after := sane_retry_after(exc.retry_after)) is not None:
+            details = {**details, "retry_after": max(1, math.ceil(retry_after))}
+        log.warning("%s: %s", code, message, extra={"request_id": item_id})
+    else:
+        status, code, message, details = 500, "internal_error", "The gateway failed unexpectedly", {}
+        log.error("unhandled error in a batch item", exc_info=exc, extra={"request_id": item_id})
+    if status >= 500 or code == "upstream_rate_limited":
+        gateway.logger.log_error(exc, request_id=item_id, status=status, code=code, path=BATCH_PATH)
+    return error_body(message, code, details, item_id), status
+
+
+def _totals(answers: list[tuple[dict, TaskOutcome | None]]) -> dict:
+    outcomes = [outcome for _, outcome in answers if outcome is not None]
+    input_tokens = sum(outcome.input_tokens for outcome in outcomes)
+    output_tokens = sum(outcome.output_tokens for outcome in outcomes)
+    return {
+        "items": len(answers), "succeeded": len(outcomes), "failed": len(answers) - len(outcomes),
+        "input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
+        "cost": round(sum(outcome.cost.total for outcome in outcomes), 10),
+        "saved": round(sum(outcome.saved.total for outcome in outcomes), 10),
+        "cache_hits": sum(1 for outcome in outcomes if outcome.cached),
+    }
+
+
+def _estimated_cost(gateway: Gateway, key, count: int) -> float:
+    """What the batch may cost at most (as app.py's `_estimated_cost` for one request, gateway/auth/budgets.py):
+    `count` requests sharing the body's bytes as input, each at its dearest allowed model's output limit."""
+    size = request.content_length or len(request.get_data(cache=True))
+    input_tokens, output_tokens = budgets.estimated_tokens(math.ceil(size / count), gateway.service.max_output_tokens)
+    return count * gateway.models.highest_cost(input_tokens, output_tokens, gateway.service.price_of,
+                                               gateway.router.routes, key)
+
