@@ -35,7 +35,8 @@ from gateway.tasks.service import TaskOutcome
 from gateway.tasks.table import TASKS
 
 BATCH_PATH = "/api/v1/generate/batch"
-PATH_OF_TASK = {task: path for path, task in TASK_OF_PATH.items() if not path.endswith("/stream")}
+PATH_OF_TASK = {task: path for path, task in TASK_OF_PATH.items()  # /api/v1's own task endpoints (not /v1's)
+                if path.startswith("/api/v1/") and not path.endswith("/stream")}
 log = logging.getLogger("gateway.http")
 
 DOC = ("Run up to BATCH_MAX_ITEMS text, code and classify requests in one call, each answered on its own.\n\n"
