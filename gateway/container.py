@@ -28,7 +28,7 @@ from gateway.providers.router import ModelRouter
 from gateway.tasks import process_templates
 from gateway.tasks.process import process_task
 from gateway.tasks.service import TaskOutcome, TaskService
-from gateway.tasks.table import CHAT_TASK, TASKS
+from gateway.tasks.table import SERVED_TASKS
 from gemini_wrapper import retry_policy_from
 from lru_cache import ResponseCache
 
@@ -191,14 +191,14 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
         secrets=[config.google_api_key, config.openai_api_key, config.anthropic_api_key],
         log_full_prompts=config.log_full_prompts,
     )
-    # the cache has a section per task name; the chat task (/v1) runs under its own key but caches as "text"
-    tasks = {**TASKS, "process": process_task(process_templates.load(config.process_templates_file))}
-    cache = ResponseCache({task: config.cache_settings(task) for task in tasks}, enabled=config.cache_enabled)
+    tasks = {**SERVED_TASKS, "process": process_task(process_templates.load(config.process_templates_file))}
+    cache = ResponseCache({task.name: config.cache_settings(task.name) for task in tasks.values()},
+                          enabled=config.cache_enabled)
     tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record),
                           write_timeout=config.cost_ledger_write_timeout_seconds)
     service = TaskService(router, cache, prices.cost, TokenCounter(), default_model=registry.default.id,
                           max_output_tokens=config.gemini_max_output_tokens or None,
-                          model_defaults=registry.task_defaults, tasks={**tasks, "chat": CHAT_TASK})
+                          model_defaults=registry.task_defaults, tasks=tasks)
     return Gateway(
         config=config, upstream=upstream, router=router, service=service,
         models=models, cache=cache, tracker=tracker,

@@ -23,7 +23,6 @@ from flask import request
 from flask_restx import Namespace, Resource, fields
 
 from gateway.auth import budgets
-from gateway.auth.guard import TASK_OF_PATH
 from gateway.container import Gateway, RequestInfo
 from gateway.errors import GatewayError, InvalidRequest, TaskNotAllowed, error_body, sane_retry_after
 from gateway.http.request_state import state
@@ -35,8 +34,7 @@ from gateway.tasks.service import TaskOutcome
 from gateway.tasks.table import TASKS
 
 BATCH_PATH = "/api/v1/generate/batch"
-PATH_OF_TASK = {task: path for path, task in TASK_OF_PATH.items()  # /api/v1's own task endpoints (not /v1's)
-                if path.startswith("/api/v1/") and not path.endswith("/stream")}
+PATH_OF_TASK = {name: f"/api/v1{task.path}" for name, task in TASKS.items()}  # an item is recorded under its endpoint
 log = logging.getLogger("gateway.http")
 
 DOC = ("Run up to BATCH_MAX_ITEMS text, code and classify requests in one call, each answered on its own.\n\n"
