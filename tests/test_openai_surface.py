@@ -154,10 +154,30 @@ def test_langchain_chat_openai_invokes_and_streams(gateway_with_key, emulator):
     conversation = [("system", "Be brief."), ("human", "Tell me about lakes")]
     reply = chat.invoke(conversation)
     assert reply.content.startswith("Demo reply to: Tell me about lakes") and reply.usage_metadata["output_tokens"] > 0
-    pieces = [piece.content for piece in chat.stream(conversation)]
+    uncached = ChatOpenAI(base_url=f"{server.url}/v1", api_key=secret, model=MODEL, timeout=30, max_retries=0,
+                          default_headers={"Cache-Control": "no-cache"})
+    pieces = [piece.content for piece in uncached.stream(conversation)]
     assert "".join(pieces) == reply.content and len([piece for piece in pieces if piece]) >= 2
-    assert [(r.endpoint, r.key_id, r.status) for r in records(app)] == [(CHAT, key.id, 200)] * 2
+    assert emulator.request_count == 2
+    assert [(r.endpoint, r.key_id, r.status, r.cached) for r in records(app)] == [(CHAT, key.id, 200, False)] * 2
     assert all(r.total_cost > 0 for r in records(app))
+
+
+def test_a_completed_chat_stream_is_cached_and_a_repeat_is_replayed_as_a_stream(gateway_with_key, emulator):
+    app, server, key, secret = gateway_with_key()
+    client = sdk(server, secret)
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about rivers"}], "stream": True,
+           "stream_options": {"include_usage": True}}
+    first = list(client.chat.completions.create(**ask))
+    again = list(client.chat.completions.create(**ask))
+    text = lambda chunks: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # noqa: E731
+    assert text(again) == text(first) and text(first).startswith("Demo reply to: Tell me about rivers")
+    assert again[-1].usage.total_tokens == first[-1].usage.total_tokens > 0
+    assert [c.choices[0].finish_reason for c in again if c.choices][-1] == "stop"
+    assert emulator.request_count == 1  # the repeat made no upstream call
+    miss, hit = records(app)
+    assert (miss.cached, hit.cached, hit.total_cost, hit.key_id) == (False, True, 0.0, key.id)
+    assert hit.saved_cost == pytest.approx(miss.total_cost)
 
 
 def test_the_model_listing_is_the_keys_allowed_models(gateway_with_key):

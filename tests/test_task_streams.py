@@ -222,13 +222,13 @@ def test_the_first_chunk_reaches_the_client_while_the_provider_is_still_streamin
     assert added_ms < 300  # well before the provider's next frame
 
 
-def _open_raw_stream(url: str, body: dict) -> socket.socket:
+def _open_raw_stream(url: str, body: dict, path: str = TEXT) -> socket.socket:
     """A client on a plain socket (so the test decides when it closes), after sending a stream request."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
     data = json.dumps(body).encode()
     sock.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                 % (TEXT.encode(), host.encode(), len(data), data))
+                 % (path.encode(), host.encode(), len(data), data))
     return sock
 
 
@@ -269,6 +269,23 @@ def test_a_client_that_closes_its_socket_stops_the_provider_at_the_next_chunk(ma
     assert whole["cached"] is False  # the cut stream was not cached
     assert record.input_tokens == whole["usage"]["input_tokens"]
     assert 0 < record.output_tokens < whole["usage"]["output_tokens"] and 0 < record.total_cost < whole["cost"]["total"]
+
+
+def test_an_openai_chat_stream_whose_client_closes_its_socket_stops_the_provider_too(make_app, emulator, serve):
+    """/v1/chat/completions streams run through the same driver: the same disconnect check between chunks."""
+    emulator.inject("pace", interval=0.3)
+    app = make_app(ratelimit_enabled=False)
+    server = serve(app)
+    body = {"model": "gemini-2.0-flash", "stream": True,
+            "messages": [{"role": "user", "content": "one two three four five six seven eight"}]}
+    sock = _open_raw_stream(server.url, body, "/v1/chat/completions")
+    assert b'"content":"' in _read_until(sock, b'"content":"D')  # the role chunk, then the first piece
+    sock.close()
+    delivery = emulator.wait_delivery(timeout=5)
+    assert delivery.client_closed and delivery.frames_sent == 2 and delivery.sent < delivery.total
+    [record] = _wait_for_records(app, 1)
+    assert (record.endpoint, record.status, record.cached) == ("/v1/chat/completions", 499, False)
+    assert record.output_tokens > 0 and record.total_cost > 0
 
 
 def test_a_client_that_leaves_before_the_first_chunk_gets_the_provider_closed_at_it(make_app, emulator, serve):

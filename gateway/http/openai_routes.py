@@ -14,16 +14,17 @@ from __future__ import annotations
 import json
 import time
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context
+from flask import Blueprint, Response, jsonify, request
 
 from gateway.auth.guard import model_allowed
 from gateway.container import Gateway
 from gateway.errors import ModelNotFound
 from gateway.http import openai_wire as wire
+from gateway.http import stream_driver
 from gateway.http.request_state import state
-from gateway.http.routes import error_payload, json_body, request_id, request_info
-from gateway.http.task_routes import CLIENT_CLOSED_REQUEST, cache_control
-from gateway.tasks.service import CacheControl, OpenStream, TaskOptions
+from gateway.http.routes import error_payload, json_body, request_id
+from gateway.http.task_routes import cache_control
+from gateway.tasks.service import TaskOptions, TaskOutcome
 
 PREFIX = "/v1"
 CHAT_PATH = f"{PREFIX}/chat/completions"
@@ -63,16 +64,17 @@ def blueprint(gateway: Gateway, task_limit, listing_limit) -> Blueprint:
             key, "text")
         current.model = options.model
         completion_id, created = f"chatcmpl-{request_id()}", int(time.time())
+        control = cache_control({})
         if chat.stream:
+            gone = stream_driver.client_gone()
+            if gone is not None and gone():  # it left while the request waited for a thread: no provider call
+                return Response(status=stream_driver.CLIENT_CLOSED_REQUEST)
             started = time.perf_counter()
-            # failures here: plain error answers. /v1 streams stay out of the cache (the task streams use it)
-            opened = gateway.service.open_stream(CHAT_TASK, inputs, options, CacheControl(read=False, write=False))
-            current.streaming = True
-            events = _chunks(gateway, opened, (time.perf_counter() - started) * 1000, completion_id, created,
-                             chat.include_usage)
-            return Response(stream_with_context(events), mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        outcome = gateway.service.run(CHAT_TASK, inputs, options, cache_control({}))
+            opened = gateway.service.open_stream(CHAT_TASK, inputs, options, control)  # failures: plain errors
+            return stream_driver.stream_response(gateway, opened, (time.perf_counter() - started) * 1000,
+                                                 ChatChunks(completion_id, created, opened.model_id,
+                                                            chat.include_usage))
+        outcome = gateway.service.run(CHAT_TASK, inputs, options, control)
         current.outcome = outcome  # cost headers and the ledger row, in app.py's after_request
         return jsonify(wire.completion_body(completion_id, created, outcome.model_id, outcome.completion.text,
                                             outcome.completion.finish_reason, outcome.input_tokens,
@@ -91,44 +93,33 @@ def blueprint(gateway: Gateway, task_limit, listing_limit) -> Blueprint:
     return bp
 
 
-def _chunks(gateway: Gateway, opened: OpenStream, open_ms: float, completion_id: str, created: int,
-            include_usage: bool):
-    """The SSE lines of one streamed answer: the role, the content deltas, the finish reason, the usage (when asked),
-    then `[DONE]`. The ledger row is written before the last chunk; a failure mid-stream ends with one
-    `{"error": ...}` line (OpenAI's SDK raises it), a client that leaves is recorded as 499 (task_routes.py's rules)."""
-    accounted = False
-    stream = opened.stream
-    model = opened.model_id
+class ChatChunks:
+    """OpenAI's stream format: `data:` lines of `chat.completion.chunk` (the role, the content deltas, the finish
+    reason, the usage when the client asked for it), then `data: [DONE]`; a failure mid-stream is one
+    `{"error": ...}` line (OpenAI's SDK raises it). gateway/http/stream_driver.py runs the stream."""
 
-    def line(delta, reason=None, usage_of=None):
-        body = wire.chunk(completion_id, created, model, delta, reason, with_usage=include_usage, usage_of=usage_of)
-        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
+        self.completion_id, self.created, self.model, self.include_usage = completion_id, created, model, include_usage
 
-    try:
-        yield line({"role": "assistant", "content": ""})
-        try:
-            for text in stream:
-                yield line({"content": text})
-            status, outcome = 200, gateway.service.stream_outcome(opened, open_ms)
-            final = [line({}, wire.finish_reason(outcome.completion.finish_reason))]
-            if include_usage:
-                final.append(line(None, usage_of=wire.usage(outcome.input_tokens, outcome.output_tokens)))
-            final.append("data: [DONE]\n\n")
-        except Exception as exc:  # noqa: BLE001 - the 200 already went out: the failure becomes the last line
-            body, status, _ = error_payload(exc)
-            final = [f"data: {json.dumps(wire.error_body(body, status), separators=(',', ':'))}\n\n"]
-            outcome = gateway.service.failed_stream_outcome(opened, exc, open_ms)
-        accounted = True  # before recording: a failure inside it must not add a second, 499 record
-        _account(gateway, status, outcome)
-        yield "".join(final)
-    except GeneratorExit:
-        if not accounted:
-            _account(gateway, CLIENT_CLOSED_REQUEST, gateway.service.partial_stream_outcome(opened, open_ms))
-        raise
-    finally:
-        stream.close()
+    def opening(self) -> str:
+        return self._line({"role": "assistant", "content": ""})
+
+    def piece(self, text: str) -> str:
+        return self._line({"content": text})
+
+    def done(self, outcome: TaskOutcome, overall: float | None) -> str:
+        lines = [self._line({}, wire.finish_reason(outcome.completion.finish_reason))]
+        if self.include_usage:
+            lines.append(self._line(None, usage_of=wire.usage(outcome.input_tokens, outcome.output_tokens)))
+        return "".join(lines) + "data: [DONE]\n\n"
+
+    def failed(self, body: dict, status: int) -> str:
+        return _data(wire.error_body(body, status))
+
+    def _line(self, delta: dict | None, reason: str | None = None, usage_of: dict | None = None) -> str:
+        return _data(wire.chunk(self.completion_id, self.created, self.model, delta, reason,
+                                with_usage=self.include_usage, usage_of=usage_of))
 
 
-def _account(gateway: Gateway, status: int, outcome) -> None:
-    elapsed_ms = (time.perf_counter() - state().started) * 1000
-    gateway.finish_request(request_info(), status, elapsed_ms, outcome, is_task=True)
+def _data(body: dict) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"

@@ -15,22 +15,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 
-from flask import Response, request, stream_with_context
+from flask import Response, request
 from flask_restx import Namespace, Resource
 
 from gateway.container import Gateway
 from gateway.errors import InvalidRequest
+from gateway.http import stream_driver
 from gateway.http.request_state import state
-from gateway.http.routes import error_payload, json_body, request_id, request_info
+from gateway.http.routes import json_body, request_id
 from gateway.http.schemas import SECURITY, Schemas
-from gateway.tasks.service import CacheControl, OpenStream, TaskOptions, TaskOutcome
+from gateway.tasks.service import CacheControl, TaskOptions, TaskOutcome
 from gateway.tasks.table import TASKS, TaskDefinition, unchanged
-
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer was complete
-# The WSGI environ entry (not an OS variable) waitress sets to a callable: True once the client has closed.
-CLIENT_DISCONNECTED = "waitress.client_disconnected"
 
 # Summaries are the first line, without a period: RESTX cuts a summary at its first "." ("0.7" -> "0").
 DOCS = {
@@ -133,23 +129,40 @@ def wants_stream(task: TaskDefinition, payload: dict) -> bool:
 def stream_response(gateway: Gateway, task: TaskDefinition, inputs: dict, options: TaskOptions,
                     control: CacheControl) -> Response:
     """Open the task's stream (a cached answer's replay, or the provider's: failures before its first chunk are
-    plain JSON errors) and answer with its events. The `done` event carries the answer fields, plus the task's
-    result (and echoed inputs) when its parser changes the text: the code of a code answer. A text's result is
-    the chunks joined, and is not sent twice (an answer may be megabytes).
-
-    Under waitress (with `channel_request_lookahead`, gateway/serve.py) a client that closed its connection is
-    seen between chunks through `waitress.client_disconnected`: the provider's stream is closed there."""
-    gone = request.environ.get(CLIENT_DISCONNECTED)
+    plain JSON errors) and answer with its events (gateway/http/stream_driver.py runs them)."""
+    gone = stream_driver.client_gone()
     if gone is not None and gone():  # it left while the request waited for a thread: no provider call
-        return Response(status=CLIENT_CLOSED_REQUEST)
+        return Response(status=stream_driver.CLIENT_CLOSED_REQUEST)
     started = time.perf_counter()
     opened = gateway.service.open_stream(task.name, inputs, options, control)
-    state().streaming = True
     result = None if task.parse is unchanged else (task.result_field, {name: inputs[name] for name in task.echo})
-    events = _stream_events(gateway, opened, (time.perf_counter() - started) * 1000, result, gone)
-    return Response(stream_with_context(events), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                             "X-Cached": "true" if opened.cached is not None else "false"})
+    return stream_driver.stream_response(gateway, opened, (time.perf_counter() - started) * 1000, TaskEvents(result))
+
+
+class TaskEvents:
+    """The task streams' format: `event: chunk` {text} per piece, then `event: done` with the answer fields, plus
+    the task's result (and echoed inputs) when its parser changes the text (the code of a code answer; a text's
+    result is the chunks joined, not sent twice: an answer may be megabytes), or `event: error`."""
+
+    def __init__(self, result: tuple[str, dict] | None):
+        self.result = result  # (result field, echoed inputs), or None
+
+    def opening(self) -> None:
+        return None
+
+    def piece(self, text: str) -> str:
+        return _sse("chunk", {"text": text})
+
+    def done(self, outcome: TaskOutcome, overall: float | None) -> str:
+        fields = answer_fields(outcome)
+        if self.result is not None:
+            field, echoed = self.result
+            fields = {field: outcome.completion.text, **echoed, **fields}
+        fields["cost"]["overall"] = None if overall is None else round(overall, 10)
+        return _sse("done", fields)
+
+    def failed(self, body: dict, status: int) -> str:
+        return _sse("error", body)
 
 
 def _read_request(gateway: Gateway, task: TaskDefinition, request_schema) -> tuple[dict, dict, TaskOptions]:
@@ -232,57 +245,6 @@ def answer_fields(outcome: TaskOutcome) -> dict:
                  "total": round(outcome.cost.total, 10), "saved": round(outcome.saved.total, 10)},
         "request_id": request_id(),
     }
-
-
-def _stream_events(gateway: Gateway, opened: OpenStream, open_ms: float, result: tuple[str, dict] | None,
-                   gone: Callable[[], bool] | None):
-    """SSE events for one stream; the ledger record is written before the final event is sent.
-
-    A stream that fails mid-way (the provider cut it, sent a bad chunk or an error, or ran past
-    the deadline) ends with an `error` event and is recorded with that status, priced for what
-    the provider sent until then. So is a client that disconnects mid-stream, as status 499: seen by
-    `gone()` before each chunk is sent (waitress), or as GeneratorExit at a `yield` (a server that closes
-    the response); either way the provider's stream is closed, and the answer is not cached."""
-    accounted = False
-    stream = opened.stream
-    try:
-        try:
-            left = False
-            for text in stream:
-                if gone is not None and gone():
-                    left = True
-                    break
-                yield _sse("chunk", {"text": text})
-            if left or (gone is not None and gone()):
-                accounted = True
-                _account_stream(gateway, CLIENT_CLOSED_REQUEST, gateway.service.partial_stream_outcome(opened, open_ms))
-                return
-            outcome = gateway.service.stream_outcome(opened, open_ms)
-            status, fields = 200, answer_fields(outcome)
-            if result is not None:
-                field, echoed = result
-                fields = {field: outcome.completion.text, **echoed, **fields}
-            final = ("done", fields)
-        except Exception as exc:  # noqa: BLE001 - the 200 already went out: the failure becomes the last event
-            body, status, _ = error_payload(exc)
-            final = ("error", body)
-            outcome = gateway.service.failed_stream_outcome(opened, exc, open_ms)
-        accounted = True  # before recording: a failure inside it must not add a second, 499 record
-        overall = _account_stream(gateway, status, outcome)
-        if status == 200:
-            final[1]["cost"]["overall"] = round(overall, 10)
-        yield _sse(*final)
-    except GeneratorExit:
-        if not accounted:
-            _account_stream(gateway, CLIENT_CLOSED_REQUEST, gateway.service.partial_stream_outcome(opened, open_ms))
-        raise
-    finally:
-        stream.close()
-
-
-def _account_stream(gateway: Gateway, status: int, outcome: TaskOutcome | None) -> float | None:
-    elapsed_ms = (time.perf_counter() - state().started) * 1000
-    return gateway.finish_request(request_info(), status, elapsed_ms, outcome, is_task=True)
 
 
 def _sse(event: str, data: dict) -> str:
