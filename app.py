@@ -127,7 +127,8 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     app.extensions["rate_limiter"] = limiter  # a disabled Limiter is referenced nowhere else (weakrefs)
     api = Api(
         app, version=__version__, title="Multi-Task LLM API", prefix="/api/v1", doc="/swagger/",
-        description="Text generation, code generation and text classification in front of Google Gemini. "
+        description="Text generation, code generation, text classification, batches and prompt processing in "
+                    "front of Gemini, OpenAI and Anthropic models (the OpenAI-compatible /v1 is in the README). "
                     "Every error is JSON of one shape: {error, code, details, request_id}.",
         authorizations=AUTHORIZATIONS,
     )

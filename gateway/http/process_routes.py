@@ -15,7 +15,7 @@ from flask_restx import Api, Namespace, Resource, fields
 from gateway.container import Gateway
 from gateway.http.request_state import state
 from gateway.http.schemas import LANGUAGE_PATTERN, MAX_LANGUAGE_CHARS, NOT_BLANK, RequestSchema, Schemas, nullable
-from gateway.http.task_routes import _read_request, _task_responses, answer_fields, cache_control
+from gateway.http.task_routes import answer_fields, cache_control, read_request, task_responses
 from gateway.tasks import process, process_answers
 from gateway.tasks.process_templates import TYPES
 
@@ -42,10 +42,10 @@ def process_namespace(gateway: Gateway, api: Api, schemas: Schemas, task_limit) 
     @ns.route("")
     class PromptProcessing(Resource):
         @ns.expect(request_schema.model)
-        @_task_responses(ns, schemas, response_model)
+        @task_responses(ns, schemas, response_model)
         @task_limit
         def post(self):
-            payload, inputs, options = _read_request(gateway, task, request_schema)
+            payload, inputs, options = read_request(gateway, task, request_schema)
             outcome = gateway.service.run(task.name, inputs, options, cache_control(payload))
             fields_ = answer_fields(outcome)
             return {"result": process_answers.result_of(inputs["type"], outcome.completion.text),

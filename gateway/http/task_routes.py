@@ -74,7 +74,7 @@ def _add_task_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task: 
     request_schema, response_model = schemas.requests[task.name], schemas.responses[task.name]
 
     def post(self):
-        payload, inputs, options = _read_request(gateway, task, request_schema)
+        payload, inputs, options = read_request(gateway, task, request_schema)
         if wants_stream(task, payload):
             return stream_response(gateway, task, inputs, options, cache_control(payload))
         outcome = gateway.service.run(task.name, inputs, options, cache_control(payload))
@@ -82,8 +82,8 @@ def _add_task_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task: 
         return {task.result_field: outcome.completion.text, **echoed, **answer_fields(outcome)}
 
     post.__doc__ = DOCS[task.name]
-    documented = _task_responses(ns, schemas, response_model, TASK_200) if task.streams else \
-        _task_responses(ns, schemas, response_model)
+    documented = task_responses(ns, schemas, response_model, TASK_200) if task.streams else \
+        task_responses(ns, schemas, response_model)
     post = ns.expect(request_schema.model)(documented(task_limit(post)))
     if task.streams:
         post = ns.produces(["application/json", "text/event-stream"])(post)
@@ -99,10 +99,10 @@ def _add_stream_resource(ns: Namespace, gateway: Gateway, schemas: Schemas, task
     class TextGenerationStream(Resource):
         @ns.expect(request_schema.model)
         @ns.produces(["text/event-stream", "application/json"])
-        @_task_responses(ns, schemas, None, STREAM_200)
+        @task_responses(ns, schemas, None, STREAM_200)
         @task_limit
         def post(self):
-            payload, inputs, options = _read_request(gateway, task, request_schema)
+            payload, inputs, options = read_request(gateway, task, request_schema)
             return stream_response(gateway, task, inputs, options, cache_control(payload))
 
         post.__doc__ = STREAM_DOC
@@ -165,7 +165,7 @@ class TaskEvents:
         return _sse("error", body)
 
 
-def _read_request(gateway: Gateway, task: TaskDefinition, request_schema) -> tuple[dict, dict, TaskOptions]:
+def read_request(gateway: Gateway, task: TaskDefinition, request_schema) -> tuple[dict, dict, TaskOptions]:
     """(body, task inputs, checked options) of a task request, noting on the request state what its log
     line and ledger row need: the prompt, and the model (the default one while the options are refused)."""
     payload = request_schema.validate(json_body())
@@ -178,7 +178,7 @@ def _read_request(gateway: Gateway, task: TaskDefinition, request_schema) -> tup
     return payload, inputs, options
 
 
-def _task_responses(ns: Namespace, schemas: Schemas, success_model,
+def task_responses(ns: Namespace, schemas: Schemas, success_model,
                     success="Answer; cost headers X-Cost-*, X-Tokens-*, X-Cached"):
     """The documented responses every task endpoint shares (`success_model` None: the 200 is not JSON)."""
     codes = {
