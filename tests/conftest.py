@@ -15,6 +15,7 @@ import pytest
 from app import create_app
 from gateway.config import Config
 from gateway.providers.emulators.gemini import GeminiEmulator
+from gateway.providers.emulators.openai_compat import OpenAIEmulator
 from gemini_wrapper import GeminiClient
 from tests.fakes import FakeClock
 from tests.support.emulators import TEST_KEY
@@ -36,6 +37,21 @@ def emulator(emulator_server):
     emulator_server.reply_delay = 0.0
     yield emulator_server
     emulator_server.reset()
+
+
+@pytest.fixture(scope="session")
+def openai_server():
+    """An OpenAI-compatible emulator for the fallback and /v1 tests (cleared around each test by openai_emulator)."""
+    server = OpenAIEmulator(host="127.0.0.1", port=0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def openai_emulator(openai_server):
+    openai_server.reset()
+    yield openai_server
+    openai_server.reset()
 
 
 @pytest.fixture

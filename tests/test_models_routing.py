@@ -9,23 +9,10 @@ import shutil
 import pytest
 
 from gateway.providers import demo
-from gateway.providers.emulators.openai_compat import OpenAIEmulator
 
 TEXT = "/api/v1/generate/text"
 
 
-@pytest.fixture(scope="module")
-def openai_server():
-    server = OpenAIEmulator(host="127.0.0.1", port=0).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def openai_emulator(openai_server):
-    openai_server.reset()
-    yield openai_server
-    openai_server.reset()
 
 
 def only_record(app):

@@ -14,25 +14,11 @@ import pytest
 import requests
 from langchain_openai import ChatOpenAI
 
-from gateway.providers.emulators.openai_compat import OpenAIEmulator
-
 CHAT = "/v1/chat/completions"
 MODEL = "gemini-2.0-flash"
 USER = {"role": "user", "content": "Tell me about rivers"}
 
 
-@pytest.fixture(scope="module")
-def openai_server():
-    server = OpenAIEmulator(host="127.0.0.1", port=0).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def openai_emulator(openai_server):
-    openai_server.reset()
-    yield openai_server
-    openai_server.reset()
 
 
 @pytest.fixture

@@ -249,7 +249,7 @@ def test_a_bad_document_is_refused(tmp_path, document, expected):
 @pytest.mark.parametrize(("raw", "expected"), [
     (b'{"models": {"g": {}, "g": {}}}', "'g' appears twice in one object"),
     (b'{"models": {"g": {"provider": "gemini", "provider": "openai"}}}', "'provider' appears twice"),
-    (b'{"models": {"g": {"input_per_million": NaN}}}', "NaN is not a number the registry accepts"),
+    (b'{"models": {"g": {"input_per_million": NaN}}}', "NaN is not a number these files accept"),
     (b'{"models": {"g": {"input_per_million": Infinity}}}', "Infinity is not a number"),
     (b'{"models": ', "not JSON"),
     (b"\xff\xfe{}", "not UTF-8 text"),

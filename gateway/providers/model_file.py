@@ -11,7 +11,6 @@ naming the entry and the field; values from the file appear in messages only cli
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from cost_tracker import Price
 from gateway.config import ConfigError
+from gateway.data_file import read_json, shown
 
 DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[2] / "data" / "models.json"
 PROVIDERS = ("gemini", "openai", "anthropic")
@@ -62,41 +62,8 @@ class ModelSpec:
 
 def read_file(path: Path) -> object:
     """The file's JSON, or ConfigError saying why it cannot be used (never its content: it may be anything)."""
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"model registry {path}: cannot be read ({type(exc).__name__}); set MODELS_FILE to the "
-                          "registry file, or leave it empty for data/models.json") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"model registry {path}: larger than {MAX_FILE_BYTES // 1024} KiB")
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise ConfigError(f"model registry {path}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"model registry {path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") \
-            from None
-    except (ValueError, RecursionError) as exc:  # duplicate keys, NaN, a number over 4300 digits, deep nesting
-        reason = str(exc)[:200] if isinstance(exc, _Refused) else f"{type(exc).__name__}: not usable JSON"
-        raise ConfigError(f"model registry {path}: {reason}") from None
-
-
-class _Refused(ValueError):
-    """A JSON construct the registry refuses (its message is ours, safe to show)."""
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _Refused(f"{shown(key)} appears twice in one object (the later one would silently win)")
-        seen[key] = value
-    return seen
-
-
-def _no_constant(name: str):
-    raise _Refused(f"{name} is not a number the registry accepts")
+    return read_json(path, f"model registry {path}", MAX_FILE_BYTES,
+                     "set MODELS_FILE to the registry file, or leave it empty for data/models.json")
 
 
 def parse(document: object, source: str = "model registry") -> list[ModelSpec]:
@@ -221,7 +188,3 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def shown(value: object) -> str:
-    """A value from the file, safe and short in a message (it may be anything: huge, control characters)."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

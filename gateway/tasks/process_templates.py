@@ -17,13 +17,13 @@ cannot contain the line that closes its block, since it would have to contain it
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import ConfigError
+from gateway.data_file import read_json, shown
 
 DEFAULT_TEMPLATES_FILE = Path(__file__).resolve().parents[2] / "data" / "process_templates.json"
 TYPES = ("summary", "keywords", "sentiment", "entities", "translation", "custom")
@@ -66,7 +66,8 @@ def load(path: str | Path | None = None) -> ProcessTemplates:
     """The checked templates of `path` (None or "": the bundled file); ConfigError naming the problem."""
     path = Path(path) if path else DEFAULT_TEMPLATES_FILE
     where = f"process templates {path}"
-    return parse(_read(path, where), where)
+    return parse(read_json(path, where, MAX_FILE_BYTES, "set PROCESS_TEMPLATES_FILE to the templates file, or "
+                                                          "leave it empty for data/process_templates.json"), where)
 
 
 def parse(document: object, where: str = "process templates") -> ProcessTemplates:
@@ -76,20 +77,20 @@ def parse(document: object, where: str = "process templates") -> ProcessTemplate
         raise ConfigError(f"{where}: must be a JSON object with a \"templates\" object (type -> template)")
     unknown = [key for key in document if key != "templates" and not key.startswith("_")]
     if unknown:
-        raise ConfigError(f"{where}: unknown top-level field {_shown(unknown[0])} (expected \"templates\")")
+        raise ConfigError(f"{where}: unknown top-level field {shown(unknown[0])} (expected \"templates\")")
     entries = {kind: entry for kind, entry in document["templates"].items() if not kind.startswith("_")}
     for kind in entries:
         if kind not in TYPES:
-            raise ConfigError(f"{where}: template {_shown(kind)} is not a processing type ({', '.join(TYPES)})")
+            raise ConfigError(f"{where}: template {shown(kind)} is not a processing type ({', '.join(TYPES)})")
     missing = [kind for kind in TYPES if kind not in entries]
     if missing:
-        raise ConfigError(f"{where}: template {_shown(missing[0])} is missing (every type needs one: "
+        raise ConfigError(f"{where}: template {shown(missing[0])} is missing (every type needs one: "
                           f"{', '.join(TYPES)})")
     return ProcessTemplates({kind: _checked(kind, entries[kind], where) for kind in TYPES}, where)
 
 
 def _checked(kind: str, entry: object, where: str) -> str:
-    at = f"{where}: template {_shown(kind)}"
+    at = f"{where}: template {shown(kind)}"
     if isinstance(entry, list) and all(isinstance(line, str) for line in entry):
         entry = "\n".join(entry)
     if not isinstance(entry, str) or not entry.strip():
@@ -115,43 +116,3 @@ def _checked(kind: str, entry: object, where: str) -> str:
 
 def _last(items: list[str], wanted: str) -> int:
     return max((index for index, item in enumerate(items) if item == wanted), default=-1)
-
-
-def _read(path: Path, where: str) -> object:
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot be read ({type(exc).__name__}); set PROCESS_TEMPLATES_FILE to the "
-                          "templates file, or leave it empty for data/process_templates.json") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES // 1024} KiB")
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except _Duplicate as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except (ValueError, RecursionError) as exc:  # a number over 4300 digits, deep nesting
-        raise ConfigError(f"{where}: {type(exc).__name__}: not usable JSON") from None
-
-
-class _Duplicate(ValueError):
-    """A key twice in one object: `json` would silently keep the last one."""
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _Duplicate(f"{_shown(key)} appears twice in one object (the later one would silently win)")
-        seen[key] = value
-    return seen
-
-
-def _shown(value: object) -> str:
-    """A value from the file, clipped and quoted for a message (it may be anything)."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
