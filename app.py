@@ -379,16 +379,26 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
     @api.errorhandler(Exception)
     def api_error(exc):
         """Any failure: JSON {error, code, details, request_id} with the matching status."""
+        _bill_refused_answer(exc)
         body, status, headers = routes.error_payload(exc)
         return body, status, headers
 
     @app.errorhandler(Exception)
     def flask_error(exc):
+        _bill_refused_answer(exc)
         if openai_routes.is_openai_path(request.path):  # OpenAI's clients read OpenAI's error format
             body, status, headers = openai_routes.openai_error(exc)
         else:
             body, status, headers = routes.error_payload(exc)
         return jsonify(body), status, headers
+
+
+def _bill_refused_answer(exc: BaseException) -> None:
+    """An answer the provider was paid for but the task refused (GatewayError.billed) is this request's
+    outcome: its ledger row, budget and cost headers carry the cost, though the client gets the error."""
+    billed = getattr(exc, "billed", None)
+    if billed is not None:
+        state().outcome = billed
 
 
 def _configure_logging(config: Config) -> None:

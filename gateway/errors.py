@@ -64,6 +64,9 @@ class GatewayError(Exception):
     code = "internal_error"
     retryable = False
     headers: dict[str, str] = {}  # extra response headers (WWW-Authenticate on a 401)
+    # The priced `TaskOutcome` of a provider answer the task then refused (an unparseable structured answer):
+    # the provider billed it, so the request's ledger row does too (set by TaskService.run).
+    billed = None
 
     def __init__(self, message: str, *, details: dict | None = None, retry_after: float | None = None):
         super().__init__(message)

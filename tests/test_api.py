@@ -216,8 +216,13 @@ def test_classification_outside_the_categories_is_502(client, emulator, answer):
     """A label the caller did not offer (or one naming two offered ones) is never passed on as the answer."""
     emulator.inject("raw", body=model_says(answer))
     payload = {"text": "the model answers off the list", "categories": ["a", "b"]}
-    body = assert_error(client.post("/api/v1/classify/text", json=payload), 502, "upstream_bad_answer")
+    refused = client.post("/api/v1/classify/text", json=payload)
+    body = assert_error(refused, 502, "upstream_bad_answer")
     assert body["details"] == {"answer": answer, "categories": ["a", "b"]}
+    # Gemini answered (20 + 2 tokens) and billed it: the 502 carries that cost, in its headers and the ledger.
+    assert (refused.headers["X-Tokens-Input"], refused.headers["X-Tokens-Output"]) == ("20", "2")
+    [record] = client.application.extensions["gateway"].tracker.records()
+    assert (record.status, record.input_tokens, record.output_tokens) == (502, 20, 2) and record.total_cost > 0
     assert emulator.request_count == 1  # the same question would get the same answer: not retried
     again = client.post("/api/v1/classify/text", json=payload)  # and not cached: asked again, answered
     assert again.status_code == 200 and again.get_json()["classification"] in ("a", "b")

@@ -144,8 +144,25 @@ def test_an_unparseable_structured_answer_is_a_502_recorded_in_the_ledger(app, c
     assert body["details"]["type"] == kind and body["details"]["answer"].startswith("I am not sure")
     [record] = app.extensions["gateway"].tracker.records()
     assert (record.endpoint, record.status) == (PROCESS, 502)
+    # The provider answered and billed it: so does the ledger, for the provider's usage.
+    assert record.input_tokens > 0 and record.output_tokens > 0 and record.token_source == "provider"
+    assert record.total_cost > 0
     assert process(client, kind).status_code == 200  # not cached: the next request asks again
     assert emulator.request_count == 2
+
+
+def test_a_refused_answer_shared_by_identical_requests_is_billed_once(app, emulator):
+    """Two identical requests share one provider call (single flight); its refused answer is billed to the
+    request that made the call, not to both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    emulator.reply_delay = 0.3
+    emulator.inject("reply", text="no JSON here at all")
+    with ThreadPoolExecutor(2) as pool:
+        statuses = list(pool.map(lambda _: process(app.test_client(), "keywords").status_code, range(2)))
+    assert statuses == [502, 502] and emulator.request_count == 1
+    costs = sorted(record.total_cost for record in app.extensions["gateway"].tracker.records())
+    assert costs[0] == 0 and costs[1] > 0
 
 
 @pytest.mark.parametrize(("kind", "reply", "result"), [

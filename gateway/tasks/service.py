@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from cost_tracker import Cost, TokenCounter
-from gateway.errors import ContentBlocked
+from gateway.errors import ContentBlocked, GatewayError
 from gateway.providers.base import Completion, GenerationParams, TextStream
 from gateway.providers.router import ModelRouter, Routed
 from gateway.tasks.table import SERVED_TASKS, TaskDefinition, unchanged
@@ -156,16 +156,29 @@ class TaskService:
         key = self._cache_key(task, models, params, inputs)
         upstream_ms: list[float] = []
 
+        billed: list[TaskOutcome] = []  # an answer the task refused: the provider was paid for it all the same
+
         def compute() -> Answer:  # a miss only: a cache hit builds no prompt
             prompt = task.prompt(inputs)
             started = time.perf_counter()
             routed = self.router.complete(models, task.conversation(inputs, prompt), params, options.caller)
             upstream_ms.append((time.perf_counter() - started) * 1000)
-            return self._parsed_answer(task, inputs, routed.completion, routed, prompt)
+            try:
+                return self._parsed_answer(task, inputs, routed.completion, routed, prompt)
+            except GatewayError:
+                billed.append(self._outcome(self._priced_answer(routed.completion, routed, prompt), "miss",
+                                            upstream_ms[0], 0.0))
+                raise
 
         started = time.perf_counter()
-        answer, status = self.cache.get_or_compute(task.name, key, compute, read=control.read, write=control.write,
-                                                   wait_timeout=self._share_wait_seconds)
+        try:
+            answer, status = self.cache.get_or_compute(task.name, key, compute, read=control.read,
+                                                       write=control.write, wait_timeout=self._share_wait_seconds)
+        except GatewayError as exc:
+            # Set on every request's own exception object: a request that shared the call raises a copy of the
+            # caller's error, and must not bill the call a second time.
+            exc.billed = billed[0] if billed else None
+            raise
         total_ms = (time.perf_counter() - started) * 1000
         upstream = upstream_ms[0] if upstream_ms else None
         outcome = self._outcome(answer, status, upstream, total_ms - (upstream or 0.0))
