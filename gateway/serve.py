@@ -142,6 +142,7 @@ def _json_error_channel():
     from waitress.channel import HTTPChannel
     from waitress.task import ErrorTask
 
+    from gateway.http import openai_wire
     from gateway.http.security_headers import SERVER_ERROR_HEADERS
 
     class JsonErrorTask(ErrorTask):
@@ -151,7 +152,10 @@ def _json_error_channel():
                 ("internal_error", "The request could not be handled")
             code, message = SERVER_ERRORS.get(error.code, default)
             request_id = uuid.uuid4().hex
-            body = json.dumps({"error": message, "code": code, "details": {}, "request_id": request_id}).encode()
+            payload = {"error": message, "code": code, "details": {}, "request_id": request_id}
+            if openai_wire.is_openai_path(getattr(self.request, "path", None) or ""):  # OpenAI's clients: its shape
+                payload = openai_wire.error_body(payload, error.code)
+            body = json.dumps(payload).encode()
             self.status = f"{error.code} {error.reason}"
             self.response_headers.extend([("Content-Type", "application/json"), ("X-Request-ID", request_id),
                                           *SERVER_ERROR_HEADERS])

@@ -172,6 +172,12 @@ def test_the_model_listing_is_the_keys_allowed_models(gateway_with_key):
     assert [model.id for model in models.data] == ["gemini-2.0-flash", "gpt-4o-mini"]
     assert {(model.object, model.owned_by) for model in models.data} == {("model", "gemini"), ("model", "openai")}
     assert all(model.created > 1_700_000_000 for model in models.data)
+    one = sdk(server, secret).models.retrieve("gpt-4o-mini")
+    assert (one.id, one.object, one.owned_by) == ("gpt-4o-mini", "model", "openai")
+    for hidden in ("claude-haiku-4-5", "no-such-model"):  # another key's model is as absent as an unknown one
+        with pytest.raises(openai.NotFoundError) as raised:
+            sdk(server, secret).models.retrieve(hidden)
+        assert raised.value.code == "model_not_found"
 
 
 # --- errors, as the SDK raises them ------------------------------------------------------------------

@@ -129,6 +129,7 @@ def test_an_unknown_type_is_a_400_listing_the_types(client, emulator, kind):
     {"type": "summary"},
     {"prompt": TEXT},
     {"prompt": TEXT, "type": "summary", "temperature": 3},
+    {"prompt": TEXT, "type": "summary", "stream": True},  # a structured result is not streamed
 ])
 def test_other_bad_bodies_are_400s(client, emulator, body):
     assert_error(client.post(PROCESS, json=body), 400, "invalid_request")

@@ -312,6 +312,13 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(tmp_path, launch):
             status, headers, body = _read_response(sock)
         assert status == 431 and json.loads(body)["code"] == "headers_too_large"
 
+        sock = _raw_request(port, "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+                                  "Content-Type: application/json\r\nContent-Length: 300000000\r\n\r\n")
+        with sock:  # on the OpenAI-compatible surface, in OpenAI's error shape
+            status, headers, body = _read_response(sock)
+        assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+        assert json.loads(body)["error"]["type"] == "invalid_request_error" and headers["X-Request-ID"]
+
         at_limit = json.dumps({"prompt": "x"}).ljust(1048576).encode()  # REQUEST_MAX_BYTES itself still passes
         assert requests.post(f"http://127.0.0.1:{port}/api/v1/generate/text", data=at_limit,
                              headers={"Content-Type": "application/json"}, timeout=30).status_code == 200

@@ -302,6 +302,24 @@ def test_a_client_that_leaves_before_the_first_chunk_gets_the_provider_closed_at
     assert record.status == 499 and record.input_tokens > 0
 
 
+def test_an_openai_chat_stream_left_before_its_first_chunk_is_billed_for_the_providers_usage(make_app, emulator,
+                                                                                             serve):
+    """The role chunk goes out with the first piece: the provider's first chunk (and its usage) is taken and billed
+    even when the client has left before anything was written."""
+    emulator.reply_delay = 0.3
+    emulator.inject("pace", interval=0.3)
+    app = make_app(ratelimit_enabled=False)
+    server = serve(app)
+    body = {"model": "gemini-2.0-flash", "stream": True, "messages": [{"role": "user", "content": "one two three"}]}
+    sock = _open_raw_stream(server.url, body, "/v1/chat/completions")
+    time.sleep(0.05)  # the request is read and waits for the provider's first chunk
+    sock.close()
+    delivery = emulator.wait_delivery(timeout=5)
+    assert delivery.client_closed and delivery.frames_sent == 1
+    [record] = _wait_for_records(app, 1)
+    assert (record.status, record.token_source) == (499, "provider") and record.output_tokens > 0
+
+
 def test_the_launcher_and_the_documented_waitress_flags_read_ahead_to_see_disconnects(make_config):
     from gateway.serve import waitress_settings
     from tests.support.processes import ROOT

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from gateway.auth.guard import model_allowed
 from gateway.container import Gateway
-from gateway.errors import ModelNotFound
+from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.http import openai_wire as wire
 from gateway.http import stream_driver
 from gateway.http.request_state import state
@@ -26,13 +26,12 @@ from gateway.http.routes import error_payload, json_body, request_id
 from gateway.http.task_routes import cache_control
 from gateway.tasks.service import TaskOptions, TaskOutcome
 
-PREFIX = "/v1"
+PREFIX = wire.PREFIX
 CHAT_PATH = f"{PREFIX}/chat/completions"
 CHAT_TASK = "chat"
 
 
-def is_openai_path(path: str) -> bool:
-    return path == PREFIX or path.startswith(f"{PREFIX}/")
+is_openai_path = wire.is_openai_path
 
 
 def openai_error(exc: BaseException):
@@ -58,10 +57,13 @@ def blueprint(gateway: Gateway, task_limit, listing_limit) -> Blueprint:
         inputs = {"messages": chat.messages}
         current.prompt = "\n".join(content for _role, content in chat.messages)
         key = current.api_key
-        options = gateway.models.checked_options(TaskOptions(
-            model=chat.model, temperature=chat.temperature, max_tokens=chat.max_tokens, top_p=chat.top_p,
-            stop=chat.stop, caller=f"key:{key.id}" if key is not None else f"address:{request.remote_addr}"),
-            key, "text")
+        try:
+            options = gateway.models.checked_options(TaskOptions(
+                model=chat.model, temperature=chat.temperature, max_tokens=chat.max_tokens, top_p=chat.top_p,
+                stop=chat.stop, caller=f"key:{key.id}" if key is not None else f"address:{request.remote_addr}"),
+                key, "text")
+        except InvalidRequest as exc:  # the catalog names the gateway's field; OpenAI's `param` is the client's
+            raise _renamed(exc, "max_tokens", chat.max_tokens_field) from None
         current.model = options.model
         completion_id, created = f"chatcmpl-{request_id()}", int(time.time())
         control = cache_control({})
@@ -87,10 +89,31 @@ def blueprint(gateway: Gateway, task_limit, listing_limit) -> Blueprint:
         key = state().api_key
         created = int(time.time() - (time.monotonic() - gateway.started_at))  # when this gateway started
         allowed = [spec for spec in gateway.registry if model_allowed(key, spec)]
-        return jsonify({"object": "list", "data": [
-            {"id": spec.id, "object": "model", "created": created, "owned_by": spec.provider} for spec in allowed]})
+        return jsonify({"object": "list", "data": [_model_object(spec, created) for spec in allowed]})
+
+    @bp.get("/models/<path:model_id>")
+    @listing_limit
+    def model(model_id: str):
+        """One model as OpenAI describes it (the SDK's `models.retrieve`); 404 unless this key may use it."""
+        spec = gateway.registry.find(model_id)
+        if spec is None or not model_allowed(state().api_key, spec):
+            raise ModelNotFound(f"The model '{model_id[:128]}' does not exist on this gateway (GET /v1/models "
+                                "lists them)", details={"model": model_id[:128]})
+        return jsonify(_model_object(spec, int(time.time() - (time.monotonic() - gateway.started_at))))
 
     return bp
+
+
+def _model_object(spec, created: int) -> dict:
+    return {"id": spec.id, "object": "model", "created": created, "owned_by": spec.provider}
+
+
+def _renamed(exc: InvalidRequest, field: str, client_field: str) -> InvalidRequest:
+    fields = exc.details.get("fields") or {}
+    if field == client_field or field not in fields:
+        return exc
+    reason = fields[field]
+    return InvalidRequest(f"Invalid input: '{client_field}' {reason}", details={"fields": {client_field: reason}})
 
 
 class ChatChunks:

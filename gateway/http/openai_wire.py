@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from gateway.errors import InvalidRequest
 from gateway.http.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT
 
+PREFIX = "/v1"  # the surface's paths (the OpenAI SDKs append /chat/completions to a base URL ending in it)
+
 MAX_MESSAGES = 256  # messages in one conversation
 MAX_CONTENT_PARTS = 64  # text parts in one message's content
 MAX_MODEL_CHARS = 128
@@ -50,9 +52,15 @@ class ChatRequest:
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
+    max_tokens_field: str = "max_tokens"  # the name the client used (max_completion_tokens or max_tokens)
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether a request path is on the OpenAI-compatible surface (its errors in OpenAI's format)."""
+    return path == PREFIX or path.startswith(f"{PREFIX}/")
 
 
 def refuse(param: str, reason: str) -> InvalidRequest:
@@ -86,7 +94,9 @@ def read_chat_request(body: object, max_chars: int) -> ChatRequest:
     return ChatRequest(
         model=model.strip(), messages=_messages(given.get("messages"), max_chars),
         temperature=_number(given, "temperature", 0.0, 2.0), top_p=_number(given, "top_p", 0.0, 1.0),
-        max_tokens=_max_tokens(given), stop=_stop(given.get("stop")), stream=stream,
+        max_tokens=_max_tokens(given),
+        max_tokens_field="max_completion_tokens" if "max_completion_tokens" in given else "max_tokens",
+        stop=_stop(given.get("stop")), stream=stream,
         include_usage=_include_usage(given.get("stream_options"), stream),
     )
 

@@ -15,7 +15,7 @@ from flask_restx import Api, Namespace, Resource, fields
 from gateway.container import Gateway
 from gateway.http.request_state import state
 from gateway.http.schemas import LANGUAGE_PATTERN, MAX_LANGUAGE_CHARS, NOT_BLANK, RequestSchema, Schemas, nullable
-from gateway.http.task_routes import answer_fields, cache_control, read_request, task_responses
+from gateway.http.task_routes import answer_fields, cache_control, read_request, task_responses, wants_stream
 from gateway.tasks import process, process_answers
 from gateway.tasks.process_templates import TYPES
 
@@ -46,6 +46,7 @@ def process_namespace(gateway: Gateway, api: Api, schemas: Schemas, task_limit) 
         @task_limit
         def post(self):
             payload, inputs, options = read_request(gateway, task, request_schema)
+            wants_stream(task, payload)  # refuses "stream": true (400), as classification does
             outcome = gateway.service.run(task.name, inputs, options, cache_control(payload))
             fields_ = answer_fields(outcome)
             return {"result": process_answers.result_of(inputs["type"], outcome.completion.text),
@@ -60,7 +61,7 @@ def process_namespace(gateway: Gateway, api: Api, schemas: Schemas, task_limit) 
 def _models(api: Api, max_prompt_chars: int) -> tuple[RequestSchema, object]:
     """The request and response models: the text task's generation options and answer fields (the same
     definitions, not copies) plus this endpoint's own."""
-    options = {name: field for name, field in api.models["TextGeneration"].items() if name != "prompt"}
+    options = {name: field for name, field in api.models["TextGeneration"].items() if name not in ("prompt", "stream")}
     answer = {name: field for name, field in api.models["TextResponse"].items() if name != "generated_text"}
     request_model = api.model("PromptProcessing", {
         "prompt": fields.String(required=True, min_length=1, max_length=max_prompt_chars, pattern=NOT_BLANK,

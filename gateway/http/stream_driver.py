@@ -35,7 +35,7 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class StreamFormat(Protocol):
     """How one wire format writes a stream's lines."""
 
-    def opening(self) -> str | None: ...  # sent before the first piece (OpenAI's role chunk), or nothing
+    def opening(self) -> str | None: ...  # sent with the first piece (OpenAI's role chunk), or nothing
     def piece(self, text: str) -> str: ...
     def done(self, outcome: TaskOutcome, overall: float | None) -> str: ...  # after the ledger row
     def failed(self, body: dict, status: int) -> str: ...  # the gateway's error body and status
@@ -63,14 +63,15 @@ def stream_lines(gateway: Gateway, opened: OpenStream, open_ms: float, wire: Str
     stream = opened.stream
     service = gateway.service
     try:
-        opening = wire.opening()
-        if opening is not None:
-            yield opening
+        # The opening goes out with the first piece, not before it: a client that leaves at the first write
+        # must find that piece (and its usage) already taken from the provider, and billed.
+        opening = wire.opening() or ""
         try:
             for text in stream:
                 if gone is not None and gone():
                     break
-                yield wire.piece(text)
+                yield opening + wire.piece(text)
+                opening = ""
             if gone is not None and gone():
                 accounted = True
                 _account(gateway, CLIENT_CLOSED_REQUEST, service.partial_stream_outcome(opened, open_ms))
@@ -83,7 +84,7 @@ def stream_lines(gateway: Gateway, opened: OpenStream, open_ms: float, wire: Str
             outcome = service.failed_stream_outcome(opened, exc, open_ms)
         accounted = True  # before recording: a failure inside it must not add a second, 499 record
         overall = _account(gateway, status, outcome)
-        yield wire.done(outcome, overall) if failure is None else wire.failed(failure, status)
+        yield opening + (wire.done(outcome, overall) if failure is None else wire.failed(failure, status))
     except GeneratorExit:
         if not accounted:
             _account(gateway, CLIENT_CLOSED_REQUEST, service.partial_stream_outcome(opened, open_ms))

@@ -35,7 +35,7 @@ def process_task(templates: ProcessTemplates) -> TaskDefinition:
         prompt=lambda inputs: templates.render(inputs["type"], inputs["prompt"], inputs["source"], inputs["language"]),
         parse=lambda answer, inputs: process_answers.parse_answer(inputs["type"], answer),
         cache_inputs=lambda inputs: dict(inputs), inputs=process_inputs, prompt_field="prompt",
-        echo=("type", "source", "language"),
+        echo=("type", "source", "language"), streams=False,  # a structured result is whole or nothing
     )
 
 
