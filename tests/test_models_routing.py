@@ -36,6 +36,7 @@ def test_a_steadily_failing_gemini_is_answered_by_the_openai_fallback_at_its_pri
     expected = (record.input_tokens * price.input_per_million + record.output_tokens * price.output_per_million) / 1e6
     assert record.model == "gpt-4o-mini" and record.input_tokens > 0
     assert record.total_cost == pytest.approx(expected) and response.headers["X-Cost-Total"] == f"{expected:.10f}"
+    assert app.extensions["gateway"].logger.flush()  # log lines are written off the request thread
     line = json.loads((app.extensions["gateway"].config.log_dir / "api_requests.log").read_text().splitlines()[-1])
     # its retries of the 500s ran out of its half of the deadline (two models share it)
     assert line["failed_models"] == ["gemini-2.0-flash: upstream_timeout"] and line["provider"] == "openai"
