@@ -177,7 +177,7 @@ def test_a_budget_reservation_is_priced_on_the_dearest_model_the_key_may_use(mak
     _, cheap = keys.create(name="flash only", monthly_budget_usd=0.05, allowed_models=["gemini-2.0-flash"])
     _, anything = keys.create(name="any model", monthly_budget_usd=0.05)
     gemini = demo._demo_emulator("gemini")
-    gemini.reply_delay = 0.5  # each answer takes a while: the three requests are in flight together
+    gemini.reply_delay = 1.5  # each answer takes a while: the three are in flight together, under load too
     try:
         def three(key):
             def one(number):
