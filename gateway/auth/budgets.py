@@ -29,6 +29,9 @@ which bounds a request's real cost, never more than one request's cost in one pr
   accounted for (after its ledger record, also for errors, cache hits and streams: `app.py`'s
   teardown). A cache hit costs $0 but still takes a reservation: whether it hits is known only
   after the check, and a key over its budget is refused whatever would have answered it.
+- **Batches** (`reserve_many`): the items are admitted one by one, in order, as requests of their
+  own would be, each counting the earlier items' estimates as in flight; the items that do not
+  fit are refused on their own, and the batch as a whole when not even the first fits.
 - Keys without a budget never reach this module (one attribute check in `app.py`).
 
 Nothing here imports Flask.
