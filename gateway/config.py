@@ -138,6 +138,9 @@ class Config:
     # threads per process that runs every batch's items (so the upstream calls batches make stay bounded).
     batch_max_items: int = _env("BATCH_MAX_ITEMS", "50", kind=int, minimum=1, maximum=1000)
     batch_concurrency: int = _env("BATCH_CONCURRENCY", "8", kind=int, minimum=1, maximum=64)
+    # Batches in progress at once per process (more: 503 batch_busy at once). Each holds a server thread while its
+    # items wait for the pool; as many batches as pool threads keep every worker busy, so more would only queue.
+    batch_max_in_flight: int = _env("BATCH_MAX_IN_FLIGHT", "8", kind=int, minimum=1, maximum=1024)
 
     cache_enabled: bool = _env("CACHE_ENABLED", "true", kind=bool)
     cache_text_max_entries: int = _env("CACHE_TEXT_MAX_ENTRIES", "1000", kind=int, minimum=1)

@@ -21,6 +21,7 @@ so no SDK type leaks past the wrapper and retry decisions are made on our own ty
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── TokenLimitExceeded            429 token_limit_exceeded (the key's tokens_per_minute; has retry_after)
     ├── StoreBusy                     503 store_busy          (the database stayed locked; has retry_after)
+    ├── BatchBusy                     503 batch_busy          (BATCH_MAX_IN_FLIGHT batches running; has retry_after)
     ├── ProviderNotConfigured         503 provider_not_configured (the model's key variable is unset: details.missing)
     └── UpstreamError                 502 upstream_error      (provider failed; base class)
         ├── UpstreamRateLimited       429 upstream_rate_limited   retryable, has retry_after
@@ -141,6 +142,13 @@ class TokenLimitExceeded(GatewayError):
 class StoreBusy(GatewayError):
     status = 503
     code = "store_busy"
+
+
+class BatchBusy(GatewayError):
+    """This process already runs its most batches at once (gateway/tasks/batch.py `BatchAdmission`)."""
+
+    status = 503
+    code = "batch_busy"
 
 
 class ProviderNotConfigured(GatewayError):

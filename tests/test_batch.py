@@ -189,7 +189,7 @@ def test_each_item_is_one_ledger_row_with_cost_and_key_and_the_batch_adds_none(m
                                       headers={**bearer(secret), "X-Request-ID": "client-batch-0001"})
     body = response.get_json()
     assert response.status_code == 200 and response.headers["X-Request-ID"] == body["request_id"]
-    records = rows(app)
+    records = sorted(rows(app), key=lambda record: int(record.request_id.rsplit(".", 1)[1]))  # written as answered
     assert [record.request_id for record in records] == [f"{body['request_id']}.{index}" for index in range(4)]
     assert [record.endpoint for record in records] == [TEXT, "/api/v1/generate/code", "/api/v1/classify/text", TEXT]
     assert [record.status for record in records] == [200, 200, 200, 400]
@@ -258,21 +258,21 @@ def test_allowed_tasks_and_models_are_checked_per_item(make_app, emulator):
     assert [record.status for record in rows(app)] == [200]  # refusals are unbilled, as for single requests
 
 
-def test_the_budget_reserves_for_every_item_and_refuses_a_spent_key(make_app, emulator):
+def test_a_spent_key_gets_a_402_for_the_whole_batch_before_any_call(make_app, emulator):
     app = make_app(auth_enabled=True, ratelimit_enabled=False)
     gateway = app.extensions["gateway"]
-    key, secret = gateway.keys.create(name="capped", monthly_budget_usd=0.00005)
+    key, secret = gateway.keys.create(name="capped", monthly_budget_usd=0.00001)
     client = app.test_client()
     items = [{"task": "text", "prompt": f"tell me about budgets, part {number}"} for number in range(6)]
     first = client.post(BATCH, json={"items": items}, headers=bearer(secret))
     assert first.status_code == 200
-    spent = sum(record.total_cost for record in rows(app))
-    assert spent >= 0.00005  # the six items together passed the budget (it was admitted with money left)
+    assert [answer["status"] for answer in first.get_json()["items"]] == [200] + [402] * 5
+    assert sum(record.total_cost for record in rows(app)) >= 0.00001  # admitted with money left, it passed it
     assert gateway.budgets.state(key.id)["reserved"] == 0  # released once accounted for
     calls = emulator.request_count
     refused = client.post(BATCH, json={"items": items[:1]}, headers=bearer(secret))
     assert_error(refused, 402, "budget_exceeded")
-    assert emulator.request_count == calls and len(rows(app)) == 6
+    assert emulator.request_count == calls and len(rows(app)) == 1
 
 
 def test_a_batch_holds_a_reservation_for_all_its_items(make_app, emulator, serve):
@@ -344,3 +344,163 @@ def test_the_spec_documents_the_batch_operation(make_app):
     assert operation["summary"] == ("Run up to BATCH_MAX_ITEMS text, code and classify requests in one call, "
                                     "each answered on its own")
     assert {"200", "400", "402", "429"} <= set(operation["responses"])
+
+
+# -- Findings of the issue-11 attack (each test failed before its fix) --------------------------------------------
+
+
+@pytest.mark.parametrize("task", [{}, [], ["text"], 1.5])
+def test_an_item_whose_task_is_not_a_string_is_its_own_400_and_the_other_items_are_billed(make_app, emulator, task):
+    """An unhashable `task` once crashed the accounting loop (500) after every item had run, so the other items'
+    upstream calls reached neither the ledger nor the key's budget or tokens window."""
+    app = make_app(auth_enabled=True, ratelimit_enabled=False)
+    gateway = app.extensions["gateway"]
+    key, secret = gateway.keys.create(name="billed", monthly_budget_usd=1.0, tokens_per_minute=1_000_000)
+    items = [{"task": task}, {"task": "text", "prompt": "unbilled 1"}, {"task": "code", "prompt": "unbilled 2"}]
+    response = app.test_client().post(BATCH, json={"items": items}, headers=bearer(secret))
+    assert response.status_code == 200, response.get_data(as_text=True)[:500]
+    body = response.get_json()
+    answers = body["items"]
+    assert [answer["status"] for answer in answers] == [400, 200, 200]
+    assert answers[0]["code"] == "invalid_request" and answers[0]["task"] is None
+    assert "task" in answers[0]["details"]["fields"]
+    assert emulator.request_count == 2
+    records = {record.request_id: record for record in rows(app, body["request_id"])}
+    batch = body["request_id"]
+    assert sorted(records) == [f"{batch}.0", f"{batch}.1", f"{batch}.2"]
+    assert records[f"{batch}.0"].status == 400 and records[f"{batch}.0"].total_cost == 0
+    billed = [records[f"{batch}.1"], records[f"{batch}.2"]]
+    assert all(record.status == 200 and record.total_cost > 0 and record.key_id == key.id for record in billed)
+    assert gateway.budgets.state(key.id)["spent"] == pytest.approx(sum(record.total_cost for record in billed))
+    assert gateway.tokens.used(key.id) == sum(answer["usage"]["total_tokens"] for answer in answers[1:])
+
+
+def test_each_items_row_is_written_as_soon_as_it_is_answered(make_app, emulator, serve):
+    """A row is written by the worker that got the item's answer, not after the whole batch: whatever happens
+    to the batch afterwards, no upstream call goes unrecorded."""
+    app = make_app(ratelimit_enabled=False, batch_concurrency=1)
+    emulator.inject("slow", seconds=0)  # item 0: at once
+    emulator.inject("slow", seconds=2)  # item 1: the batch is still running 2 s later
+    server = serve(app)
+    items = [{"task": "text", "prompt": "quick"}, {"task": "text", "prompt": "slow"}]
+    with ThreadPoolExecutor(1) as client:
+        running = client.submit(requests.post, server.url + BATCH, json={"items": items}, timeout=30)
+        deadline = time.monotonic() + 5
+        while not rows(app) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not running.done()  # item 1 is still with the provider...
+        first = rows(app)
+        assert len(first) == 1 and first[0].request_id.endswith(".0") and first[0].total_cost > 0  # ...item 0 is billed
+        assert running.result().status_code == 200
+    assert sorted(record.request_id[-2:] for record in rows(app)) == [".0", ".1"]
+
+
+def test_batches_over_the_in_flight_bound_are_refused_at_once_and_plain_requests_still_answer(make_app, emulator,
+                                                                                              serve):
+    """Each batch holds a server thread while its items wait for the pool: 200 one-item batches against a slow
+    provider once took every thread (plain requests and /health waited seconds). A batch over
+    BATCH_MAX_IN_FLIGHT is refused with 503 `batch_busy` before any item is read, reserved or counted."""
+    app = make_app(auth_enabled=True, batch_max_in_flight=1, ratelimit_task_limits="3 per minute")
+    gateway = app.extensions["gateway"]
+    key, secret = gateway.keys.create(name="busy", monthly_budget_usd=1.0)
+    server = serve(app, threads=4)
+    emulator.inject("slow", seconds=2)  # the first batch's one item
+    with ThreadPoolExecutor(1) as client:
+        first = client.submit(requests.post, server.url + BATCH, headers=bearer(secret), timeout=30,
+                              json={"items": [{"task": "text", "prompt": "slow batch"}]})
+        deadline = time.monotonic() + 5
+        while emulator.request_count == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.perf_counter()
+        second = requests.post(server.url + BATCH, headers=bearer(secret), timeout=30,
+                               json={"items": [{"task": "text", "prompt": "second batch"}]})
+        assert time.perf_counter() - started < 1
+        assert second.status_code == 503 and second.json()["code"] == "batch_busy", second.text
+        assert second.json()["details"]["max_in_flight"] == 1 and int(second.headers["Retry-After"]) >= 1
+        started = time.perf_counter()
+        assert requests.get(server.url + "/api/v1/health", timeout=30).status_code == 200
+        plain = requests.post(server.url + TEXT, json={"prompt": "plain"}, headers=bearer(secret), timeout=30)
+        assert plain.status_code == 200 and time.perf_counter() - started < 1
+        assert not first.done()  # all of that while the first batch was still running
+        assert first.result().status_code == 200
+    assert emulator.request_count == 2  # the refused batch made no call...
+    assert gateway.budgets.state(key.id)["reserved"] == 0  # ...held no reservation...
+    third = requests.post(server.url + BATCH, headers=bearer(secret), timeout=30,  # ...and used no rate limit
+                          json={"items": [{"task": "text", "prompt": "third batch"}]})
+    assert third.status_code == 200 and third.json()["items"][0]["status"] == 200
+
+
+def test_a_keys_tokens_per_minute_are_checked_before_each_item(make_app, emulator):
+    """Checked once before the batch, a 50-item batch ran 2,180 tokens against a 200 tokens/minute key. Now each
+    item is checked before its call and adds its tokens when answered: with one worker, the key passes its
+    limit by at most one item, and the items over it get their own 429 without a call or a row."""
+    app = make_app(auth_enabled=True, ratelimit_enabled=False, batch_concurrency=1)
+    gateway = app.extensions["gateway"]
+    key, secret = gateway.keys.create(name="tpm", tokens_per_minute=1)
+    items = [{"task": "text", "prompt": f"tokens {number}"} for number in range(4)]
+    response = app.test_client().post(BATCH, json={"items": items}, headers=bearer(secret))
+    assert response.status_code == 200
+    answers = response.get_json()["items"]
+    assert [answer["status"] for answer in answers] == [200, 429, 429, 429]
+    for answer in answers[1:]:
+        assert answer["code"] == "token_limit_exceeded" and answer["details"]["tokens_per_minute"] == 1
+        assert answer["details"]["retry_after"] >= 1
+    assert emulator.request_count == 1
+    assert gateway.tokens.used(key.id) == answers[0]["usage"]["total_tokens"]
+    assert [record.status for record in rows(app)] == [200]  # refusals are unbilled, as for single requests
+    assert_error(app.test_client().post(BATCH, json={"items": items[:1]}, headers=bearer(secret)),
+                 429, "token_limit_exceeded")  # at the limit: the whole batch is refused before any item
+
+
+def test_a_budget_admits_only_the_items_that_fit_and_refuses_the_rest_with_their_own_402(make_app, emulator):
+    """`reserve` admits whenever money is left, whatever the estimate, so one reservation for a whole batch let a
+    $0.0001 key spend $0.00016 in one 9-item batch. Items are now admitted one by one, in order, as requests of
+    their own would be: each while the spend plus what the earlier items and the key's requests in flight hold
+    is under the budget. So a batch passes the budget by at most one item, like a lone request."""
+    app = make_app(auth_enabled=True, ratelimit_enabled=False)
+    gateway = app.extensions["gateway"]
+    key, secret = gateway.keys.create(name="tiny", monthly_budget_usd=0.0001)
+    client = app.test_client()
+    items = [{"task": "text", "prompt": f"budget item {number}"} for number in range(9)]
+    response = client.post(BATCH, json={"items": items}, headers=bearer(secret))
+    assert response.status_code == 200
+    answers = response.get_json()["items"]
+    assert [answer["status"] for answer in answers] == [200] + [402] * 8  # one item's estimate exceeds $0.0001
+    for answer in answers[1:]:
+        assert answer["code"] == "budget_exceeded" and answer["details"]["budget"] == 0.0001
+    assert emulator.request_count == 1 and len(rows(app)) == 1  # the refused items: no call, no row
+    assert sum(record.total_cost for record in rows(app)) < 0.0001
+    assert gateway.budgets.state(key.id)["reserved"] == 0
+    for round_ in range(1, 20):  # one admitted item per batch until spent
+        if gateway.budgets.state(key.id)["spent"] >= 0.0001:
+            break
+        more = [{"task": "text", "prompt": f"budget round {round_} item {number}"} for number in range(9)]
+        answers = client.post(BATCH, json={"items": more}, headers=bearer(secret)).get_json()["items"]
+        assert [answer["status"] for answer in answers] == [200] + [402] * 8
+    assert emulator.request_count == round_ < 10
+    spent = gateway.budgets.state(key.id)["spent"]
+    assert spent - 0.0001 <= max(record.total_cost for record in rows(app))  # passed by at most one item
+    calls = emulator.request_count
+    assert_error(client.post(BATCH, json={"items": items}, headers=bearer(secret)), 402, "budget_exceeded")
+    assert emulator.request_count == calls
+
+
+def test_a_batch_is_admitted_item_by_item_against_what_is_left(tmp_path):
+    from gateway.auth.budgets import BudgetGuard
+
+    guard = BudgetGuard(tmp_path / "ledger.sqlite3")
+    try:
+        guard._db.execute("CREATE TABLE cost_records (key_id TEXT, timestamp REAL, total_cost REAL)")
+        admitted, refusal = guard.reserve_many("k", 1.0, [0.4, 0.4, 0.4, 0.4])
+        assert [reservation.amount for reservation in admitted] == [0.4, 0.4, 0.4]  # 0, 0.4, 0.8 < 1.0
+        assert refusal is not None and refusal.code == "budget_exceeded" and refusal.details["in_flight"] == 1.2
+        assert guard.state("k")["reserved"] == pytest.approx(1.2)
+        with pytest.raises(Exception) as none_fit:  # what is left is held: not even the first item is admitted
+            guard.reserve_many("k", 1.0, [0.01])
+        assert none_fit.value.code == "budget_exceeded"
+        for reservation in admitted:
+            guard.release(reservation)
+        assert guard.state("k")["reserved"] == 0
+        assert len(guard.reserve_many("k", 1.0, [0.01] * 5)[0]) == 5 and guard.reserve_many("k", 1.0, [])[0] == []
+    finally:
+        guard.close()

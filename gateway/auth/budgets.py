@@ -29,6 +29,9 @@ which bounds a request's real cost, never more than one request's cost in one pr
   accounted for (after its ledger record, also for errors, cache hits and streams: `app.py`'s
   teardown). A cache hit costs $0 but still takes a reservation: whether it hits is known only
   after the check, and a key over its budget is refused whatever would have answered it.
+- **Batches** (`reserve_many`): the items are admitted one by one, in order, as requests of their
+  own would be, each counting the earlier items' estimates as in flight; the items that do not
+  fit are refused on their own, and the batch as a whole when not even the first fits.
 - Keys without a budget never reach this module (one attribute check in `app.py`).
 
 Nothing here imports Flask.
@@ -112,22 +115,43 @@ class BudgetGuard:
             else:
                 spend.reserved += estimate
                 return Reservation(key_id, month, estimate)
-        reset = next_month(month).isoformat()
-        why = ("monthly budget is spent" if spent >= budget
-               else "remaining monthly budget is held by its requests in flight")
-        raise BudgetExceeded(f"This API key's {why}; it resets on {reset} (UTC)",
-                             details={"key_id": key_id, "budget": budget, "spent": round(spent, 10),
-                                      "in_flight": round(in_flight, 10), "reset": reset})
+        raise _refusal(key_id, budget, spent, in_flight, month)
+
+    def reserve_many(self, key_id: str, budget: float,
+                     estimates: list[float]) -> tuple[list[Reservation], BudgetExceeded | None]:
+        """Admit a batch's items in order, each as `reserve` admits a request of its own, the earlier items'
+        estimates already held: the reservations of the items that fit (a prefix of `estimates`) and the
+        refusal for the rest (None when all fit). Raises BudgetExceeded when not even the first fits, so a
+        batch, like a request, passes the budget by at most one item."""
+        month = month_of(self._clock())
+        self._refresh_if_stale(key_id, month)
+        admitted: list[Reservation] = []
+        with self._lock:
+            spend = self._entry(key_id, month)
+            spent = spend.ledger + spend.own + spend.unreplayed
+            for estimate in estimates:
+                if spent + spend.reserved >= budget:
+                    break
+                spend.reserved += estimate
+                admitted.append(Reservation(key_id, month, estimate))
+            in_flight = spend.reserved
+        if len(admitted) == len(estimates):
+            return admitted, None
+        refusal = _refusal(key_id, budget, spent, in_flight, month)
+        if not admitted:
+            raise refusal
+        return admitted, refusal
 
     def release(self, reservation: Reservation) -> None:
         """The request was accounted for (its ledger record, if any, is committed and `recorded`)."""
-        if reservation.released:
-            return
-        reservation.released = True
-        with self._lock:
+        with self._lock:  # a batch item's reservation may be released by its worker and its request thread
+            if reservation.released:
+                return
+            reservation.released = True
             spend = self._spend.get(reservation.key_id)
             if spend is not None and spend.month == reservation.month:
-                spend.reserved = max(0.0, spend.reserved - reservation.amount)
+                left = spend.reserved - reservation.amount
+                spend.reserved = left if left > 1e-12 else 0.0  # not a float residue of adds and subtracts
 
     def recorded(self, key_id: str, cost: float, *, spooled: bool = False) -> None:
         """A ledger record of `key_id` costing `cost` was committed by this process (or, `spooled`,
@@ -182,4 +206,13 @@ class BudgetGuard:
     def close(self) -> None:
         with self._db_lock:
             self._db.close()
+
+
+def _refusal(key_id: str, budget: float, spent: float, in_flight: float, month: str) -> BudgetExceeded:
+    reset = next_month(month).isoformat()
+    why = ("monthly budget is spent" if spent >= budget
+           else "remaining monthly budget is held by its requests in flight")
+    return BudgetExceeded(f"This API key's {why}; it resets on {reset} (UTC)",
+                          details={"key_id": key_id, "budget": budget, "spent": round(spent, 10),
+                                   "in_flight": round(in_flight, 10), "reset": reset})
 

@@ -7,17 +7,29 @@ gets its own error in the answer and the others still run. The valid items run o
 batch pool (`gateway/tasks/batch.py`), everything they need from the Flask request (key, caller,
 options, cache control) read here on the request thread first.
 
+Admission: at most BATCH_MAX_IN_FLIGHT batches are in progress per process; one more is refused
+at once with 503 `batch_busy` (before the rate limiter counts it, before any item is read or
+reserved), so batches waiting for the pool cannot take every server thread.
+
 Accounting: each item is billed as a task request of its own (one ledger row, request id
 `<batch request id>.<item index>`, the task's own endpoint, the key id, the client's
-X-Request-ID; rows written before the answer leaves); the batch request adds no row. The rate
-limit counts the items (Flask-Limiter `cost=`), the monthly budget reserves for all of them, the
-key's tokens-per-minute window is checked once before and gets every item's tokens after.
+X-Request-ID), written as soon as the item's result exists (by the pool worker that ran it, see
+`gateway/tasks/batch.py`), so nothing that happens to the batch afterwards can leave an upstream
+call unrecorded; the batch request adds no row. The rate limit counts the items (Flask-Limiter
+`cost=`). The monthly budget admits the items one by one, in order, as requests of their own
+(`BudgetGuard.reserve_many`): those that do not fit get their own 402, and when none fits the
+batch is a 402. The key's tokens-per-minute window is checked once before the batch and again by
+the worker before each item's call (an item over it gets its own 429), and gets each item's
+tokens as soon as it is answered.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
+from dataclasses import replace
 
 from flask import request
 from flask_restx import Namespace, Resource, fields
@@ -29,7 +41,7 @@ from gateway.http.request_state import state
 from gateway.http.routes import json_body, request_id
 from gateway.http.schemas import SECURITY, Schemas
 from gateway.http.task_routes import cache_control, task_options
-from gateway.tasks.batch import BatchItem, BatchRunner, ItemResult
+from gateway.tasks.batch import BatchAdmission, BatchItem, BatchRunner, ItemResult
 from gateway.tasks.service import TaskOutcome
 from gateway.tasks.table import TASKS
 
@@ -69,6 +81,7 @@ def batch_namespace(gateway: Gateway, schemas: Schemas, batch_limit) -> tuple[Na
     config = gateway.config
     runner = BatchRunner(gateway.service, workers=config.batch_concurrency,
                          deadline=gateway.service.router.policy.deadline)
+    admission = BatchAdmission(config.batch_max_in_flight)
     ns = Namespace("batch", description="Many task requests in one call")
     request_model = ns.model("BatchRequest", {
         "items": fields.List(AnyItem(description="An object: `task` (text, code or classify) and that task's own "
@@ -89,6 +102,15 @@ def batch_namespace(gateway: Gateway, schemas: Schemas, batch_limit) -> tuple[Na
         "request_id": fields.String(example="3f2c9a7e4b1d4e0f9a8b7c6d5e4f3a2b"),
     })
 
+    def admitted(view):
+        """Outside the rate limiter: a batch refused as busy has not used any of the client's limit."""
+        @functools.wraps(view)
+        def run_admitted(*args, **kwargs):
+            with admission.slot():
+                return view(*args, **kwargs)
+
+        return run_admitted
+
     @ns.route("/batch")
     class BatchGeneration(Resource):
         @ns.expect(request_model)
@@ -96,28 +118,36 @@ def batch_namespace(gateway: Gateway, schemas: Schemas, batch_limit) -> tuple[Na
         @ns.response(200, "Each item's answer or error, in order, and the totals", answer_model)
         @ns.response(400, "The envelope is not {\"items\": [1..BATCH_MAX_ITEMS objects]}", schemas.error)
         @ns.response(401, "No valid API key, when AUTH_ENABLED", schemas.error)
-        @ns.response(402, "The key's monthly budget cannot cover the batch", schemas.error)
+        @ns.response(402, "The key's monthly budget cannot cover even the first item", schemas.error)
         @ns.response(413, "Body too large", schemas.error)
         @ns.response(415, "Body is not JSON", schemas.error)
         @ns.response(429, "Rate limited (each item counts) or the key's tokens per minute are used", schemas.error)
-        @ns.response(503, "The key store or ledger stayed busy; see Retry-After", schemas.error)
+        @ns.response(503, "BATCH_MAX_IN_FLIGHT batches are running, or the key store or ledger stayed busy; "
+                          "see Retry-After", schemas.error)
+        @admitted
         @batch_limit
         def post(self):
             items = _envelope(json_body(), config.batch_max_items)
             key = state().api_key
             if key is not None and key.tokens_per_minute is not None:
                 gateway.tokens.check(key.id, key.tokens_per_minute)
-            if key is not None and key.monthly_budget_usd is not None:
-                state().budget_reservation = gateway.budgets.reserve(
-                    key.id, key.monthly_budget_usd, _estimated_cost(gateway, key, len(items)))
             batch_id = request_id()
             checked = [_checked_item(gateway, schemas, index, raw) for index, raw in enumerate(items)]
-            ran = {result.index: result for result in runner.run([item for item in checked
-                                                                  if isinstance(item, BatchItem)])}
-            answers = []
-            for index, item in enumerate(checked):
-                result = ran.get(index) or ItemResult(index, error=item)
-                answers.append(_account(gateway, batch_id, items[index], item, result))
+            ledger = _ItemLedger(gateway, batch_id, items, checked)
+            try:
+                if key is not None and key.monthly_budget_usd is not None:
+                    checked = ledger.reserve(key)
+                for index, item in enumerate(checked):
+                    if not isinstance(item, BatchItem):
+                        ledger.settle(ItemResult(index, error=item))
+                ran = {result.index: result for result in runner.run(
+                    [item for item in checked if isinstance(item, BatchItem)],
+                    admit=_token_check(gateway, key), settle=ledger.settle)}
+            finally:
+                ledger.release_all()
+            answers = [_answer_safely(gateway, batch_id, items[index], item,
+                                      ran.get(index) or ItemResult(index, error=item))
+                       for index, item in enumerate(checked)]
             totals = _totals(answers)
             headers = {"X-Tokens-Input": str(totals["input_tokens"]), "X-Tokens-Output": str(totals["output_tokens"]),
                        "X-Cost-Total": f"{totals['cost']:.10f}", "X-Cost-Saved": f"{totals['saved']:.10f}"}
@@ -127,6 +157,69 @@ def batch_namespace(gateway: Gateway, schemas: Schemas, batch_limit) -> tuple[Na
 
     ns.runner = runner  # the process's pool (tests look at it)
     return ns, "/generate"
+
+
+class _ItemLedger:
+    """Each item's accounting: its budget reservation, and its ledger row written the moment its result exists.
+
+    Everything it needs from the Flask request is read here, on the request thread, so `settle` can run on a
+    pool worker."""
+
+    def __init__(self, gateway: Gateway, batch_id: str, raw_items: list, checked: list):
+        self.gateway = gateway
+        self.raw_items = raw_items
+        self.checked = checked
+        self.reservations: dict[int, budgets.Reservation] = {}
+        context = state()
+        key = context.api_key
+        client = request.remote_addr or ""
+        self.infos = [self._info(batch_id, index, raw, item, context, client, key)
+                      for index, (raw, item) in enumerate(zip(raw_items, checked, strict=True))]
+
+    def _info(self, batch_id: str, index: int, raw, item, context, client: str, key) -> RequestInfo:
+        valid = isinstance(item, BatchItem)
+        return RequestInfo(
+            request_id=f"{batch_id}.{index}", method="POST", path=PATH_OF_TASK.get(_task_of(raw, item), BATCH_PATH),
+            client=client, prompt=item.inputs.get(TASKS[item.task].prompt_field) if valid else None,
+            route=BATCH_PATH, client_request_id=context.client_request_id, key_id=key.id if key is not None else None,
+            model=item.options.model if valid else self.gateway.service.default_model)
+
+    def reserve(self, key) -> list:
+        """Hold the budget for the valid items that fit, in order (`BudgetGuard.reserve_many`): the checked items
+        with those that do not fit replaced by their own 402 (the whole batch's 402 when not even the first fits)."""
+        valid = [item for item in self.checked if isinstance(item, BatchItem)]
+        estimates = [_estimated_cost(self.gateway, key, self.raw_items[item.index]) for item in valid]
+        admitted, refusal = self.gateway.budgets.reserve_many(key.id, key.monthly_budget_usd, estimates)
+        self.reservations = {item.index: reservation for item, reservation in zip(valid, admitted, strict=False)}
+        return [refusal if isinstance(item, BatchItem) and item.index not in self.reservations else item
+                for item in self.checked]
+
+    def settle(self, result: ItemResult) -> ItemResult:
+        """The item's ledger row (except unbilled refusals), spend and tokens; then its reservation goes."""
+        try:
+            status, code = _status_of(result.error)
+            info = replace(self.infos[result.index], error_code=code)
+            overall = self.gateway.record_batch_item(info, status, result.elapsed_ms, result.outcome)
+            return replace(result, overall=overall)
+        finally:
+            if (reservation := self.reservations.get(result.index)) is not None:
+                self.gateway.budgets.release(reservation)
+
+    def release_all(self) -> None:
+        for reservation in self.reservations.values():
+            self.gateway.budgets.release(reservation)
+
+
+def _token_check(gateway: Gateway, key):
+    """Before each item's call, on the worker: the key's tokens-per-minute window (an item over it gets the 429)."""
+    if key is None or key.tokens_per_minute is None:
+        return None
+    key_id, limit = key.id, key.tokens_per_minute
+
+    def check(_item: BatchItem) -> None:
+        gateway.tokens.check(key_id, limit)
+
+    return check
 
 
 def _envelope(body, max_items: int) -> list:
@@ -172,38 +265,48 @@ def _checked_item(gateway: Gateway, schemas: Schemas, index: int, raw) -> BatchI
         return exc
 
 
-def _account(gateway: Gateway, batch_id: str, raw, item, result: ItemResult) -> tuple[dict, TaskOutcome | None]:
-    """The item's ledger row (before the answer leaves) and its part of the answer."""
-    task = item.task if isinstance(item, BatchItem) else (raw.get("task") if isinstance(raw, dict) else None)
-    task = task if task in TASKS else None
-    item_id = f"{batch_id}.{result.index}"
-    context = state()
-    key = context.api_key
-    status, error_code, answer = 200, None, {}
-    if result.error is not None:
-        answer, status = _error_answer(gateway, result.error, item_id)
-        error_code = answer["code"]
-    prompt = None
+def _task_of(raw, item) -> str | None:
+    """The item's task when it names one of TASKS (anything else, a list or an object included, is None)."""
     if isinstance(item, BatchItem):
-        prompt = item.inputs.get(TASKS[item.task].prompt_field)
-    info = RequestInfo(
-        request_id=item_id, method="POST", path=PATH_OF_TASK.get(task, BATCH_PATH), client=request.remote_addr or "",
-        prompt=prompt, error_code=error_code, route=BATCH_PATH, client_request_id=context.client_request_id,
-        key_id=key.id if key is not None else None,
-        model=item.options.model if isinstance(item, BatchItem) else gateway.service.default_model)
-    overall = gateway.record_batch_item(info, status, result.elapsed_ms, result.outcome)
-    head = {"index": result.index, "task": task, "status": status}
+        return item.task
+    task = raw.get("task") if isinstance(raw, dict) else None
+    return task if isinstance(task, str) and task in TASKS else None
+
+
+def _status_of(error: BaseException | None) -> tuple[int, str | None]:
+    if error is None:
+        return 200, None
+    if isinstance(error, GatewayError):
+        return error.status, error.code
+    return 500, "internal_error"
+
+
+def _answer_safely(gateway: Gateway, batch_id: str, raw, item, result: ItemResult) -> tuple[dict, TaskOutcome | None]:
+    """The item's part of the answer; a failure to build it is that item's 500, never the batch's (its row, if
+    any, is already written)."""
+    try:
+        return _answer(gateway, batch_id, raw, item, result)
+    except Exception as exc:  # noqa: BLE001 - one item's failure never fails the others
+        answer, status = _error_answer(gateway, exc, f"{batch_id}.{result.index}")
+        return {"index": result.index, "task": None, "status": status, **answer}, None
+
+
+def _answer(gateway: Gateway, batch_id: str, raw, item, result: ItemResult) -> tuple[dict, TaskOutcome | None]:
+    """The item's part of the answer: the task's answer fields, or its error."""
+    item_id = f"{batch_id}.{result.index}"
+    head = {"index": result.index, "task": _task_of(raw, item)}
     if result.outcome is None:
-        return {**head, **answer}, None
+        answer, status = _error_answer(gateway, result.error, item_id)
+        return {**head, "status": status, **answer}, None
     outcome = result.outcome
     definition = TASKS[item.task]
     fields_ = {definition.result_field: outcome.completion.text,
                **{name: item.inputs[name] for name in definition.echo}, **_outcome_fields(outcome, item_id)}
-    if overall is not None:
-        fields_["cost"]["overall"] = round(overall, 10)
+    if result.overall is not None:
+        fields_["cost"]["overall"] = round(result.overall, 10)
     if result.shared_with is not None:
         fields_["shared_with"] = result.shared_with
-    return {**head, **fields_}, outcome
+    return {**head, "status": 200, **fields_}, outcome
 
 
 def _outcome_fields(outcome: TaskOutcome, item_id: str) -> dict:
@@ -248,11 +351,10 @@ def _totals(answers: list[tuple[dict, TaskOutcome | None]]) -> dict:
     }
 
 
-def _estimated_cost(gateway: Gateway, key, count: int) -> float:
-    """What the batch may cost at most (as app.py's `_estimated_cost` for one request, gateway/auth/budgets.py):
-    `count` requests sharing the body's bytes as input, each at its dearest allowed model's output limit."""
-    size = request.content_length or len(request.get_data(cache=True))
-    input_tokens, output_tokens = budgets.estimated_tokens(math.ceil(size / count), gateway.service.max_output_tokens)
-    return count * gateway.models.highest_cost(input_tokens, output_tokens, gateway.service.price_of,
-                                               gateway.router.routes, key)
-
+def _estimated_cost(gateway: Gateway, key, raw) -> float:
+    """What one item may cost at most (as app.py's `_estimated_cost` for one request, gateway/auth/budgets.py):
+    the item's own JSON bytes as input, at the dearest model the key may use at its output limit."""
+    size = len(json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+    input_tokens, output_tokens = budgets.estimated_tokens(size, gateway.service.max_output_tokens)
+    return gateway.models.highest_cost(input_tokens, output_tokens, gateway.service.price_of, gateway.router.routes,
+                                       key)

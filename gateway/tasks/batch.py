@@ -19,20 +19,32 @@ wait at most that long for workers, plus one call deadline for the items already
 call is bounded by the retry policy's own deadline). No item holds a worker longer than a call may
 take, so a stalled batch cannot hold the pool forever.
 
+Accounting as each item ends: `run`'s `settle` is called once per item as soon as its result
+exists, on the worker that ran it (on the caller's thread for items never started and for
+copies), so an item's ledger row is written right after its call, whatever happens to the rest
+of the batch: no upstream call can go unrecorded. `admit` is called on the worker just before an
+item's call (the key's tokens per minute): an error it raises is the item's answer, no call.
+
+Admission (`BatchAdmission`): each batch in progress holds a server thread while its items wait
+for the pool, so the number of batches in progress per process is bounded too, without waiting:
+one over the bound is refused at once (503 `batch_busy`), and plain requests keep their threads.
+
 Nothing here imports Flask.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 
 from cost_tracker import Cost
-from gateway.errors import UpstreamTimeout
+from gateway.errors import BatchBusy, UpstreamTimeout
 from gateway.tasks.service import CacheControl, TaskOptions, TaskOutcome, TaskService
 
 log = logging.getLogger("gateway.batch")
@@ -63,6 +75,30 @@ class ItemResult:
     error: BaseException | None = None
     elapsed_ms: float = 0.0
     shared_with: int | None = None  # the index of the identical item whose call this one shared
+    overall: float | None = None  # the overall spend after the item's ledger row (`settle`), if it has one
+
+
+Admit = Callable[[BatchItem], None]  # raises the item's error (no call), on the worker, just before its call
+Settle = Callable[[ItemResult], ItemResult]  # accounts for the item (its ledger row) as soon as its result exists
+
+
+class BatchAdmission:
+    """At most `limit` batches in progress in this process; one more is refused at once, never queued."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            raise BatchBusy(f"The gateway is running its most batches at once ({self.limit}, BATCH_MAX_IN_FLIGHT); "
+                            "retry after the time in Retry-After", details={"max_in_flight": self.limit},
+                            retry_after=1)
+        try:
+            yield
+        finally:
+            self._slots.release()
 
 
 class BatchRunner:
@@ -77,8 +113,11 @@ class BatchRunner:
         # Threads start on first use and idle ones cost nothing; they end with the runner.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch-item")
 
-    def run(self, items: Sequence[BatchItem]) -> list[ItemResult]:
-        """Run `items` (deduplicated) on the pool; one result per item, in the order given."""
+    def run(self, items: Sequence[BatchItem], *, admit: Admit | None = None,
+            settle: Settle | None = None) -> list[ItemResult]:
+        """Run `items` (deduplicated) on the pool; one result per item, in the order given, each passed
+        through `settle` exactly once as soon as it exists (see the module's docstring)."""
+        settle = _guarded(settle)
         first_of: dict[str, BatchItem] = {}
         shared: list[tuple[BatchItem, BatchItem]] = []  # (duplicate, the item it shares)
         for item in items:
@@ -87,14 +126,14 @@ class BatchRunner:
                 shared.append((item, original))
         start_by = self._clock() + self.deadline
         futures: dict[int, Future] = {
-            item.index: self._pool.submit(self._run_one, item, start_by) for item in first_of.values()}
+            item.index: self._pool.submit(self._run_one, item, start_by, admit, settle) for item in first_of.values()}
         _, late = wait(futures.values(), timeout=self.deadline)
         for future in late:
             future.cancel()  # still queued: never runs; running ones end within their own call deadline
         wait(late)
-        results = {index: self._result(index, future) for index, future in futures.items()}
+        results = {index: self._result(index, future, settle) for index, future in futures.items()}
         for duplicate, original in shared:
-            results[duplicate.index] = self._shared(duplicate, results[original.index])
+            results[duplicate.index] = settle(self._shared(duplicate, results[original.index]))
         return [results[item.index] for item in items]
 
     @property
@@ -105,21 +144,26 @@ class BatchRunner:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _run_one(self, item: BatchItem, start_by: float) -> ItemResult:
+    def _run_one(self, item: BatchItem, start_by: float, admit: Admit | None, settle: Settle) -> ItemResult:
+        return settle(self._answer(item, start_by, admit))
+
+    def _answer(self, item: BatchItem, start_by: float, admit: Admit | None) -> ItemResult:
         if self._clock() > start_by:  # dequeued after the batch's deadline: not worth a call any more
             return ItemResult(item.index, error=self._not_started())
         started = time.perf_counter()
         try:
+            if admit is not None:
+                admit(item)
             outcome = self.service.run(item.task, item.inputs, item.options, item.control)
         except Exception as exc:  # noqa: BLE001 - one failing item never fails the others: it becomes its answer
             return ItemResult(item.index, error=exc, elapsed_ms=(time.perf_counter() - started) * 1000)
         return ItemResult(item.index, outcome=outcome, elapsed_ms=(time.perf_counter() - started) * 1000)
 
-    def _result(self, index: int, future: Future) -> ItemResult:
+    def _result(self, index: int, future: Future, settle: Settle) -> ItemResult:
         try:
-            return future.result(timeout=0)
+            return future.result(timeout=0)  # settled by its worker
         except CancelledError:
-            return ItemResult(index, error=self._not_started())
+            return settle(ItemResult(index, error=self._not_started()))
 
     def _not_started(self) -> UpstreamTimeout:
         return UpstreamTimeout(f"Not run: no worker was free within the batch's {self.deadline:g} s deadline",
@@ -133,4 +177,20 @@ class BatchRunner:
         full = self.service.price_of(outcome.model_id, outcome.input_tokens, outcome.output_tokens)
         coalesced = replace(outcome, cache_status="coalesced", cost=Cost(), saved=full, upstream_ms=None)
         return ItemResult(duplicate.index, outcome=coalesced, elapsed_ms=0.0, shared_with=original.index)
+
+
+def _guarded(settle: Settle | None) -> Settle:
+    """`settle`, never raising: a failure to account for one item is logged (with its traceback) and leaves
+    that item's result as it was, so it can neither lose a worker's result nor the other items' rows."""
+    if settle is None:
+        return lambda result: result
+
+    def guarded(result: ItemResult) -> ItemResult:
+        try:
+            return settle(result)
+        except Exception:  # noqa: BLE001 - the item was answered; its accounting failure is the operator's to see
+            log.exception("accounting for batch item %s failed", result.index)
+            return result
+
+    return guarded
 
