@@ -504,3 +504,22 @@ def test_a_batch_is_admitted_item_by_item_against_what_is_left(tmp_path):
         assert len(guard.reserve_many("k", 1.0, [0.01] * 5)[0]) == 5 and guard.reserve_many("k", 1.0, [])[0] == []
     finally:
         guard.close()
+
+
+def test_an_item_whose_answer_the_task_refuses_is_billed_for_the_call_and_counted_in_the_totals(make_app, emulator):
+    """A classification off the list is the item's 502, but the provider answered (20 + 2 tokens) and billed it."""
+    app = make_app(ratelimit_enabled=False)
+    emulator.inject("raw", body={"candidates": [{"content": {"role": "model", "parts": [{"text": "spam"}]},
+                                                 "finishReason": "STOP"}],
+                                 "usageMetadata": {"promptTokenCount": 20, "candidatesTokenCount": 2,
+                                                   "totalTokenCount": 22}})
+    response = app.test_client().post(BATCH, json={"items": [{"task": "classify", "text": "off the list",
+                                                              "categories": ["a", "b"]}]})
+    body = response.get_json()
+    [item] = body["items"]
+    assert (item["status"], item["code"]) == (502, "upstream_bad_answer")
+    [row] = rows(app)
+    assert (row.status, row.input_tokens, row.output_tokens) == (502, 20, 2) and row.total_cost > 0
+    totals = body["totals"]
+    assert (totals["succeeded"], totals["failed"], totals["input_tokens"], totals["output_tokens"]) == (0, 1, 20, 2)
+    assert totals["cost"] == pytest.approx(row.total_cost)

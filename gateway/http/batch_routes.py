@@ -199,7 +199,7 @@ class _ItemLedger:
         try:
             status, code = _status_of(result.error)
             info = replace(self.infos[result.index], error_code=code)
-            overall = self.gateway.record_batch_item(info, status, result.elapsed_ms, result.outcome)
+            overall = self.gateway.record_batch_item(info, status, result.elapsed_ms, _charged(result))
             return replace(result, overall=overall)
         finally:
             if (reservation := self.reservations.get(result.index)) is not None:
@@ -297,7 +297,7 @@ def _answer(gateway: Gateway, batch_id: str, raw, item, result: ItemResult) -> t
     head = {"index": result.index, "task": _task_of(raw, item)}
     if result.outcome is None:
         answer, status = _error_answer(gateway, result.error, item_id)
-        return {**head, "status": status, **answer}, None
+        return {**head, "status": status, **answer}, _charged(result)  # a refused answer still cost its call
     outcome = result.outcome
     definition = TASKS[item.task]
     fields_ = {definition.result_field: outcome.completion.text,
@@ -338,12 +338,19 @@ def _error_answer(gateway: Gateway, exc: BaseException, item_id: str) -> tuple[d
     return error_body(message, code, details, item_id), status
 
 
+def _charged(result: ItemResult) -> TaskOutcome | None:
+    """What an item is billed: its outcome, or the provider's answer its task refused (GatewayError.billed)."""
+    return result.outcome if result.outcome is not None else getattr(result.error, "billed", None)
+
+
 def _totals(answers: list[tuple[dict, TaskOutcome | None]]) -> dict:
+    """Totals over the items; tokens and cost include the calls of items whose answer the task refused."""
     outcomes = [outcome for _, outcome in answers if outcome is not None]
+    succeeded = sum(1 for answer, _ in answers if answer["status"] == 200)
     input_tokens = sum(outcome.input_tokens for outcome in outcomes)
     output_tokens = sum(outcome.output_tokens for outcome in outcomes)
     return {
-        "items": len(answers), "succeeded": len(outcomes), "failed": len(answers) - len(outcomes),
+        "items": len(answers), "succeeded": succeeded, "failed": len(answers) - succeeded,
         "input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
         "cost": round(sum(outcome.cost.total for outcome in outcomes), 10),
         "saved": round(sum(outcome.saved.total for outcome in outcomes), 10),
