@@ -109,7 +109,13 @@ class LoadResult:
         return len(self.latencies_ms) / self.seconds if self.seconds else 0.0
 
 
-def run_sequential(url: str, make_request: Callable[[int], bytes], count: int) -> LoadResult:
+def _is_answer(status: int, expect: int | None) -> bool:
+    """A counted answer: `expect` when given (a 404 row measures 404s), else any 2xx."""
+    return status == expect if expect is not None else 200 <= status < 300
+
+
+def run_sequential(url: str, make_request: Callable[[int], bytes], count: int,
+                   expect: int | None = None) -> LoadResult:
     result, connection = LoadResult(), Connection(url)
     started = time.perf_counter()
     try:
@@ -117,7 +123,7 @@ def run_sequential(url: str, make_request: Callable[[int], bytes], count: int) -
             request = make_request(i)
             sent = time.perf_counter()
             status, _ = connection.exchange(request)
-            if 200 <= status < 300:
+            if _is_answer(status, expect):
                 result.latencies_ms.append((time.perf_counter() - sent) * 1000)
             else:
                 result.errors += 1
@@ -128,8 +134,10 @@ def run_sequential(url: str, make_request: Callable[[int], bytes], count: int) -
 
 
 def run_concurrent(url: str, make_request: Callable[[int], bytes], clients: int, seconds: float,
-                   timeout: float = 30.0) -> LoadResult:
-    """`clients` closed-loop clients for `seconds`; requests still in flight at the end are not counted."""
+                   timeout: float = 30.0, expect: int | None = None) -> LoadResult:
+    """`clients` closed-loop clients for `seconds`; requests still in flight at the end are not counted.
+
+    Answers with another status than `expect` (default: any 2xx) count as errors."""
     result, lock = LoadResult(), threading.Lock()
     counter = iter(range(10**9))
     start = threading.Barrier(clients + 1)
@@ -163,7 +171,7 @@ def run_concurrent(url: str, make_request: Callable[[int], bytes], clients: int,
             done = time.perf_counter()
             if done > stop_at[0]:
                 break
-            if 200 <= status < 300:
+            if _is_answer(status, expect):
                 latencies.append((done - sent) * 1000)
             else:
                 errors += 1
