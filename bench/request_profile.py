@@ -37,7 +37,7 @@ from flask_restx import Api, Resource
 
 import app as app_module
 from app import create_app
-from gateway.config import Config
+from gateway.config import RATELIMIT_STRATEGIES, Config
 from gateway.providers.emulators.gemini import GeminiEmulator
 
 KEY = "bench-key-not-a-secret"
@@ -77,9 +77,9 @@ NESTED = {
 }
 
 
-def gateway_app(workdir: Path, base_url: str):
+def gateway_app(workdir: Path, base_url: str, strategy: str = "moving-window"):
     config = Config.load({}, app_env="production", google_api_key=KEY, gemini_base_url=base_url,
-                         ratelimit_task_limits="10000000 per minute", log_console=False,
+                         ratelimit_strategy=strategy, ratelimit_task_limits="10000000 per minute", log_console=False,
                          auth_enabled=False, auth_allow_anonymous=True, cors_origins=(ORIGIN,),
                          log_dir=workdir / "logs", cost_ledger_path=workdir / "ledger.sqlite3")
     return create_app(config)
@@ -208,11 +208,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--top", type=int, default=0, help="also print the top N functions by own time")
     parser.add_argument("--only", choices=["hit", "404", "health"], action="append")
+    parser.add_argument("--strategy", choices=RATELIMIT_STRATEGIES, default="moving-window",
+                        help="Flask-Limiter's strategy (RATELIMIT_STRATEGY; the default is the gateway's)")
     args = parser.parse_args()
     emulator = GeminiEmulator(host="127.0.0.1", port=0).start()
     workdir = Path(tempfile.mkdtemp(prefix="request-profile-"))
     try:
-        app = gateway_app(workdir, emulator.base_url)
+        app = gateway_app(workdir, emulator.base_url, args.strategy)
         cases = {
             "hit": caller(app, environ("POST", "/api/v1/generate/text", BODY), 200),
             "404": caller(app, environ("GET", "/api/v1/no-such-path"), 404),
@@ -221,6 +223,7 @@ def main() -> None:
         caller(app, environ("POST", "/api/v1/generate/text", BODY), 200)()  # the miss that fills the cache
         bare = caller(bare_app(), environ("GET", "/api/v1/ok"), 200)
         bare_process, bare_thread = cpu_per_request(bare, args.requests, args.rounds)
+        print(f"rate-limit strategy: {args.strategy}")
         print(f"bare Flask-RESTX resource: {bare_process:7.1f} µs process CPU, {bare_thread:7.1f} µs request thread")
         counts = Counts(app)
         for name, call in cases.items():
