@@ -43,6 +43,7 @@ from gateway.http import (
     batch_routes,
     key_cli,
     key_routes,
+    limit_parsing,
     model_routes,
     openai_routes,
     probe_routes,
@@ -119,6 +120,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
         CORS(app, origins=_cors_origins(config.cors_origins), methods=["GET", "POST", "DELETE", "OPTIONS"],
              allow_headers=ALLOWED_HEADERS, expose_headers=EXPOSED_HEADERS, max_age=600)
 
+    limit_parsing.install()  # each limit string parsed once, not six times a request
     _register_hooks(app, gateway)  # before the limiter's, so ours run after it and see its headers
     limiter = Limiter(
         _limit_key, app=app, storage_uri=config.ratelimit_storage_uri,
@@ -353,18 +355,33 @@ class BodyJSONProvider(DefaultJSONProvider):
 
 
 def _add_cost_headers(response, outcome: TaskOutcome, overall: float) -> None:
-    response.headers["X-Model"] = outcome.model_id  # who answered: a fallback, when the asked model failed
-    response.headers["X-Provider"] = outcome.provider
-    response.headers["X-Fallback-Used"] = "true" if outcome.fallback_used else "false"
-    response.headers["X-Cached"] = "true" if outcome.cached else "false"
-    response.headers["X-Tokens-Input"] = str(outcome.input_tokens)
-    response.headers["X-Tokens-Output"] = str(outcome.output_tokens)
-    response.headers["X-Cost-Input"] = _usd(outcome.cost.input)
-    response.headers["X-Cost-Output"] = _usd(outcome.cost.output)
-    response.headers["X-Cost-Total"] = _usd(outcome.cost.total)
-    response.headers["X-Cost-Overall"] = _usd(overall)
+    pairs = [
+        ("X-Model", outcome.model_id),  # who answered: a fallback, when the asked model failed
+        ("X-Provider", outcome.provider),
+        ("X-Fallback-Used", "true" if outcome.fallback_used else "false"),
+        ("X-Cached", "true" if outcome.cached else "false"),
+        ("X-Tokens-Input", str(outcome.input_tokens)),
+        ("X-Tokens-Output", str(outcome.output_tokens)),
+        ("X-Cost-Input", _usd(outcome.cost.input)),
+        ("X-Cost-Output", _usd(outcome.cost.output)),
+        ("X-Cost-Total", _usd(outcome.cost.total)),
+        ("X-Cost-Overall", _usd(overall)),
+    ]
     if outcome.cached:
-        response.headers["X-Cost-Saved"] = _usd(outcome.saved.total)
+        pairs.append(("X-Cost-Saved", _usd(outcome.saved.total)))
+    headers = response.headers
+    # Werkzeug's `headers[name] = value` scans every header already there for each name set (eleven
+    # scans of ~15 names); one scan tells whether any is there, and when none is (a task's answer
+    # carries none before this hook) appending gives the same headers.
+    if any(name.lower() in _COST_HEADER_NAMES for name in headers.keys()):
+        for name, value in pairs:
+            headers[name] = value
+    else:
+        for name, value in pairs:
+            headers.add(name, value)
+
+
+_COST_HEADER_NAMES = frozenset(name.lower() for name in COST_HEADERS)
 
 
 def _usd(amount: float) -> str:

@@ -1,0 +1,252 @@
+"""Where the gateway's own CPU goes per request, layer by layer, in-process (no sockets, no waitress).
+
+    python -m bench.request_profile [--requests 2000] [--rounds 5] [--top 0]
+
+Builds the app with `create_app` in production-like settings (APP_ENV=production, limits on with
+memory storage and the moving-window strategy, the ledger on a temporary SQLite file, the JSON log
+files on, one CORS origin, authentication off as in `bench.harness`), with a Gemini emulator on
+loopback for the one cache miss that fills the cache. Requests are driven through the WSGI callable
+with a raw environ, so no test client's work is counted, in bounded loops:
+
+- `total`: CPU per request of the whole process (time.process_time: every thread, the log writer
+  included) and of the request thread alone (time.thread_time), best of `--rounds` rounds, as the
+  machine is shared. A bare Flask-RESTX resource returning {"ok": true} is the reference row.
+- the layer table: one cProfile run; each layer is the inclusive profiled time of the functions
+  that are that layer, scaled to the unprofiled CPU per request (the profiler inflates every call
+  alike, roughly). "framework" is what is left: Werkzeug/Flask/RESTX routing, request and
+  response objects, the WSGI call.
+- counts per request: rate-limit storage calls (by method), log records queued, ledger commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from flask import Flask
+from flask_restx import Api, Resource
+
+import app as app_module
+from app import create_app
+from gateway.config import RATELIMIT_STRATEGIES, Config
+from gateway.providers.emulators.gemini import GeminiEmulator
+
+KEY = "bench-key-not-a-secret"
+BODY = json.dumps({"prompt": "Say hello"}).encode()
+ORIGIN = "https://app.example"
+APP_FILE = app_module.__file__  # the hooks of app.py, told apart from other modules' functions of the same name
+
+# Each layer: (name, [(file fragment, function name)...]); times are inclusive (cumtime), so a layer
+# lists functions that do not call one another, and no function of one layer calls another layer's.
+# Where one does, `minus` below takes the inner layers out of the outer one.
+LAYERS: list[tuple[str, list[tuple[str, str]]]] = [
+    ("request state + request id (start_request)", [(APP_FILE, "start_request")]),
+    ("security scan", [(APP_FILE, "_scan_request")]),
+    ("limiter: checks (its before_request + 2 decorators)", [("flask_limiter/_extension.py",
+                                                              "_check_request_limit")]),
+    ("limiter: headers (after_request)", [("flask_limiter/_extension.py", "__inject_headers")]),
+    ("task resource (read, validate, options, answer)", [("task_routes.py", "post")]),
+    ("  of which schema validation", [("gateway/http/schemas.py", "validate")]),
+    ("  of which service.run (cache lookup)", [("gateway/tasks/service.py", "run")]),
+    ("after_request: finish_request", [(APP_FILE, "finish_request")]),
+    ("  of which request_info", [("gateway/http/routes.py", "request_info")]),
+    ("  of which ledger commit (tracker.record, no log)", [("cost_tracker.py", "_commit")]),
+    ("  of which cost log line (on_record)", [("gateway/container.py", "<lambda>")]),
+    ("  of which log_request + log_performance", [("enhanced_logging.py", "log_request"),
+                                                   ("enhanced_logging.py", "log_performance")]),
+    ("  of which counters", [("observability/metrics.py", "count_request")]),
+    ("  of which cost headers", [(APP_FILE, "_add_cost_headers")]),
+    ("security headers", [("security_headers.py", "add_security_headers")]),
+    ("CORS (flask-cors after_request)", [("flask_cors/extension.py", "cors_after_request")]),
+    ("budget teardown", [(APP_FILE, "release_budget")]),
+    ("error mapping (404)", [(APP_FILE, "api_error"), (APP_FILE, "flask_error")]),
+    ("JSON encoding (RESTX output_json)", [("flask_restx/representations.py", "output_json")]),
+]
+# Layers that contain other layers: the outer figure shown is net of these.
+NESTED = {
+    "request state + request id (start_request)": ["security scan"],
+}
+
+
+def gateway_app(workdir: Path, base_url: str, strategy: str = "moving-window"):
+    config = Config.load({}, app_env="production", google_api_key=KEY, gemini_base_url=base_url,
+                         ratelimit_strategy=strategy, ratelimit_task_limits="10000000 per minute", log_console=False,
+                         auth_enabled=False, auth_allow_anonymous=True, cors_origins=(ORIGIN,),
+                         log_dir=workdir / "logs", cost_ledger_path=workdir / "ledger.sqlite3")
+    return create_app(config)
+
+
+def bare_app() -> Flask:
+    app = Flask("bare")
+    api = Api(app, prefix="/api/v1", doc=False)
+
+    @api.route("/ok")
+    class Ok(Resource):
+        def get(self):
+            return {"ok": True}
+
+    return app
+
+
+def environ(method: str, path: str, body: bytes = b"") -> dict:
+    """A WSGI environ as waitress builds it (the fields Flask reads), without a test client."""
+    return {
+        "REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8081", "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "50000", "HTTP_HOST": "127.0.0.1:8081",
+        "HTTP_USER_AGENT": "bench/1", "HTTP_ACCEPT": "*/*", "HTTP_CONNECTION": "keep-alive",
+        "CONTENT_TYPE": "application/json" if body else "", "CONTENT_LENGTH": str(len(body)) if body else "",
+        "wsgi.url_scheme": "http", "wsgi.version": (1, 0), "wsgi.multithread": True,
+        "wsgi.multiprocess": False, "wsgi.run_once": False, "wsgi.errors": sys.stderr, "_body": body,
+    }
+
+
+def caller(app, template: dict, expect: int):
+    """A function making one request through `app`'s WSGI callable; checks the status."""
+    body = template["_body"]
+    statuses = []
+
+    def start_response(status, headers, exc_info=None):
+        statuses.append(status)
+
+    def call():
+        env = dict(template)
+        env["wsgi.input"] = io.BytesIO(body)
+        result = app(env, start_response)
+        b"".join(result)
+        if hasattr(result, "close"):
+            result.close()
+        status = statuses.pop()
+        if not status.startswith(str(expect)):
+            raise SystemExit(f"{template['PATH_INFO']}: expected {expect}, got {status}")
+
+    return call
+
+
+def cpu_per_request(call, requests: int, rounds: int) -> tuple[float, float]:
+    """(process CPU µs, request-thread CPU µs) per request, each the best of `rounds`."""
+    for _ in range(min(200, requests)):
+        call()
+    process, thread = [], []
+    for _ in range(rounds):
+        p0, t0 = time.process_time(), time.thread_time()
+        for _ in range(requests):
+            call()
+        thread.append((time.thread_time() - t0) * 1e6 / requests)
+        process.append((time.process_time() - p0) * 1e6 / requests)
+    return min(process), min(thread)
+
+
+def profile_layers(call, requests: int, top: int) -> tuple[dict[str, float], float]:
+    """{layer: fraction of the profiled time}, and the profiled total; prints the `top` functions."""
+    profiler = cProfile.Profile(time.thread_time)  # CPU of this thread: waits (a thread start) are not cost
+    profiler.enable()
+    for _ in range(requests):
+        call()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total = sum(tt for (_cc, _nc, tt, _ct, _callers) in stats.stats.values())
+    found = {}
+    for name, functions in LAYERS:
+        cum = 0.0
+        for (filename, _line, function), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
+            if any(function == wanted and (filename == fragment if fragment is APP_FILE else fragment in filename)
+                   for fragment, wanted in functions):
+                cum += ct
+        found[name] = cum
+    for outer, inner in NESTED.items():
+        found[outer] -= sum(found[name] for name in inner)
+    if top:
+        stats.sort_stats("tottime").print_stats(top)
+    return {name: cum / total for name, cum in found.items()}, total
+
+
+class Counts:
+    """Per-request counts: rate-limit storage calls, log records queued, ledger commits."""
+
+    def __init__(self, app):
+        self.counter: Counter = Counter()
+        gateway = app.extensions["gateway"]
+        storage = app.extensions["rate_limiter"].storage
+        for method in ("incr", "get", "get_expiry", "acquire_entry", "get_moving_window",
+                       "acquire_sliding_window_entry", "get_sliding_window", "clear"):
+            self._wrap(storage, method, f"limiter storage {method}")
+        self._wrap(gateway.logger._queue, "put_nowait", "log records queued")
+        self._wrap(gateway.tracker, "_commit", "ledger commits")
+        self._wrap(threading.Thread, "start", "threads started (limits' memory storage expiry timer)")
+
+    def _wrap(self, owner, method: str, label: str) -> None:
+        original = getattr(owner, method, None)
+        if original is None:
+            return
+
+        def counted(*args, **kwargs):
+            self.counter[label] += 1
+            return original(*args, **kwargs)
+
+        setattr(owner, method, counted)
+
+    def per_request(self, call, requests: int) -> dict[str, float]:
+        self.counter.clear()
+        for _ in range(requests):
+            call()
+        return {label: count / requests for label, count in sorted(self.counter.items())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--top", type=int, default=0, help="also print the top N functions by own time")
+    parser.add_argument("--only", choices=["hit", "404", "health"], action="append")
+    parser.add_argument("--strategy", choices=RATELIMIT_STRATEGIES, default="moving-window",
+                        help="Flask-Limiter's strategy (RATELIMIT_STRATEGY; the default is the gateway's)")
+    args = parser.parse_args()
+    emulator = GeminiEmulator(host="127.0.0.1", port=0).start()
+    workdir = Path(tempfile.mkdtemp(prefix="request-profile-"))
+    try:
+        app = gateway_app(workdir, emulator.base_url, args.strategy)
+        cases = {
+            "hit": caller(app, environ("POST", "/api/v1/generate/text", BODY), 200),
+            "404": caller(app, environ("GET", "/api/v1/no-such-path"), 404),
+            "health": caller(app, environ("GET", "/api/v1/health"), 200),
+        }
+        caller(app, environ("POST", "/api/v1/generate/text", BODY), 200)()  # the miss that fills the cache
+        bare = caller(bare_app(), environ("GET", "/api/v1/ok"), 200)
+        bare_process, bare_thread = cpu_per_request(bare, args.requests, args.rounds)
+        print(f"rate-limit strategy: {args.strategy}")
+        print(f"bare Flask-RESTX resource: {bare_process:7.1f} µs process CPU, {bare_thread:7.1f} µs request thread")
+        counts = Counts(app)
+        for name, call in cases.items():
+            if args.only and name not in args.only:
+                continue
+            process, thread = cpu_per_request(call, args.requests, args.rounds)
+            fractions, _ = profile_layers(call, args.requests, args.top)
+            print(f"\n== {name}: {process:7.1f} µs process CPU per request ({thread:7.1f} µs request thread); "
+                  f"bare/{name} = {bare_process / process:.2f}")
+            shown = 0.0
+            for layer, fraction in fractions.items():
+                if fraction * process < 0.5:
+                    continue
+                print(f"  {layer:<52} {fraction * process:7.1f} µs")
+                if not layer.startswith("  "):
+                    shown += fraction * process
+            print(f"  {'framework + WSGI + the rest':<52} {process - shown:7.1f} µs")
+            for label, per in counts.per_request(call, min(args.requests, 500)).items():
+                print(f"  per request: {label} = {per:g}")
+        app.extensions["gateway"].close()
+    finally:
+        emulator.stop()
+
+
+if __name__ == "__main__":
+    main()
