@@ -366,7 +366,8 @@ def _format(rows) -> str:
                                for i, (cell, width) in enumerate(zip(row, widths, strict=True))) for row in rows)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of bench.run (also used by bench/threads.py to measure with the same settings)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", help="URL of a running gateway of this API (its upstream is not controlled)")
     parser.add_argument("--portkey", help="folder where @portkey-ai/gateway is npm-installed, to measure it too")
@@ -395,6 +396,11 @@ def main(argv: list[str] | None = None) -> None:
         args.warmup, args.stream_requests = 30, 30
     if args.target and args.target.endswith("/"):
         args.target = args.target[:-1]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     started = time.monotonic()
     results = measure(args)
     results["wall_seconds"] = round(time.monotonic() - started, 1)
