@@ -32,11 +32,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from flask import Flask
-from flask_restx import Api, Resource
-
 import app as app_module
 from app import create_app
+from bench import bare_restx
 from gateway.config import RATELIMIT_STRATEGIES, Config
 from gateway.providers.emulators.gemini import GeminiEmulator
 
@@ -83,18 +81,6 @@ def gateway_app(workdir: Path, base_url: str, strategy: str = "moving-window"):
                          auth_enabled=False, auth_allow_anonymous=True, cors_origins=(ORIGIN,),
                          log_dir=workdir / "logs", cost_ledger_path=workdir / "ledger.sqlite3")
     return create_app(config)
-
-
-def bare_app() -> Flask:
-    app = Flask("bare")
-    api = Api(app, prefix="/api/v1", doc=False)
-
-    @api.route("/ok")
-    class Ok(Resource):
-        def get(self):
-            return {"ok": True}
-
-    return app
 
 
 def environ(method: str, path: str, body: bytes = b"") -> dict:
@@ -221,7 +207,7 @@ def main() -> None:
             "health": caller(app, environ("GET", "/api/v1/health"), 200),
         }
         caller(app, environ("POST", "/api/v1/generate/text", BODY), 200)()  # the miss that fills the cache
-        bare = caller(bare_app(), environ("GET", "/api/v1/ok"), 200)
+        bare = caller(bare_restx.create_app(), environ("GET", bare_restx.PATH), 200)
         bare_process, bare_thread = cpu_per_request(bare, args.requests, args.rounds)
         print(f"rate-limit strategy: {args.strategy}")
         print(f"bare Flask-RESTX resource: {bare_process:7.1f} µs process CPU, {bare_thread:7.1f} µs request thread")
