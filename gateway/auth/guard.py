@@ -99,7 +99,13 @@ def authorize(key: ApiKey, path: str) -> None:
     if path.startswith(ADMIN_PREFIXES) and not key.is_admin:
         raise Forbidden("This operation needs an admin key", details={"key_id": key.id, "scope": key.scope})
     task = TASK_OF_PATH.get(path)
-    if task is not None and not key.allows(task):
+    if task is not None:
+        check_task_allowed(key, task)
+
+
+def check_task_allowed(key: ApiKey | None, task: str) -> None:
+    """TaskNotAllowed (403) unless the key's `allowed_tasks` include the task (no key: every task)."""
+    if key is not None and not key.allows(task):
         raise TaskNotAllowed(f"This API key may not run the '{task}' task",
                              details={"key_id": key.id, "task": task, "allowed_tasks": list(key.allowed_tasks or ())})
 

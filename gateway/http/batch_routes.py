@@ -35,12 +35,13 @@ from flask import request
 from flask_restx import Namespace, Resource, fields
 
 from gateway.auth import budgets
+from gateway.auth.guard import check_task_allowed
 from gateway.container import Gateway, RequestInfo
-from gateway.errors import GatewayError, InvalidRequest, TaskNotAllowed, error_body, sane_retry_after
+from gateway.errors import GatewayError, InvalidRequest, error_body, sane_retry_after
 from gateway.http.request_state import state
 from gateway.http.routes import json_body, request_id
 from gateway.http.schemas import SECURITY, Schemas
-from gateway.http.task_routes import cache_control, task_options
+from gateway.http.task_routes import cache_control, outcome_fields, task_options
 from gateway.tasks.batch import BatchAdmission, BatchItem, BatchRunner, ItemResult
 from gateway.tasks.service import TaskOutcome
 from gateway.tasks.table import TASKS
@@ -253,11 +254,7 @@ def _checked_item(gateway: Gateway, schemas: Schemas, index: int, raw) -> BatchI
         if raw.get("stream") not in (None, False):  # a batch answers JSON: never run a stream as if it were not one
             raise InvalidRequest("Invalid input: 'stream' is not available in a batch; send streams one at a time",
                                  details={"fields": {"stream": "is not available in a batch"}})
-        key = state().api_key
-        if key is not None and not key.allows(task):
-            raise TaskNotAllowed(f"This API key may not run the '{task}' task",
-                                 details={"key_id": key.id, "task": task,
-                                          "allowed_tasks": list(key.allowed_tasks or ())})
+        check_task_allowed(state().api_key, task)
         payload = schemas.requests[task].validate({name: value for name, value in raw.items() if name != "task"})
         inputs = TASKS[task].inputs(payload)
         return BatchItem(index, task, inputs, task_options(payload, gateway, task), cache_control(payload))
@@ -301,25 +298,12 @@ def _answer(gateway: Gateway, batch_id: str, raw, item, result: ItemResult) -> t
     outcome = result.outcome
     definition = TASKS[item.task]
     fields_ = {definition.result_field: outcome.completion.text,
-               **{name: item.inputs[name] for name in definition.echo}, **_outcome_fields(outcome, item_id)}
+               **{name: item.inputs[name] for name in definition.echo}, **outcome_fields(outcome, item_id)}
     if result.overall is not None:
         fields_["cost"]["overall"] = round(result.overall, 10)
     if result.shared_with is not None:
         fields_["shared_with"] = result.shared_with
     return {**head, "status": 200, **fields_}, outcome
-
-
-def _outcome_fields(outcome: TaskOutcome, item_id: str) -> dict:
-    """The fields a task endpoint's answer carries besides its result (as `task_routes.answer_fields`)."""
-    return {
-        "model": outcome.model_id, "provider": outcome.provider, "cached": outcome.cached,
-        "fallback_used": outcome.fallback_used,
-        "usage": {"input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
-                  "total_tokens": outcome.input_tokens + outcome.output_tokens, "source": outcome.token_source},
-        "cost": {"currency": "USD", "input": round(outcome.cost.input, 10), "output": round(outcome.cost.output, 10),
-                 "total": round(outcome.cost.total, 10), "saved": round(outcome.saved.total, 10)},
-        "request_id": item_id,
-    }
 
 
 def _error_answer(gateway: Gateway, exc: BaseException, item_id: str) -> tuple[dict, int]:

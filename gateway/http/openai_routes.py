@@ -52,8 +52,7 @@ def blueprint(gateway: Gateway, task_limit, listing_limit) -> Blueprint:
         current = state()
         current.model = gateway.service.default_model
         if gateway.registry.find(chat.model) is None:
-            raise ModelNotFound(f"The model '{chat.model[:128]}' does not exist on this gateway (GET /v1/models "
-                                "lists them)", details={"model": chat.model[:128]})
+            raise _no_such_model(chat.model)
         inputs = {"messages": chat.messages}
         current.prompt = "\n".join(content for _role, content in chat.messages)
         key = current.api_key
@@ -87,8 +86,8 @@ def blueprint(gateway: Gateway, task_limit, listing_limit) -> Blueprint:
     def models():
         """The registry's models this key may use (its allowed_models), as OpenAI lists models."""
         key = state().api_key
-        created = int(time.time() - (time.monotonic() - gateway.started_at))  # when this gateway started
         allowed = [spec for spec in gateway.registry if model_allowed(key, spec)]
+        created = _started_at(gateway)
         return jsonify({"object": "list", "data": [_model_object(spec, created) for spec in allowed]})
 
     @bp.get("/models/<path:model_id>")
@@ -97,15 +96,24 @@ def blueprint(gateway: Gateway, task_limit, listing_limit) -> Blueprint:
         """One model as OpenAI describes it (the SDK's `models.retrieve`); 404 unless this key may use it."""
         spec = gateway.registry.find(model_id)
         if spec is None or not model_allowed(state().api_key, spec):
-            raise ModelNotFound(f"The model '{model_id[:128]}' does not exist on this gateway (GET /v1/models "
-                                "lists them)", details={"model": model_id[:128]})
-        return jsonify(_model_object(spec, int(time.time() - (time.monotonic() - gateway.started_at))))
+            raise _no_such_model(model_id)  # another key's model is as absent as an unknown one
+        return jsonify(_model_object(spec, _started_at(gateway)))
 
     return bp
 
 
+def _started_at(gateway: Gateway) -> int:
+    """When this gateway started (Unix seconds): the `created` of every model it lists."""
+    return int(time.time() - (time.monotonic() - gateway.started_at))
+
+
 def _model_object(spec, created: int) -> dict:
     return {"id": spec.id, "object": "model", "created": created, "owned_by": spec.provider}
+
+
+def _no_such_model(name: str) -> ModelNotFound:
+    return ModelNotFound(f"The model '{name[:128]}' does not exist on this gateway (GET /v1/models lists them)",
+                         details={"model": name[:128]})
 
 
 def _renamed(exc: InvalidRequest, field: str, client_field: str) -> InvalidRequest:

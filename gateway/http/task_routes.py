@@ -234,6 +234,11 @@ def answer_fields(outcome: TaskOutcome) -> dict:
     """The fields every task answer carries besides its result; the outcome goes on the request state
     for the cost headers and the ledger."""
     state().outcome = outcome
+    return outcome_fields(outcome, request_id())
+
+
+def outcome_fields(outcome: TaskOutcome, answer_id: str) -> dict:
+    """An outcome's answer fields (model, usage, cost...) under `answer_id`: a request's id, or a batch item's."""
     return {
         "model": outcome.model_id,
         "provider": outcome.provider,
@@ -243,7 +248,7 @@ def answer_fields(outcome: TaskOutcome) -> dict:
                   "total_tokens": outcome.input_tokens + outcome.output_tokens, "source": outcome.token_source},
         "cost": {"currency": "USD", "input": round(outcome.cost.input, 10), "output": round(outcome.cost.output, 10),
                  "total": round(outcome.cost.total, 10), "saved": round(outcome.saved.total, 10)},
-        "request_id": request_id(),
+        "request_id": answer_id,
     }
 
 
