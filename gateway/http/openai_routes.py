@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from gateway.auth.guard import model_allowed
 from gateway.container import Gateway
@@ -67,14 +67,9 @@ def blueprint(gateway: Gateway, task_limit, listing_limit) -> Blueprint:
         completion_id, created = f"chatcmpl-{request_id()}", int(time.time())
         control = cache_control({})
         if chat.stream:
-            gone = stream_driver.client_gone()
-            if gone is not None and gone():  # it left while the request waited for a thread: no provider call
-                return Response(status=stream_driver.CLIENT_CLOSED_REQUEST)
-            started = time.perf_counter()
-            opened = gateway.service.open_stream(CHAT_TASK, inputs, options, control)  # failures: plain errors
-            return stream_driver.stream_response(gateway, opened, (time.perf_counter() - started) * 1000,
-                                                 ChatChunks(completion_id, created, opened.model_id,
-                                                            chat.include_usage))
+            return stream_driver.stream_task(
+                gateway, CHAT_TASK, inputs, options, control,
+                lambda opened: ChatChunks(completion_id, created, opened.model_id, chat.include_usage))
         outcome = gateway.service.run(CHAT_TASK, inputs, options, control)
         current.outcome = outcome  # cost headers and the ledger row, in app.py's after_request
         return jsonify(wire.completion_body(completion_id, created, outcome.model_id, outcome.completion.text,

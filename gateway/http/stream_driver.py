@@ -24,7 +24,7 @@ from flask import Response, request, stream_with_context
 from gateway.container import Gateway
 from gateway.http.request_state import state
 from gateway.http.routes import error_payload, request_info
-from gateway.tasks.service import OpenStream, TaskOutcome
+from gateway.tasks.service import CacheControl, OpenStream, TaskOptions, TaskOutcome
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer was complete
 # The WSGI environ entry (not an OS variable) waitress sets to a callable: True once the client has closed.
@@ -46,14 +46,21 @@ def client_gone() -> Callable[[], bool] | None:
     return request.environ.get(CLIENT_DISCONNECTED)
 
 
-def stream_response(gateway: Gateway, opened: OpenStream, open_ms: float, wire: StreamFormat,
-                    headers: dict | None = None) -> Response:
-    """The event-stream answer of an opened stream; the request is accounted for when the stream ends."""
+def stream_task(gateway: Gateway, task_name: str, inputs: dict, options: TaskOptions, control: CacheControl,
+                wire_of: Callable[[OpenStream], StreamFormat]) -> Response:
+    """Open the task's stream (a cached answer's replay, or the provider's: failures before its first chunk are
+    plain errors) and answer with its lines in the format `wire_of(opened)`; the request is accounted for when
+    the stream ends. A client that left while the request waited for a thread costs no provider call (499)."""
+    gone = client_gone()
+    if gone is not None and gone():
+        return Response(status=CLIENT_CLOSED_REQUEST)
+    started = time.perf_counter()
+    opened = gateway.service.open_stream(task_name, inputs, options, control)
+    open_ms = (time.perf_counter() - started) * 1000
     state().streaming = True
-    lines = stream_lines(gateway, opened, open_ms, wire, client_gone())
+    lines = stream_lines(gateway, opened, open_ms, wire_of(opened), gone)
     return Response(stream_with_context(lines), mimetype="text/event-stream",
-                    headers={**STREAM_HEADERS, "X-Cached": "true" if opened.cached is not None else "false",
-                             **(headers or {})})
+                    headers={**STREAM_HEADERS, "X-Cached": "true" if opened.cached is not None else "false"})
 
 
 def stream_lines(gateway: Gateway, opened: OpenStream, open_ms: float, wire: StreamFormat,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 from flask import Response, request
 from flask_restx import Namespace, Resource
@@ -128,15 +127,9 @@ def wants_stream(task: TaskDefinition, payload: dict) -> bool:
 
 def stream_response(gateway: Gateway, task: TaskDefinition, inputs: dict, options: TaskOptions,
                     control: CacheControl) -> Response:
-    """Open the task's stream (a cached answer's replay, or the provider's: failures before its first chunk are
-    plain JSON errors) and answer with its events (gateway/http/stream_driver.py runs them)."""
-    gone = stream_driver.client_gone()
-    if gone is not None and gone():  # it left while the request waited for a thread: no provider call
-        return Response(status=stream_driver.CLIENT_CLOSED_REQUEST)
-    started = time.perf_counter()
-    opened = gateway.service.open_stream(task.name, inputs, options, control)
+    """The task's answer as events (gateway/http/stream_driver.py opens and runs the stream)."""
     result = None if task.parse is unchanged else (task.result_field, {name: inputs[name] for name in task.echo})
-    return stream_driver.stream_response(gateway, opened, (time.perf_counter() - started) * 1000, TaskEvents(result))
+    return stream_driver.stream_task(gateway, task.name, inputs, options, control, lambda _opened: TaskEvents(result))
 
 
 class TaskEvents:
