@@ -177,16 +177,18 @@ def _limit_key() -> str:
 def _task_limit(limiter: Limiter, default: str, cost=1):
     """The task endpoints' limits: `default` on each endpoint, or, for a key with its own `rate_limit`,
     that limit over all task endpoints together (requests per key, whichever task they ask for).
+
+    One limit whose value and bucket depend on the key, not two limits of which one is exempt: Flask-Limiter
+    resolves, checks and reports every decorator on every request, so two cost twice the limiter work.
     `cost`: what one request counts (a batch: its items, `batch_routes.batch_cost`)."""
-    per_endpoint = limiter.limit(default, exempt_when=_has_own_limit, cost=cost)
-    per_key = limiter.shared_limit(lambda: state().api_key.rate_limit if _has_own_limit() else default,  # read even
-                                   scope="key-own-limit", exempt_when=lambda: not _has_own_limit(),  # when exempt
-                                   cost=cost)
+    return limiter.shared_limit(
+        lambda: state().api_key.rate_limit if _has_own_limit() else default,
+        # one limit checked once per request: the default counts per endpoint, a key's own over all of them
+        scope=lambda endpoint: _OWN_LIMIT_SCOPE if _has_own_limit() else endpoint,
+        cost=cost)
 
-    def decorate(view):
-        return per_key(per_endpoint(view))
 
-    return decorate
+_OWN_LIMIT_SCOPE = "key-own-limit"
 
 
 def _has_own_limit() -> bool:
@@ -291,14 +293,15 @@ def _scan_request(gateway: Gateway) -> None:
 
     The scanner reads the body's strings lazily and stops at its per-location cap, so a large
     body costs a bounded scan."""
-    body = request.get_json(silent=True) if request.is_json else None
+    current = request._get_current_object()  # one proxy lookup, not one per attribute
+    body = current.get_json(silent=True) if current.is_json else None
     result = gateway.scanner.scan(
-        path=request.path, query=request.query_string.decode("latin-1"), headers=request.headers,
-        body_texts=_iter_strings(body), body_size=request.content_length or 0,
+        path=current.path, query=current.query_string.decode("latin-1"), headers=current.headers,
+        body_texts=_iter_strings(body), body_size=current.content_length or 0,
     )
     for event in result.events:
         gateway.metrics.count_security_event(event.type)
-        gateway.logger.log_security_event(event, request_id=routes.request_id(), client=request.remote_addr or "")
+        gateway.logger.log_security_event(event, request_id=routes.request_id(), client=current.remote_addr or "")
     if gateway.scanner.should_block(result.events, gateway.config.security_mode):
         raise RequestBlocked("The request was refused by the gateway's security checks",
                              details={"findings": sorted({event.type for event in result.events

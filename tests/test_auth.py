@@ -461,3 +461,25 @@ def test_a_keys_own_limit_counts_over_every_task_endpoint_together(make_app):
     assert_error(ask(client, tight, body={"prompt": "d"}), 429, "rate_limited")
     for path, body in ((TEXT, {"prompt": "e"}), (CODE, {"prompt": "f"})):  # keys without their own: per endpoint
         assert ask(client, plain, path=path, body=body).status_code == 200
+
+
+def test_the_default_limit_counts_per_endpoint_and_a_keys_own_limit_over_all_with_headers_for_each(make_app):
+    """One limit serves both cases (checked once per request): the default's bucket is the endpoint's,
+    a key's own is shared by every task endpoint, and the X-RateLimit headers report the bucket that counted."""
+    app = make_app(auth_enabled=True, ratelimit_task_limits="3 per minute")
+    _, own = app.extensions["gateway"].keys.create(name="own", rate_limit="5/minute")
+    _, plain = app.extensions["gateway"].keys.create(name="plain")
+    client = app.test_client()
+    remaining = [ask(client, plain, path=path, body=body).headers["X-RateLimit-Remaining"]
+                 for path, body in ((TEXT, {"prompt": "a"}), (TEXT, {"prompt": "b"}), (CODE, {"prompt": "c"}))]
+    assert remaining == ["2", "1", "2"]  # each endpoint its own bucket of 3
+    first = ask(client, plain, body={"prompt": "d"})
+    assert first.headers["X-RateLimit-Limit"] == "3" and first.headers["X-RateLimit-Remaining"] == "0"
+    assert_error(ask(client, plain, body={"prompt": "e"}), 429, "rate_limited")
+    answers = [ask(client, own, path=path, body=body) for path, body in (
+        (TEXT, {"prompt": "f"}), (CODE, {"prompt": "g"}), (CLASSIFY, {"text": "h", "categories": ["x", "y"]}),
+        (TEXT, {"prompt": "i"}), (CODE, {"prompt": "j"}))]
+    assert [a.status_code for a in answers] == [200] * 5  # more than the default's 3 on one endpoint
+    assert [a.headers["X-RateLimit-Remaining"] for a in answers] == ["4", "3", "2", "1", "0"]
+    assert {a.headers["X-RateLimit-Limit"] for a in answers} == {"5"}
+    assert_error(ask(client, own, path=CLASSIFY, body={"text": "k", "categories": ["x", "y"]}), 429, "rate_limited")

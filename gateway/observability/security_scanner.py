@@ -146,7 +146,7 @@ class SecurityScanner:
         limit = self.max_scan_chars
         url = {"path": unquote((path or "")[:limit]), "query": unquote_plus((query or "")[:limit])}
         body = _bounded_join(body_texts, limit)
-        user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), "")[:limit]
+        user_agent = _user_agent(headers)[:limit]
         scanned = {**{where: len(text) for where, text in url.items()}, "body": len(body),
                    "header:User-Agent": len(user_agent)}
 
@@ -178,3 +178,12 @@ class SecurityScanner:
     def should_block(events: Iterable[SecurityEvent], mode: str) -> bool:
         """Refuse the request only in "block" mode and only for a high finding ("log"/"off" never block)."""
         return mode == "block" and any(e.severity == "high" for e in events)
+
+
+def _user_agent(headers: Mapping[str, str]) -> str:
+    """The User-Agent header: one case-insensitive lookup on a request's headers (werkzeug's `Headers`),
+    a case-insensitive walk only for a plain mapping."""
+    if hasattr(headers, "getlist"):
+        return headers.get("User-Agent") or ""
+    return next((value for name, value in headers.items() if name.lower() == "user-agent"), "")
+
