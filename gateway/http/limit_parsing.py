@@ -1,9 +1,9 @@
 """Parse each rate-limit string once, not on every request.
 
 Flask-Limiter 4 turns a limit's string ("200 per day;50 per hour;10 per minute", or a key's own
-`rate_limit`) into `limits.RateLimitItem`s every time it looks at the limit: six parses per task
-request (its before-request hook and the view's decorators each walk both of `app._task_limit`'s
-limit groups), about a tenth of the gateway's own CPU on a cache hit. The items are immutable
+`rate_limit`) into `limits.RateLimitItem`s every time it looks at the limit: several parses per
+task request (its before-request hook, the view's decorator and the headers each walk
+`app._task_limit`'s limit group), once about a tenth of the gateway's own CPU on a cache hit. The items are immutable
 values (amount, period), so the same ones can serve every request: `install()` puts a memoised
 `parse_many` where Flask-Limiter looks it up. Which limits apply, what each counts and the
 storage calls are unchanged; a string that does not parse still raises each time (errors are not
