@@ -5,12 +5,12 @@ Why it looks the way it does:
   every request: LangChain builds and configures the google-genai SDK client (key, base URL,
   headers) and its HTTP connection pool. Building one per call (as the original snippets did)
   costs a TLS handshake and several milliseconds each time. Each task has a prebuilt generation
-  config with its temperature (text 0.7, code 0.2, classify 0.0); calls go through the SDK
-  client's transport (see `_call_once` for the measured reason).
-- No retries below ours: the transport is called without retry options, so neither the SDK
-  nor LangChain (whose default of 6 attempts, stacked under ours, would turn one request into
-  up to 30 HTTP calls) retries. Retrying is `retry_policy.RetryPolicy`'s job, with a deadline
-  over the whole call.
+  config with its temperature (text 0.7, code 0.2, classify 0.0); calls send the SDK's own
+  prebuilt request through its transport (`gemini_transport`; see `complete` for the measured reason).
+- No retries below ours: the transport is called without retry options (and a client configured
+  with them is refused at start), so neither the SDK nor LangChain (whose default of 6 attempts,
+  stacked under ours, would turn one request into up to 30 HTTP calls) retries. Retrying is
+  `retry_policy.RetryPolicy`'s job, with a deadline over the whole call.
 - The timeout each call gets is a deadline over the whole HTTP exchange, body and stream
   included: the shards' httpx clients send through `upstream_deadline.DeadlineTransport`.
 - Every reply and stream chunk is checked before use (`gemini_replies`): off-contract shapes
@@ -66,6 +66,7 @@ from gateway.providers.base import (
     TextStream,
 )
 from gateway.providers.gemini_replies import Reply, read_reply
+from gateway.providers.gemini_transport import GeminiTransport, milliseconds
 from gateway.providers.retry_policy import RetryPolicy
 from gateway.providers.router import ModelRoute, ModelRouter
 from gateway.tasks.table import TASKS
@@ -121,8 +122,8 @@ class GeminiProvider:
         options = {"model": model, "google_api_key": api_key}
         if base_url:
             options["base_url"] = base_url
-        # LangChain builds and configures the SDK clients (key, base URL, headers); calls go through
-        # their transports with our own request bodies and timeouts (see `_post`).
+        # LangChain builds and configures the SDK clients (key, base URL, headers); calls send the
+        # SDK's prebuilt requests through their transports, with our bodies and timeouts (`complete`).
         self.chat_models = []
         for _ in range(pool_shards):
             transport = upstream_deadline.build_transport(base_url=base_url or DEFAULT_BASE_URL,
@@ -131,26 +132,26 @@ class GeminiProvider:
             if sdk_transport_of(chat_model)._httpx_client._transport is not transport:
                 raise RuntimeError("the google-genai client ignored our HTTP transport: check the SDK pin")
             self.chat_models.append(chat_model)
-        self._transports = [sdk_transport_of(chat_model) for chat_model in self.chat_models]
+        self._shards = [GeminiTransport(sdk_transport_of(chat_model), model=model) for chat_model in self.chat_models]
+        self._transports = [shard.api for shard in self._shards]
         self._thread_shard = threading.local()
         self._next_shard = itertools.count()
 
     def complete(self, request: ProviderRequest, seconds_left: float) -> Completion:
         """One generateContent call through the google-genai client that LangChain built.
 
-        It goes through the SDK's transport (`request`: its auth header, base URL, timeout and
-        `APIError`s) with the REST body, rather than `chat_model.invoke` or `models.generate_content`.
-        Measured per call on this machine (bench/layers.py, CPU): invoke 3.0 ms, generate_content
-        1.7 ms, the transport 0.9-1.1 ms, raw httpx 0.7 ms. The layers skipped convert a single
-        prompt into typed objects and back (pydantic validation, 90 path lookups) and change
-        nothing in the request or the answer. The private `_api_client` is reached in one place,
-        `sdk_transport_of`, pinned by one test (tests/test_gemini_wrapper.py).
+        The SDK builds the request once per model (URL, its headers, auth) and each call sends it
+        with the REST body through the SDK's `_request_once` (`gemini_transport`), rather than
+        `chat_model.invoke`, `models.generate_content` or the transport's `request()`. Measured per
+        call on this machine (bench/layers.py, CPU, medians): LangChain invoke 2.34-2.62 ms,
+        generate_content 1.50-1.69, request() 0.69-0.78, `_request_once` 0.54-0.59, raw httpx
+        0.55-0.59, this method 0.49-0.65. The layers skipped convert a single prompt into typed
+        objects and back (pydantic validation, 90 path lookups) or rebuild the same request, and
+        change nothing on the wire (tests/test_gemini_transport.py compares it with the SDK's own).
+        The private `_api_client` is reached in one place, `sdk_transport_of`.
         """
         try:
-            response = self._transport.request(
-                "post", f"models/{request.model}:generateContent", _body(request),
-                {"timeout": _milliseconds(seconds_left)})
-            answer = json.loads(response.body)
+            answer = self._shard.generate(request.model, _body(request), seconds_left)
         except Exception as exc:  # noqa: BLE001 - every provider failure is translated here
             raise translate_provider_error(exc) from exc
         return _completion_from(read_reply(answer), request.model)
@@ -158,9 +159,9 @@ class GeminiProvider:
     def open_stream(self, request: ProviderRequest, seconds_left: float) -> ChunkStream:
         """`:streamGenerateContent?alt=sse`, one chunk per SSE event; the deadline bounds the whole stream."""
         try:
-            responses = self._transport.request_streamed(
+            responses = self._shard.api.request_streamed(
                 "post", f"models/{request.model}:streamGenerateContent?alt=sse", _body(request),
-                {"timeout": _milliseconds(seconds_left)})
+                {"timeout": milliseconds(seconds_left)})
         except Exception as exc:  # noqa: BLE001 - every provider failure is translated here
             raise translate_provider_error(exc) from exc
         return _GeminiChunks(responses)
@@ -171,14 +172,14 @@ class GeminiProvider:
                 transport._httpx_client.close()
 
     @property
-    def _transport(self):
-        """This thread's SDK transport: threads are dealt round the shards as they first call."""
+    def _shard(self) -> GeminiTransport:
+        """This thread's shard (its SDK client): threads are dealt round the shards as they first call."""
         try:
-            return self._thread_shard.transport
+            return self._thread_shard.shard
         except AttributeError:
-            transport = self._transports[next(self._next_shard) % len(self._transports)]
-            self._thread_shard.transport = transport
-            return transport
+            shard = self._shards[next(self._next_shard) % len(self._shards)]
+            self._thread_shard.shard = shard
+            return shard
 
 
 def sdk_transport_of(chat_model: ChatGoogleGenerativeAI):
@@ -212,7 +213,8 @@ class _GeminiChunks:
 
 
 def _body(request: ProviderRequest) -> dict:
-    """The generateContent request, as the REST API documents it and the SDK would send it."""
+    """The generateContent request, as the REST API documents it and the SDK sends it (the same
+    JSON as `models.generate_content`, pinned by tests/test_gemini_transport.py)."""
     contents, system = [], []
     for message in request.messages:
         if message.role == "system":
@@ -232,7 +234,7 @@ def _body(request: ProviderRequest) -> dict:
         config["stopSequences"] = list(params.stop)
     body = {"contents": contents, "generationConfig": config}
     if system:
-        body["systemInstruction"] = {"parts": system}
+        body["systemInstruction"] = {"parts": system, "role": "user"}  # the SDK's role for it
     return body
 
 
@@ -240,10 +242,6 @@ def _tls_context() -> ssl.SSLContext:
     """The context the SDK would build for itself (certifi, or SSL_CERT_FILE / SSL_CERT_DIR)."""
     return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE", certifi.where()),
                                       capath=os.environ.get("SSL_CERT_DIR"))
-
-
-def _milliseconds(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
 
 
 def _completion_from(reply: Reply, model: str, text: str | None = None) -> Completion:

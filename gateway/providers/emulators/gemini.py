@@ -89,6 +89,7 @@ FAULTS = frozenset(_ERROR_FAULTS) | _REPLY_FAULTS | {
     "safety_block", "slow", "hang", "malformed", "drop", "empty", "no_usage", "raw", "reply"}
 _TEXT_FAULTS = frozenset({"slow", "empty", "no_usage", "reply"})  # a normal reply is still sent
 
+_SECRET_HEADERS = frozenset({"x-goog-api-key", "authorization"})  # recorded in keys_seen, never with the call
 _MODEL_PATH = re.compile(
     r"/v1(?:beta|alpha)?/(?P<model>(?:models|tunedModels)/[^/:]+)"
     r":(?P<action>generateContent|streamGenerateContent|countTokens)$"
@@ -394,7 +395,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "POST" or not match:
             return self._send_error(404, "NOT_FOUND", f"Method not found: {self.command} {path}")
         key = self.headers.get("x-goog-api-key") or parse_qs(url.query).get("key", [None])[0]
-        self._model_call(match["model"].removeprefix("models/"), match["action"], path, body, key)
+        self._model_call(match["model"].removeprefix("models/"), match["action"], path, body, key, url.query)
 
     def _control(self, path: str, body: Any) -> None:
         """Fault and config endpoints, so another process can drive the emulator."""
@@ -420,12 +421,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_error(400, "INVALID_ARGUMENT", str(exc))
         self._send_json(200, emu.stats())
 
-    def _model_call(self, model: str, action: str, path: str, body: Any, key: str | None) -> None:
-        """Record the call, check key and body, then fail as told or reply."""
+    def _model_call(self, model: str, action: str, path: str, body: Any, key: str | None, query: str = "") -> None:
+        """Record the call (its headers without the key: that goes to `keys_seen`), check key and
+        body, then fail as told or reply."""
         emu, stream = self.server.emulator, action == "streamGenerateContent"
-        number = emu._record({"method": self.command, "path": path, "model": model,
+        headers = {name.lower(): value for name, value in self.headers.items() if name.lower() not in _SECRET_HEADERS}
+        number = emu._record({"method": self.command, "path": path, "query": query, "model": model,
                               "action": action, "json": body, "stream": stream,
-                              "has_key": bool(key)}, key)
+                              "has_key": bool(key), "headers": headers}, key)
         if not key:
             return self._send_error(401, "UNAUTHENTICATED", "Method doesn't allow unregistered"
                                     " callers. Please use an API key.")
