@@ -156,3 +156,56 @@ def test_each_retry_is_logged_with_attempt_and_wait(caplog):
     assert [record.wait_seconds for record in retries] == [1.5, 2.5]
     assert "attempt 1 failed with UpstreamRateLimited" in retries[0].getMessage()
     assert "waiting 1.50 s" in retries[0].getMessage()
+
+
+def test_a_first_attempt_that_succeeds_never_enters_tenacity(monkeypatch):
+    """The common case stays off tenacity (its per-call setup measured 31 µs against 2 µs)."""
+    from gateway.providers import retry_policy
+
+    def no_tenacity(*args, **kwargs):
+        raise AssertionError("tenacity was set up for a call that succeeded at once")
+
+    monkeypatch.setattr(retry_policy, "Retrying", no_tenacity)
+    clock = FakeClock()
+    call = Script()
+    assert make_policy(clock).run(call) == "ok"
+    assert call.calls == [30.0] and clock.sleeps == []
+    with pytest.raises(UpstreamRejected):  # a permanent failure does not need it either
+        make_policy(clock).run(Script(UpstreamRejected("400")))
+
+
+def test_a_failure_that_is_not_ours_is_raised_as_it_is_without_retry():
+    clock = FakeClock()
+    call = Script(KeyError("candidates"))
+    with pytest.raises(KeyError):
+        make_policy(clock).run(call)
+    assert len(call.calls) == 1 and clock.sleeps == []
+
+
+def test_one_attempt_gives_up_after_the_first_failure_and_still_says_when_to_retry():
+    clock = FakeClock()
+    call = Script(UpstreamRateLimited("quota"), UpstreamRateLimited("quota"))
+    with pytest.raises(UpstreamRateLimited) as caught:
+        make_policy(clock, max_attempts=1).run(call)
+    assert len(call.calls) == 1 and clock.sleeps == []
+    assert caught.value.retry_after == 1.5  # the wait we would have made: 1 s plus jitter
+
+
+def test_a_deadline_spent_before_the_first_attempt_calls_nothing():
+    clock = FakeClock()
+    call = Script()
+    with pytest.raises(UpstreamTimeout) as caught:
+        make_policy(clock, deadline=0.0).run(call, label="gemini text call")
+    assert call.calls == [] and clock.sleeps == []
+    assert "gemini text call ran out of its 0 s deadline" in caught.value.message
+
+
+def test_the_first_attempt_counts_as_attempt_one_of_the_retries():
+    """The first failure happens before tenacity; tenacity still numbers, waits for and reports it as attempt 1."""
+    clock = FakeClock()
+    retried = []
+    call = Script(UpstreamUnavailable("HTTP 503"), UpstreamUnavailable("HTTP 503"), UpstreamUnavailable("HTTP 503"))
+    with pytest.raises(UpstreamUnavailable) as caught:
+        make_policy(clock, max_attempts=3, on_retry=lambda attempt, wait: retried.append((attempt, wait))).run(call)
+    assert len(call.calls) == 3 and retried == [(1, 1.5), (2, 2.5)] and clock.sleeps == [1.5, 2.5]
+    assert caught.value.__context__ is None  # the last error is not chained to the first one

