@@ -230,11 +230,13 @@ def test_a_drip_ends_in_504_at_the_deadline_of_the_policy(make_config, emulator)
 
 
 def test_the_provider_reaches_the_sdk_transport_through_one_private_attribute(emulator):
-    """The one private attribute of google-genai the provider uses (`_api_client` under LangChain's
-    chat model, with its httpx client and `request`): an SDK upgrade that moves it fails here."""
+    """The private attribute of google-genai the provider reaches (`_api_client` under LangChain's
+    chat model, with its httpx client, `request_streamed` for streams, and `_build_request` and
+    `_request_once` for the lean call, whose wire tests/test_gemini_transport.py pins): an SDK
+    upgrade that moves them fails here."""
     provider = GeminiProvider(api_key="test-key-not-a-secret", base_url=emulator.base_url, pool_shards=1)
     sdk = sdk_transport_of(provider.chat_models[0])
-    assert callable(sdk.request) and callable(sdk.request_streamed)
+    assert callable(sdk.request_streamed) and callable(sdk._build_request) and callable(sdk._request_once)
     assert sdk._httpx_client._transport is not None
     from gateway.providers.base import user_prompt
 
