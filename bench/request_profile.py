@@ -1,12 +1,14 @@
 """Where the gateway's own CPU goes per request, layer by layer, in-process (no sockets, no waitress).
 
-    python -m bench.request_profile [--requests 2000] [--rounds 5] [--top 0]
+    python -m bench.request_profile [--requests 2000] [--rounds 5] [--top 0] [--only hit|404|health|miss]
 
 Builds the app with `create_app` in production-like settings (APP_ENV=production, limits on with
 memory storage and the moving-window strategy, the ledger on a temporary SQLite file, the JSON log
 files on, one CORS origin, authentication off as in `bench.harness`), with a Gemini emulator on
-loopback for the one cache miss that fills the cache. Requests are driven through the WSGI callable
-with a raw environ, so no test client's work is counted, in bounded loops:
+loopback in its OWN process (so its CPU is never charged to the gateway). Requests are driven
+through the WSGI callable with a raw environ, so no test client's work is counted, in bounded loops.
+`hit` repeats one prompt (the first request fills the cache); `miss` sends a new prompt each time,
+so every request calls the emulator (checked: upstream calls per request = 1):
 
 - `total`: CPU per request of the whole process (time.process_time: every thread, the log writer
   included) and of the request thread alone (time.thread_time), best of `--rounds` rounds, as the
@@ -14,8 +16,13 @@ with a raw environ, so no test client's work is counted, in bounded loops:
 - the layer table: one cProfile run; each layer is the inclusive profiled time of the functions
   that are that layer, scaled to the unprofiled CPU per request (the profiler inflates every call
   alike, roughly). "framework" is what is left: Werkzeug/Flask/RESTX routing, request and
-  response objects, the WSGI call.
-- counts per request: rate-limit storage calls (by method), log records queued, ledger commits.
+  response objects, the WSGI call. A miss has its own rows (MISS_ROWS): the provider call, layer
+  by layer down to httpx, then the pricing and the cache's store.
+- counts per request: rate-limit storage calls (by method), log records queued, ledger commits,
+  upstream calls (the emulator's own count).
+
+Run it with PYTHONPATH pointing at another checkout to measure that code with this profiler
+(the base of a before/after comparison): `PYTHONPATH=/tmp/base python -m bench.request_profile`.
 """
 
 from __future__ import annotations
@@ -23,20 +30,22 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import json
 import pstats
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import app as app_module
 from app import create_app
 from bench import bare_restx
+from bench.harness import emulator
 from gateway.config import RATELIMIT_STRATEGIES, Config
-from gateway.providers.emulators.gemini import GeminiEmulator
 
 KEY = "bench-key-not-a-secret"
 BODY = json.dumps({"prompt": "Say hello"}).encode()
@@ -68,6 +77,26 @@ LAYERS: list[tuple[str, list[tuple[str, str]]]] = [
     ("budget teardown", [(APP_FILE, "release_budget")]),
     ("error mapping (404)", [(APP_FILE, "api_error"), (APP_FILE, "flask_error")]),
     ("JSON encoding (RESTX output_json)", [("flask_restx/representations.py", "output_json")]),
+]
+# The same request layers, and the cache miss's own below the task resource: the provider call from
+# the service's compute down to httpx, each "of which" a part of the row above it.
+_AFTER_SERVICE = next(index for index, (name, _) in enumerate(LAYERS) if "service.run" in name) + 1
+MISS_ROWS: list[tuple[str, list[tuple[str, str]]]] = [
+    *LAYERS[:_AFTER_SERVICE],
+    ("    of which the miss: prompt, provider call, parse, price", [("gateway/tasks/service.py", "compute")]),
+    ("      of which fallback chain + retry policy + provider", [("gateway/providers/router.py", "complete")]),
+    ("        of which retry policy run", [("gateway/providers/retry_policy.py", "run")]),
+    ("        of which GeminiProvider.complete", [("gemini_wrapper.py", "complete")]),
+    ("          of which request body (_body)", [("gemini_wrapper.py", "_body")]),
+    ("          of which SDK request() (old path)", [("google/genai/_api_client.py", "request")]),
+    ("          of which SDK _request_once", [("google/genai/_api_client.py", "_request_once")]),
+    ("            of which httpx build_request", [("httpx/_client.py", "build_request")]),
+    ("            of which httpx send (the exchange)", [("httpx/_client.py", "send")]),
+    ("            of which APIError.raise_for_response", [("google/genai/errors.py", "raise_for_response")]),
+    ("          of which reply JSON + check (read_reply)", [("gateway/providers/gemini_replies.py", "read_reply")]),
+    ("      of which parse + price (_parsed_answer)", [("gateway/tasks/service.py", "_parsed_answer")]),
+    ("    of which cache store (LRUCache.put)", [("lru_cache.py", "put")]),
+    *LAYERS[_AFTER_SERVICE:],
 ]
 # Layers that contain other layers: the outer figure shown is net of these.
 NESTED = {
@@ -132,7 +161,33 @@ def cpu_per_request(call, requests: int, rounds: int) -> tuple[float, float]:
     return min(process), min(thread)
 
 
-def profile_layers(call, requests: int, top: int) -> tuple[dict[str, float], dict[str, float]]:
+def miss_caller(app):
+    """A function making one cache-missing request: a new prompt each call (the counter's cost is counted)."""
+    numbers = itertools.count()
+    template = environ("POST", "/api/v1/generate/text", BODY)
+    statuses = []
+
+    def start_response(status, headers, exc_info=None):
+        statuses.append(status)
+
+    def call():
+        body = b'{"prompt": "Say hello %d"}' % next(numbers)
+        env = dict(template)
+        env["CONTENT_LENGTH"] = str(len(body))
+        env["wsgi.input"] = io.BytesIO(body)
+        result = app(env, start_response)
+        b"".join(result)
+        if hasattr(result, "close"):
+            result.close()
+        status = statuses.pop()
+        if not status.startswith("200"):
+            raise SystemExit(f"miss: expected 200, got {status}")
+
+    return call
+
+
+def profile_layers(call, requests: int, top: int, layers: list[tuple[str, list[tuple[str, str]]]] = LAYERS,
+                   ) -> tuple[dict[str, float], dict[str, float]]:
     """{layer: fraction of the profiled time} and {package: fraction of own time}; prints the `top` functions."""
     profiler = cProfile.Profile(time.thread_time)  # CPU of this thread: waits (a thread start) are not cost
     profiler.enable()
@@ -142,7 +197,7 @@ def profile_layers(call, requests: int, top: int) -> tuple[dict[str, float], dic
     stats = pstats.Stats(profiler)
     total = sum(tt for (_cc, _nc, tt, _ct, _callers) in stats.stats.values())
     found = {}
-    for name, functions in LAYERS:
+    for name, functions in layers:
         cum = 0.0
         for (filename, _line, function), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
             if any(function == wanted and (filename == fragment if fragment is APP_FILE else fragment in filename)
@@ -185,8 +240,9 @@ def _package_of(filename: str) -> str:
 class Counts:
     """Per-request counts: rate-limit storage calls, log records queued, ledger commits."""
 
-    def __init__(self, app):
+    def __init__(self, app, upstream_url: str):
         self.counter: Counter = Counter()
+        self.upstream_url = upstream_url
         gateway = app.extensions["gateway"]
         storage = app.extensions["rate_limiter"].storage
         for method in ("incr", "get", "get_expiry", "acquire_entry", "get_moving_window",
@@ -209,9 +265,15 @@ class Counts:
 
     def per_request(self, call, requests: int) -> dict[str, float]:
         self.counter.clear()
+        upstream_before = self.upstream_calls()
         for _ in range(requests):
             call()
+        self.counter["upstream calls (the emulator's count)"] = self.upstream_calls() - upstream_before
         return {label: count / requests for label, count in sorted(self.counter.items())}
+
+    def upstream_calls(self) -> int:
+        with urllib.request.urlopen(self.upstream_url + "/_emulator/stats", timeout=10) as reply:
+            return json.load(reply)["request_count"]
 
 
 def main() -> None:
@@ -219,47 +281,51 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--top", type=int, default=0, help="also print the top N functions by own time")
-    parser.add_argument("--only", choices=["hit", "404", "health"], action="append")
+    parser.add_argument("--only", choices=["hit", "404", "health", "miss"], action="append",
+                        help="profile only these cases (repeatable); miss is left out unless named")
     parser.add_argument("--strategy", choices=RATELIMIT_STRATEGIES, default="moving-window",
                         help="Flask-Limiter's strategy (RATELIMIT_STRATEGY; the default is the gateway's)")
     args = parser.parse_args()
-    emulator = GeminiEmulator(host="127.0.0.1", port=0).start()
+    with emulator() as base_url:  # its own process: its CPU is not the gateway's
+        profile(args, base_url)
+
+
+def profile(args, base_url: str) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="request-profile-"))
-    try:
-        app = gateway_app(workdir, emulator.base_url, args.strategy)
-        cases = {
-            "hit": caller(app, environ("POST", "/api/v1/generate/text", BODY), 200),
-            "404": caller(app, environ("GET", "/api/v1/no-such-path"), 404),
-            "health": caller(app, environ("GET", "/api/v1/health"), 200),
-        }
-        caller(app, environ("POST", "/api/v1/generate/text", BODY), 200)()  # the miss that fills the cache
-        bare = caller(bare_restx.create_app(), environ("GET", bare_restx.PATH), 200)
-        bare_process, bare_thread = cpu_per_request(bare, args.requests, args.rounds)
-        print(f"rate-limit strategy: {args.strategy}")
-        print(f"bare Flask-RESTX resource: {bare_process:7.1f} µs process CPU, {bare_thread:7.1f} µs request thread")
-        counts = Counts(app)
-        for name, call in cases.items():
-            if args.only and name not in args.only:
+    app = gateway_app(workdir, base_url, args.strategy)
+    cases = {
+        "hit": caller(app, environ("POST", "/api/v1/generate/text", BODY), 200),
+        "404": caller(app, environ("GET", "/api/v1/no-such-path"), 404),
+        "health": caller(app, environ("GET", "/api/v1/health"), 200),
+        "miss": miss_caller(app),
+    }
+    wanted = args.only or ["hit", "404", "health"]  # a miss runs only when asked: it is slow and calls upstream
+    caller(app, environ("POST", "/api/v1/generate/text", BODY), 200)()  # the miss that fills the cache
+    bare = caller(bare_restx.create_app(), environ("GET", bare_restx.PATH), 200)
+    bare_process, bare_thread = cpu_per_request(bare, args.requests, args.rounds)
+    print(f"rate-limit strategy: {args.strategy}")
+    print(f"bare Flask-RESTX resource: {bare_process:7.1f} µs process CPU, {bare_thread:7.1f} µs request thread")
+    counts = Counts(app, base_url)
+    for name, call in cases.items():
+        if name not in wanted:
+            continue
+        process, thread = cpu_per_request(call, args.requests, args.rounds)
+        fractions, packages = profile_layers(call, args.requests, args.top, MISS_ROWS if name == "miss" else LAYERS)
+        print(f"\n== {name}: {process:7.1f} µs process CPU per request ({thread:7.1f} µs request thread); "
+              f"bare/{name} = {bare_process / process:.2f}")
+        shown = 0.0
+        for layer, fraction in fractions.items():
+            if fraction * process < 0.5:
                 continue
-            process, thread = cpu_per_request(call, args.requests, args.rounds)
-            fractions, packages = profile_layers(call, args.requests, args.top)
-            print(f"\n== {name}: {process:7.1f} µs process CPU per request ({thread:7.1f} µs request thread); "
-                  f"bare/{name} = {bare_process / process:.2f}")
-            shown = 0.0
-            for layer, fraction in fractions.items():
-                if fraction * process < 0.5:
-                    continue
-                print(f"  {layer:<52} {fraction * process:7.1f} µs")
-                if not layer.startswith("  "):
-                    shown += fraction * process
-            print(f"  {'framework + WSGI + the rest':<52} {process - shown:7.1f} µs")
-            print("  own CPU by package: " + ", ".join(
-                f"{name} {share * process:.0f} µs" for name, share in packages.items() if share * process >= 5))
-            for label, per in counts.per_request(call, min(args.requests, 500)).items():
-                print(f"  per request: {label} = {per:g}")
-        app.extensions["gateway"].close()
-    finally:
-        emulator.stop()
+            print(f"  {layer:<60} {fraction * process:7.1f} µs")
+            if not layer.startswith("  "):
+                shown += fraction * process
+        print(f"  {'framework + WSGI + the rest':<60} {process - shown:7.1f} µs")
+        print("  own CPU by package: " + ", ".join(
+            f"{name} {share * process:.0f} µs" for name, share in packages.items() if share * process >= 5))
+        for label, per in counts.per_request(call, min(args.requests, 500)).items():
+            print(f"  per request: {label} = {per:g}")
+    app.extensions["gateway"].close()
 
 
 if __name__ == "__main__":
