@@ -228,6 +228,16 @@ def package_split(stats: pstats.Stats, total: float) -> dict[str, float]:
     return {name: share / total for name, share in shares.most_common()}
 
 
+def _commit_of(folder: str) -> str:
+    """The checkout's commit (and "+changes" if its tree differs), so a before/after run says what it ran."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True).stdout.strip()
+
+    return (git("rev-parse", "--short", "HEAD") or "?") + ("+changes" if git("status", "--porcelain", "-uno") else "")
+
+
 def _package_of(filename: str) -> str:
     """`flask_limiter` for a site-packages file, `gateway (own code)` for this project's, `stdlib` otherwise."""
     if "site-packages/" in filename:
@@ -303,7 +313,7 @@ def profile(args, base_url: str) -> None:
     caller(app, environ("POST", "/api/v1/generate/text", BODY), 200)()  # the miss that fills the cache
     bare = caller(bare_restx.create_app(), environ("GET", bare_restx.PATH), 200)
     bare_process, bare_thread = cpu_per_request(bare, args.requests, args.rounds)
-    print(f"rate-limit strategy: {args.strategy}")
+    print(f"code measured: {ROOT} (git {_commit_of(ROOT)}); rate-limit strategy: {args.strategy}")
     print(f"bare Flask-RESTX resource: {bare_process:7.1f} µs process CPU, {bare_thread:7.1f} µs request thread")
     counts = Counts(app, base_url)
     for name, call in cases.items():
