@@ -143,11 +143,13 @@ class GeminiProvider:
         The SDK builds the request once per model (URL, its headers, auth) and each call sends it
         with the REST body through the SDK's `_request_once` (`gemini_transport`), rather than
         `chat_model.invoke`, `models.generate_content` or the transport's `request()`. Measured per
-        call on this machine (bench/layers.py, CPU, medians): LangChain invoke 2.34-2.62 ms,
-        generate_content 1.50-1.69, request() 0.69-0.78, `_request_once` 0.54-0.59, raw httpx
-        0.55-0.59, this method 0.49-0.65. The layers skipped convert a single prompt into typed
-        objects and back (pydantic validation, 90 path lookups) or rebuild the same request, and
-        change nothing on the wire (tests/test_gemini_transport.py compares it with the SDK's own).
+        call on this machine (bench/layers.py, CPU of the calling thread, medians of 3 runs):
+        LangChain invoke 2.29-2.42 ms, generate_content 1.24-1.35, request() 0.61-0.63,
+        `_request_once` 0.51-0.53, raw httpx 0.47-0.48, this method 0.54-0.57 (0.61-0.67 through
+        `request()`; the deadline transport and the reply check included). The layers skipped
+        convert a single prompt into typed objects and back (pydantic validation, 90 path lookups)
+        or rebuild the same request, and change nothing on the wire (tests/test_gemini_transport.py
+        compares it with the SDK's own).
         The private `_api_client` is reached in one place, `sdk_transport_of`.
         """
         try:

@@ -5,8 +5,8 @@ validates the per-call `http_options` into a pydantic `HttpOptions`, copies and 
 client's options (`patch_http_options`), joins the URL and copies the headers
 (`_build_request`), enters a tenacity `Retrying` that is set to one attempt, and wraps the
 reply in a pydantic `SdkHttpResponse`. Measured per call against the emulator on loopback
-(bench/layers.py, CPU of the calling thread, medians): raw httpx 0.55-0.59 ms, the SDK's
-`_request_once` 0.54-0.59 ms, its `request()` 0.69-0.78 ms, `generate_content` 1.50-1.69 ms.
+(bench/layers.py, CPU of the calling thread, medians of 3 runs): raw httpx 0.47-0.48 ms, the
+SDK's `_request_once` 0.51-0.53 ms, its `request()` 0.61-0.63 ms, `generate_content` 1.24-1.35 ms.
 
 How: for each model the request (method, URL, the client's headers: key, user agent, API
 client, content type) is built ONCE by the SDK's own builder `_build_request`. Each call then
