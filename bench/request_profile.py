@@ -10,12 +10,16 @@ with a raw environ, so no test client's work is counted, in bounded loops:
 
 - `total`: CPU per request of the whole process (time.process_time: every thread, the log writer
   included) and of the request thread alone (time.thread_time), best of `--rounds` rounds, as the
-  machine is shared. A bare Flask-RESTX resource returning {"ok": true} is the reference row.
+  machine is shared; and, where the OS gives a thread's CPU clock (Linux), the log writer thread's
+  mean over those rounds. A bare Flask-RESTX resource returning {"ok": true} is the reference row.
 - the layer table: one cProfile run; each layer is the inclusive profiled time of the functions
   that are that layer, scaled to the unprofiled CPU per request (the profiler inflates every call
   alike, roughly). "framework" is what is left: Werkzeug/Flask/RESTX routing, request and
   response objects, the WSGI call.
-- counts per request: rate-limit storage calls (by method), log records queued, ledger commits.
+- counts per request: rate-limit storage calls (by method), log items queued, ledger commits.
+
+The log lines' formatting and writing happen on the log writer thread: in `process CPU`, not in
+the request thread's figure nor in the layer table (which profiles the request thread only).
 """
 
 from __future__ import annotations
@@ -58,9 +62,7 @@ LAYERS: list[tuple[str, list[tuple[str, str]]]] = [
     ("after_request: finish_request", [(APP_FILE, "finish_request")]),
     ("  of which request_info", [("gateway/http/routes.py", "request_info")]),
     ("  of which ledger commit (tracker.record, no log)", [("cost_tracker.py", "_commit")]),
-    ("  of which cost log line (on_record)", [("gateway/container.py", "<lambda>")]),
-    ("  of which log_request + log_performance", [("enhanced_logging.py", "log_request"),
-                                                   ("enhanced_logging.py", "log_performance")]),
+    ("  of which log lines (log_finished: the queue put)", [("enhanced_logging.py", "log_finished")]),
     ("  of which counters", [("observability/metrics.py", "count_request")]),
     ("  of which cost headers", [(APP_FILE, "_add_cost_headers")]),
     ("security headers", [("security_headers.py", "add_security_headers")]),
@@ -132,6 +134,15 @@ def cpu_per_request(call, requests: int, rounds: int) -> tuple[float, float]:
     return min(process), min(thread)
 
 
+def writer_cpu(app):
+    """A function giving the log writer thread's CPU seconds so far (Linux: its own clock), or None."""
+    thread = app.extensions["gateway"].logger._writer._thread
+    if not hasattr(time, "pthread_getcpuclockid"):
+        return None
+    clock = time.pthread_getcpuclockid(thread.ident)
+    return lambda: time.clock_gettime(clock)
+
+
 def profile_layers(call, requests: int, top: int) -> tuple[dict[str, float], float]:
     """{layer: fraction of the profiled time}, and the profiled total; prints the `top` functions."""
     profiler = cProfile.Profile(time.thread_time)  # CPU of this thread: waits (a thread start) are not cost
@@ -157,7 +168,7 @@ def profile_layers(call, requests: int, top: int) -> tuple[dict[str, float], flo
 
 
 class Counts:
-    """Per-request counts: rate-limit storage calls, log records queued, ledger commits."""
+    """Per-request counts: rate-limit storage calls, log items queued, ledger commits."""
 
     def __init__(self, app):
         self.counter: Counter = Counter()
@@ -166,7 +177,7 @@ class Counts:
         for method in ("incr", "get", "get_expiry", "acquire_entry", "get_moving_window",
                        "acquire_sliding_window_entry", "get_sliding_window", "clear"):
             self._wrap(storage, method, f"limiter storage {method}")
-        self._wrap(gateway.logger._queue, "put_nowait", "log records queued")
+        self._wrap(gateway.logger, "_put", "log items queued")  # what every log_* call queues
         self._wrap(gateway.tracker, "_commit", "ledger commits")
         self._wrap(threading.Thread, "start", "threads started (limits' memory storage expiry timer)")
 
@@ -215,10 +226,17 @@ def main() -> None:
         for name, call in cases.items():
             if args.only and name not in args.only:
                 continue
+            writer = writer_cpu(app)
+            writer_start = writer() if writer else 0.0
             process, thread = cpu_per_request(call, args.requests, args.rounds)
+            writer_note = ""
+            if writer:
+                app.extensions["gateway"].logger.flush()  # what these requests queued, written
+                made = min(200, args.requests) + args.rounds * args.requests
+                writer_note = f", log writer thread {(writer() - writer_start) * 1e6 / made:5.1f} µs (mean)"
             fractions, _ = profile_layers(call, args.requests, args.top)
-            print(f"\n== {name}: {process:7.1f} µs process CPU per request ({thread:7.1f} µs request thread); "
-                  f"bare/{name} = {bare_process / process:.2f}")
+            print(f"\n== {name}: {process:7.1f} µs process CPU per request ({thread:7.1f} µs request thread"
+                  f"{writer_note}); bare/{name} = {bare_process / process:.2f}")
             shown = 0.0
             for layer, fraction in fractions.items():
                 if fraction * process < 0.5:
