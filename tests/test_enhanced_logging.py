@@ -257,6 +257,25 @@ def test_flush_waits_for_every_line_queued_before_it(logger, log_dir):
     assert len(lines(log_dir / "api_requests.log")) == 301 and len(lines(log_dir / "performance.log")) == 300
 
 
+def test_flush_and_close_cut_the_writers_linger_short(log_dir):
+    """After writing what it found the writer waits before looking again (requests' items gather meanwhile);
+    flush() and close() must not wait that out."""
+    import time
+
+    from gateway.observability.log_writer import LogWriter
+
+    log_dir.mkdir(parents=True)
+    writer = LogWriter(log_dir, redactor=Redactor(), max_bytes=0, backup_count=0, linger=60)
+    started = time.monotonic()
+    for i in range(3):
+        writer.put((time.time(), "requests", {"request_id": f"r{i}"}))
+        assert writer.flush(timeout=10) is True
+    writer.put((time.time(), "requests", {"request_id": "last"}))
+    writer.close()
+    assert time.monotonic() - started < 10
+    assert [entry["request_id"] for entry in lines(log_dir / "api_requests.log")] == ["r0", "r1", "r2", "last"]
+
+
 def test_close_drains_what_is_queued(log_dir):
     logger = RequestLogger(log_dir, console=False)
     gate = hold_the_writer(logger)

@@ -8,8 +8,10 @@ Why it looks like this:
   the request thread's logging from 130-230 µs to a few µs on a cache hit.
 - One finished request is one queued item (`FINISHED`): its summary line, and its performance and
   cost lines when it has them, expanded here into the same lines in the same files as before.
-- Files are flushed when the queue runs empty, not after every line: under load one flush (one
-  write system call per file) covers many lines; when idle, every line is on its way out at once.
+- Files are flushed when the queue runs empty, not after every line. Then the thread lingers
+  (`LINGER_SECONDS`, 20 ms) before it looks again, so under load one wake-up, one GIL hand-over and
+  one flush per file cover a batch of requests; when idle, the next line wakes it at once. A line
+  reaches its file at most about 20 ms after its request ended, plus the time to write the batch.
   `flush()` waits for everything queued before it; `close()` drains the queue and closes the files.
 - A line that cannot be written (a field whose `str()` raises, a dict key JSON refuses) is replaced
   by a stand-in line naming the failure and is reported through Python logging; the thread goes on
@@ -46,6 +48,11 @@ EVENTS: dict[str, str] = {"requests": "request", "security": "security", "errors
                           "performance": "performance", "cost": "cost"}  # channel -> the lines' `event`
 FINISHED = "finished"  # the channel of one finished request's item: (request, performance or None, cost or None)
 _STOP = object()
+# After writing all it found, the thread waits this long before looking again (unless flush() or close() calls),
+# so that under load it wakes once per batch of requests, not once per request. Measured on the hit path
+# (bench.request_profile): the writer's CPU per request 105-120 µs without it, 45-55 µs at 20 ms, 40 µs at
+# 100 ms, and the request thread 80-100 µs less (fewer GIL hand-overs). An idle thread still wakes at once.
+LINGER_SECONDS = 0.02
 
 log = logging.getLogger("gateway.logs")
 
@@ -84,7 +91,8 @@ class LogWriter:
     """One background thread writing the JSON-lines files of one log folder. `put` is safe from any thread."""
 
     def __init__(self, log_dir: Path, *, redactor: Redacts, max_bytes: int, backup_count: int,
-                 console: TextIO | None = None, console_level: int = logging.INFO) -> None:
+                 console: TextIO | None = None, console_level: int = logging.INFO,
+                 linger: float = LINGER_SECONDS) -> None:
         self.redactor = redactor
         self.files = {channel: JsonLinesFile(log_dir / name, max_bytes=max_bytes, backup_count=backup_count)
                       for channel, name in LOG_FILES.items()}
@@ -94,6 +102,8 @@ class LogWriter:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # never queue behind close()'s stop marker: that item would be lost
         self._closed = False
+        self._linger = linger
+        self._wake = threading.Event()  # set by flush() and close(): stop lingering
         self._thread = threading.Thread(target=self._run, name=f"log-writer {log_dir}", daemon=True)
         self._thread.start()
 
@@ -113,6 +123,7 @@ class LogWriter:
             if self._closed:
                 return True
             self._queue.put(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def close(self) -> None:
@@ -122,6 +133,7 @@ class LogWriter:
                 return
             self._closed = True
             self._queue.put(_STOP)
+        self._wake.set()
         self._thread.join()
         for file in self.files.values():
             file.close()
@@ -130,21 +142,31 @@ class LogWriter:
 
     def _run(self) -> None:
         item = self._queue.get()
-        while item is not _STOP:
-            if item.__class__ is tuple:
+        while True:
+            while item is not None:  # write it and everything queued behind it
+                if item is _STOP:
+                    self._flush()
+                    return
+                if item.__class__ is tuple:
+                    try:
+                        self._write_item(item)
+                    except Exception:  # noqa: BLE001 - a malformed item: report it, keep the thread for the next
+                        log.exception("a queued log item could not be written")
+                elif isinstance(item, threading.Event):  # a flush() marker: all before it is written
+                    self._flush()
+                    item.set()
                 try:
-                    self._write_item(item)
-                except Exception:  # noqa: BLE001 - a malformed item: report it, keep the thread for the next
-                    log.exception("a queued log item could not be written")
-            elif isinstance(item, threading.Event):  # a flush() marker: all before it is written
-                self._flush()
-                item.set()
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            self._flush()  # the queue ran empty: what was written goes out now
+            if self._linger:  # let the next requests' items gather (flush() and close() cut this short)
+                self._wake.wait(self._linger)
+                self._wake.clear()
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                self._flush()  # the queue ran empty: what was written goes out now
-                item = self._queue.get()
-        self._flush()
+                item = self._queue.get()  # idle: the next item wakes the thread at once
 
     def _write_item(self, item: tuple[float, str, Any]) -> None:
         created, channel, fields = item
