@@ -143,8 +143,8 @@ def writer_cpu(app):
     return lambda: time.clock_gettime(clock)
 
 
-def profile_layers(call, requests: int, top: int) -> tuple[dict[str, float], float]:
-    """{layer: fraction of the profiled time}, and the profiled total; prints the `top` functions."""
+def profile_layers(call, requests: int, top: int) -> tuple[dict[str, float], dict[str, float]]:
+    """{layer: fraction of the profiled time} and {package: fraction of own time}; prints the `top` functions."""
     profiler = cProfile.Profile(time.thread_time)  # CPU of this thread: waits (a thread start) are not cost
     profiler.enable()
     for _ in range(requests):
@@ -164,7 +164,33 @@ def profile_layers(call, requests: int, top: int) -> tuple[dict[str, float], flo
         found[outer] -= sum(found[name] for name in inner)
     if top:
         stats.sort_stats("tottime").print_stats(top)
-    return {name: cum / total for name, cum in found.items()}, total
+    return {name: cum / total for name, cum in found.items()}, package_split(stats, total)
+
+
+ROOT = str(Path(app_module.__file__).resolve().parent)
+
+
+def package_split(stats: pstats.Stats, total: float) -> dict[str, float]:
+    """Own time (tottime) by package, largest first: whose code the CPU runs in. A C function
+    (a builtin, a C method) is charged to the package of the Python function that called it."""
+    shares: Counter = Counter()
+    for (filename, _line, _function), (_cc, _nc, tottime, _ct, callers) in stats.stats.items():
+        if filename != "~":
+            shares[_package_of(filename)] += tottime
+            continue
+        called = sum(caller_time for (_n, _p, caller_time, _c) in callers.values()) or 1.0
+        for (caller_file, _l, _f), (_n, _p, caller_time, _c) in callers.items():
+            shares[_package_of(caller_file)] += tottime * caller_time / called
+    return {name: share / total for name, share in shares.most_common()}
+
+
+def _package_of(filename: str) -> str:
+    """`flask_limiter` for a site-packages file, `gateway (own code)` for this project's, `stdlib` otherwise."""
+    if "site-packages/" in filename:
+        return filename.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+    if filename.startswith(ROOT) and "/.venv/" not in filename:
+        return "gateway (own code)"
+    return "stdlib" if filename.startswith("/") else "C (called from C)"
 
 
 class Counts:
@@ -234,7 +260,7 @@ def main() -> None:
                 app.extensions["gateway"].logger.flush()  # what these requests queued, written
                 made = min(200, args.requests) + args.rounds * args.requests
                 writer_note = f", log writer thread {(writer() - writer_start) * 1e6 / made:5.1f} µs (mean)"
-            fractions, _ = profile_layers(call, args.requests, args.top)
+            fractions, packages = profile_layers(call, args.requests, args.top)
             print(f"\n== {name}: {process:7.1f} µs process CPU per request ({thread:7.1f} µs request thread"
                   f"{writer_note}); bare/{name} = {bare_process / process:.2f}")
             shown = 0.0
@@ -245,6 +271,8 @@ def main() -> None:
                 if not layer.startswith("  "):
                     shown += fraction * process
             print(f"  {'framework + WSGI + the rest':<52} {process - shown:7.1f} µs")
+            print("  own CPU by package: " + ", ".join(
+                f"{name} {share * process:.0f} µs" for name, share in packages.items() if share * process >= 5))
             for label, per in counts.per_request(call, min(args.requests, 500)).items():
                 print(f"  per request: {label} = {per:g}")
         app.extensions["gateway"].close()
