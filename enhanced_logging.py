@@ -4,9 +4,10 @@ Why it looks like this:
 
 - One file per concern (requests, security audit, errors, performance, cost) so each can be
   tailed, shipped or kept for its own time; every line is one JSON object (`ts`, `event`, fields).
-- Request threads never wait on disk: a record is redacted and encoded in the caller's thread, then
-  put on a queue; one `QueueListener` thread per `RequestLogger` writes it to its
-  channel's rotating file. `flush()` waits for what is queued so far; `close()` drains and closes.
+- Request threads do as little as possible: each `log_*` call queues the plain fields it was given
+  (one item per finished request, `log_finished`); redaction, JSON encoding, the console summary and
+  the writes happen on one writer thread per `RequestLogger` (`gateway/observability/log_writer.py`).
+  `flush()` waits for what is queued so far; `close()` drains and closes.
 - Secrets never reach a file or the console: configured secret values, sensitive keys
   (Authorization, api keys, passwords...) and credential-looking text are replaced by "[REDACTED]".
   One `Redactor` does it for the JSON lines and, through `RedactingFormatter` (installed on the
@@ -24,34 +25,23 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import logging
-import logging.handlers
-import os
-import queue
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import re2
 
+from gateway.observability.log_writer import FINISHED, LOG_FILES, LogWriter
 from gateway.observability.security_scanner import SCAN_MAX_CHARS, ScanResult, SecurityEvent, SecurityScanner
 
 __all__ = ["LOG_FILES", "REDACTED", "SCAN_MAX_CHARS", "RedactingFormatter", "Redactor", "RequestLogger",
            "ScanResult", "SecurityEvent", "SecurityScanner", "redact_log_handlers"]
-
-LOG_FILES: dict[str, str] = {
-    "requests": "api_requests.log",
-    "security": "security_audit.log",
-    "errors": "api_errors.log",
-    "performance": "performance.log",
-    "cost": "cost_tracking.log",
-}
 
 REDACTED = "[REDACTED]"
 _SENSITIVE_KEYS = frozenset({
@@ -80,72 +70,6 @@ _MAYBE_CREDENTIAL = re2.compile("(?i)" + "|".join(f"(?:{pattern})" for pattern, 
 _CREDENTIAL_WORDS = ("key", "authorization", "passw", "secret", "token", "bearer", "aiza", "mtk_")
 _MEMO_MAX_LEN, _MEMO_ENTRIES = 64, 4096
 _PLAIN_TYPES = frozenset({int, float, bool, type(None)})
-
-
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _record(level: int, msg: str, **attrs: Any) -> logging.LogRecord:
-    record = logging.LogRecord("enhanced_logging", level, "", 0, msg, None, None)
-    record.__dict__.update(attrs)
-    return record
-
-
-class _JsonLinesFile(logging.handlers.RotatingFileHandler):
-    """A size-rotated JSON-lines file that counts the bytes it writes.
-
-    The standard `shouldRollover` formats every record a second time and, since Python 3.11.7,
-    stats the file twice and seeks to its end for each line: most of the writer thread's time.
-    Like the standard handler, it never rotates what is not a regular file: a log path linked
-    to /dev/stdout, a pipe or /dev/null (as containers do) is written to and left in place.
-    """
-
-    def __init__(self, path: Path, *, max_bytes: int, backup_count: int) -> None:
-        super().__init__(path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8",
-                         errors="backslashreplace", delay=False)
-        self._rotates = max_bytes > 0 and os.path.isfile(self.baseFilename)
-        self._size = self.stream.tell() if self._rotates else 0  # opened in append mode: the current size
-
-    def emit(self, record: logging.LogRecord) -> None:
-        size = len(record.msg.encode("utf-8", "backslashreplace")) + 1  # the line as written, with its newline
-        try:
-            if self._rotates and self._size and self.maxBytes < self._size + size:
-                self.doRollover()
-                self._size = 0
-        except Exception:  # noqa: BLE001 - as logging does: report, never raise into the writer thread
-            self.handleError(record)
-            return
-        logging.FileHandler.emit(self, record)
-        self._size += size
-
-
-class _ChannelRouter(logging.Handler):
-    """Hands each record to its channel's file: one dictionary lookup instead of a filter per file."""
-
-    def __init__(self, files: dict[str, logging.Handler]) -> None:
-        super().__init__()
-        self.files = files
-
-    def handle(self, record: logging.LogRecord) -> bool:
-        target = self.files.get(getattr(record, "channel", None))
-        if target is not None:
-            target.handle(record)
-        return target is not None
-
-    def close(self) -> None:
-        for handler in self.files.values():
-            handler.close()
-        super().close()
-
-
-class _FlushSignal(logging.Handler):
-    """Last handler on the listener: when a flush marker reaches it, all earlier records are written."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        event = getattr(record, "flush_event", None)
-        if event is not None:
-            event.set()
 
 
 class Redactor:
@@ -284,7 +208,11 @@ def log_uncaught_exceptions() -> None:
 
 
 class RequestLogger:
-    """Writes the gateway's JSON-lines logs from a background thread; safe to call from any thread."""
+    """The gateway's JSON-lines logs; safe to call from any thread.
+
+    Every `log_*` method only queues plain fields (already computed, with a `time.time()` stamp):
+    the writer thread redacts, encodes and writes them. Dicts given to it are handed over: the caller
+    must not change them afterwards."""
 
     def __init__(self, log_dir: Path | str, *, max_bytes: int = 10 * 1024 * 1024, backup_count: int = 5,
                  console: bool = True, console_level: str = "INFO", secrets: Iterable[str] = (),
@@ -293,46 +221,22 @@ class RequestLogger:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_full_prompts = log_full_prompts
         self.redactor = Redactor(secrets)
-
-        files = {channel: _JsonLinesFile(self.log_dir / filename, max_bytes=max_bytes, backup_count=backup_count)
-                 for channel, filename in LOG_FILES.items()}
-        self._handlers: list[logging.Handler] = [_ChannelRouter(files)]
-        if console:
-            stream = logging.StreamHandler(sys.stderr)
-            stream.setLevel(console_level.upper())
-            stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(console_text)s"))
-            stream.addFilter(lambda r: getattr(r, "console_text", None) is not None)
-            self._handlers.append(stream)
-
-        self._queue: queue.Queue[logging.LogRecord] = queue.Queue()
-        self._listener = logging.handlers.QueueListener(
-            self._queue, *self._handlers, _FlushSignal(), respect_handler_level=True)
-        self._lock = threading.Lock()
-        self._closed = False
-        self._listener.start()
+        self._writer = LogWriter(self.log_dir, redactor=self.redactor, max_bytes=max_bytes, backup_count=backup_count,
+                                 console=sys.stderr if console else None,
+                                 console_level=logging.getLevelNamesMapping()[console_level.upper()])
+        self._put = self._writer.put
         atexit.register(self.close)
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = 10.0) -> bool:
-        """Block until every record queued before this call is written; False if `timeout` ran out."""
-        done = threading.Event()
-        with self._lock:
-            if self._closed:
-                return True
-            self._queue.put_nowait(_record(logging.DEBUG, "flush", flush_event=done))
-        return done.wait(timeout)
+        """Block until every line queued before this call is written; False if `timeout` ran out."""
+        return self._writer.flush(timeout)
 
     def close(self) -> None:
-        """Write everything queued, stop the listener thread and close the files. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        """Write everything queued, stop the writer thread and close the files. Idempotent."""
         atexit.unregister(self.close)
-        self._listener.stop()  # the sentinel goes after every queued record, so they are all written
-        for handler in self._handlers:
-            handler.close()
+        self._writer.close()
 
     def __enter__(self) -> RequestLogger:
         return self
@@ -348,39 +252,43 @@ class RequestLogger:
 
     # --- channels --------------------------------------------------------------------------
 
+    def log_finished(self, request: dict[str, Any], performance: dict[str, Any] | None = None,
+                     cost: dict[str, Any] | None = None) -> None:
+        """Everything one finished request logs, as one queued item: its summary line (`request`:
+        request_id, method, path, status, latency_ms, model, tokens...), and its performance line
+        (request_id, total_ms, upstream_ms...) and cost line (the ledger record) when it has them."""
+        self._put((time.time(), FINISHED, (request, performance, cost)))
+
     def log_request(self, **fields: Any) -> None:
-        """The one summary line per request (request_id, method, path, status, latency_ms, model, tokens...)."""
-        status = fields.get("status")
-        level = logging.INFO
-        if isinstance(status, int):
-            level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
-        self._write("requests", "request", fields, level, console=_request_summary)
+        """One summary line (request_id, method, path, status, latency_ms, model, tokens...)."""
+        self._put((time.time(), "requests", fields))
 
     def log_security_event(self, event: SecurityEvent, *, request_id: str, client: str, **fields: Any) -> None:
         """One audit line per finding of the security scan."""
-        level = logging.WARNING if event.severity == "high" else logging.INFO
-        self._write("security", "security", {**asdict(event), "request_id": request_id, "client": client, **fields},
-                    level)
+        self._put((time.time(), "security", {**asdict(event), "request_id": request_id, "client": client, **fields}))
 
     def log_error(self, exc: BaseException, *, request_id: str, **fields: Any) -> None:
-        """The exception, its cause/context chain and traceback, for errors a client saw as 5xx."""
+        """The exception, its cause/context chain and traceback, for errors a client saw as 5xx.
+
+        The chain and traceback are formatted here, so the queue holds text, not the exception (whose
+        traceback keeps every frame's locals alive); they are redacted on the writer thread."""
         data = {
             "request_id": request_id,
             "error_type": _type_name(exc),
-            "message": str(exc),
-            "chain": [{"type": _type_name(e), "message": str(e)} for e in _exception_chain(exc)],
+            "message": _text_of(exc),
+            "chain": [{"type": _type_name(e), "message": _text_of(e)} for e in _exception_chain(exc)],
             "traceback": "".join(traceback.format_exception(exc)),
             **fields,
         }
-        self._write("errors", "error", data, logging.ERROR, console=_error_summary)
+        self._put((time.time(), "errors", data))
 
     def log_performance(self, *, request_id: str, **timings: Any) -> None:
         """Where a request's time went (total_ms, upstream_ms, cache_lookup_ms...)."""
-        self._write("performance", "performance", {"request_id": request_id, **timings}, logging.INFO)
+        self._put((time.time(), "performance", {"request_id": request_id, **timings}))
 
     def log_cost(self, **fields: Any) -> None:
         """One line per billed provider call, for the cost ledger's audit trail."""
-        self._write("cost", "cost", fields, logging.INFO)
+        self._put((time.time(), "cost", fields))
 
     def describe_prompt(self, text: str) -> dict[str, Any]:
         """What to log about a prompt: its length and a short hash, or the text when full logging is on."""
@@ -388,19 +296,6 @@ class RequestLogger:
             return {"length": len(text), "text": text}
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         return {"length": len(text), "sha256": digest}
-
-    def _write(self, channel: str, event: str, fields: Mapping[str, Any], level: int, console: Any = None) -> None:
-        clean = self.redact(dict(fields))
-        clean.pop("ts", None)  # the line's own fields come first and cannot be overridden
-        clean.pop("event", None)
-        entry = {"ts": _utc_now(), "event": event}
-        entry.update(clean)
-        line = json.dumps(entry, default=str, ensure_ascii=False, separators=(",", ":"))
-        console_text = console(clean) if console is not None else None
-        record = _record(level, line, channel=channel, console_text=console_text)
-        with self._lock:  # never enqueue behind close()'s sentinel: that record would be lost
-            if not self._closed:
-                self._queue.put_nowait(record)  # the record is final: no QueueHandler copy/format needed
 
 
 def _is_sensitive_key(key: Any) -> bool:
@@ -425,18 +320,9 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _one_line(value: Any, limit: int = 200) -> str:
-    return " ".join(str(value).split())[:limit]
-
-
-def _request_summary(fields: Mapping[str, Any]) -> str:
-    head = " ".join(str(fields[k]) for k in ("method", "path", "status") if k in fields)
-    if "latency_ms" in fields:
-        head += f" {fields['latency_ms']}ms"
-    extras = " ".join(f"{k}={_one_line(fields[k], 80)}" for k in ("request_id", "client", "model", "tokens", "cost",
-                                                                  "cached") if k in fields)
-    return f"{head} {extras}".strip()
-
-
-def _error_summary(fields: Mapping[str, Any]) -> str:
-    return f"error request_id={fields.get('request_id')} {fields.get('error_type')}: {_one_line(fields.get('message'))}"
+def _text_of(exc: BaseException) -> str:
+    """str(exc), or a note if that raises: the line is still written."""
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001
+        return f"<{_type_name(exc)}: str() failed>"

@@ -12,14 +12,18 @@ so every request calls the emulator (checked: upstream calls per request = 1):
 
 - `total`: CPU per request of the whole process (time.process_time: every thread, the log writer
   included) and of the request thread alone (time.thread_time), best of `--rounds` rounds, as the
-  machine is shared. A bare Flask-RESTX resource returning {"ok": true} is the reference row.
+  machine is shared; and, where the OS gives a thread's CPU clock (Linux), the log writer thread's
+  mean over those rounds. A bare Flask-RESTX resource returning {"ok": true} is the reference row.
 - the layer table: one cProfile run; each layer is the inclusive profiled time of the functions
   that are that layer, scaled to the unprofiled CPU per request (the profiler inflates every call
   alike, roughly). "framework" is what is left: Werkzeug/Flask/RESTX routing, request and
   response objects, the WSGI call. A miss has its own rows (MISS_ROWS): the provider call, layer
   by layer down to httpx, then the pricing and the cache's store.
-- counts per request: rate-limit storage calls (by method), log records queued, ledger commits,
+- counts per request: rate-limit storage calls (by method), log items queued, ledger commits,
   upstream calls (the emulator's own count).
+
+The log lines' formatting and writing happen on the log writer thread: in `process CPU`, not in
+the request thread's figure nor in the layer table (which profiles the request thread only).
 
 Run it with PYTHONPATH pointing at another checkout to measure that code with this profiler
 (the base of a before/after comparison): `PYTHONPATH=/tmp/base python -m bench.request_profile`.
@@ -67,9 +71,7 @@ LAYERS: list[tuple[str, list[tuple[str, str]]]] = [
     ("after_request: finish_request", [(APP_FILE, "finish_request")]),
     ("  of which request_info", [("gateway/http/routes.py", "request_info")]),
     ("  of which ledger commit (tracker.record, no log)", [("cost_tracker.py", "_commit")]),
-    ("  of which cost log line (on_record)", [("gateway/container.py", "<lambda>")]),
-    ("  of which log_request + log_performance", [("enhanced_logging.py", "log_request"),
-                                                   ("enhanced_logging.py", "log_performance")]),
+    ("  of which log lines (log_finished: the queue put)", [("enhanced_logging.py", "log_finished")]),
     ("  of which counters", [("observability/metrics.py", "count_request")]),
     ("  of which cost headers", [(APP_FILE, "_add_cost_headers")]),
     ("security headers", [("security_headers.py", "add_security_headers")]),
@@ -161,6 +163,17 @@ def cpu_per_request(call, requests: int, rounds: int) -> tuple[float, float]:
     return min(process), min(thread)
 
 
+def writer_cpu(app):
+    """A function giving the log writer thread's CPU seconds so far (Linux: its own clock), or None
+    (no such clock, or code without the log writer thread: an older checkout measured for a base)."""
+    writer = getattr(app.extensions["gateway"].logger, "_writer", None)
+    thread = getattr(writer, "_thread", None)
+    if thread is None or not hasattr(time, "pthread_getcpuclockid"):
+        return None
+    clock = time.pthread_getcpuclockid(thread.ident)
+    return lambda: time.clock_gettime(clock)
+
+
 def miss_caller(app):
     """A function making one cache-missing request: a new prompt each call (the counter's cost is counted)."""
     numbers = itertools.count()
@@ -248,7 +261,7 @@ def _package_of(filename: str) -> str:
 
 
 class Counts:
-    """Per-request counts: rate-limit storage calls, log records queued, ledger commits."""
+    """Per-request counts: rate-limit storage calls, log items queued, ledger commits."""
 
     def __init__(self, app, upstream_url: str):
         self.counter: Counter = Counter()
@@ -258,7 +271,7 @@ class Counts:
         for method in ("incr", "get", "get_expiry", "acquire_entry", "get_moving_window",
                        "acquire_sliding_window_entry", "get_sliding_window", "clear"):
             self._wrap(storage, method, f"limiter storage {method}")
-        self._wrap(gateway.logger._queue, "put_nowait", "log records queued")
+        self._wrap(gateway.logger, "_put", "log items queued")  # what every log_* call queues
         self._wrap(gateway.tracker, "_commit", "ledger commits")
         self._wrap(threading.Thread, "start", "threads started (limits' memory storage expiry timer)")
 
@@ -319,10 +332,17 @@ def profile(args, base_url: str) -> None:
     for name, call in cases.items():
         if name not in wanted:
             continue
+        writer = writer_cpu(app)
+        writer_start = writer() if writer else 0.0
         process, thread = cpu_per_request(call, args.requests, args.rounds)
+        writer_note = ""
+        if writer:
+            app.extensions["gateway"].logger.flush()  # what these requests queued, written
+            made = min(200, args.requests) + args.rounds * args.requests
+            writer_note = f", log writer thread {(writer() - writer_start) * 1e6 / made:5.1f} µs (mean)"
         fractions, packages = profile_layers(call, args.requests, args.top, MISS_ROWS if name == "miss" else LAYERS)
-        print(f"\n== {name}: {process:7.1f} µs process CPU per request ({thread:7.1f} µs request thread); "
-              f"bare/{name} = {bare_process / process:.2f}")
+        print(f"\n== {name}: {process:7.1f} µs process CPU per request ({thread:7.1f} µs request thread"
+              f"{writer_note}); bare/{name} = {bare_process / process:.2f}")
         shown = 0.0
         for layer, fraction in fractions.items():
             if fraction * process < 0.5:

@@ -162,7 +162,8 @@ class Config:
     log_dir: Path = _env("LOG_DIR", "logs", kind=Path)
     log_max_bytes: int = _env("LOG_MAX_BYTES", "10485760", kind=int, minimum=1024)
     log_backup_count: int = _env("LOG_BACKUP_COUNT", "5", kind=int, minimum=0)
-    log_console: bool = _env("LOG_CONSOLE", "true", kind=bool)
+    # One summary line per request (and per error) on stderr. Empty: off in production, on otherwise.
+    log_console: bool = _env("LOG_CONSOLE", "", kind="bool_or_environment")
     log_full_prompts: bool = _env("LOG_FULL_PROMPTS", "false", kind=bool)
 
     security_mode: str = _env("SECURITY_MODE", "log")
@@ -197,6 +198,8 @@ class Config:
             raise ConfigError(f"unknown settings: {', '.join(sorted(overrides))}")
         if values["auth_enabled"] is None:  # AUTH_ENABLED unset: by environment
             values["auth_enabled"] = values["app_env"] == "production"
+        if values["log_console"] is None:  # LOG_CONSOLE unset: by environment (the JSON-lines files have it all)
+            values["log_console"] = values["app_env"] != "production"
         live = values["google_api_key"] or values["openai_api_key"] or values["anthropic_api_key"]
         if not values["cors_origins"] and not live and values["app_env"] != "production":
             values["cors_origins"] = ("*",)  # demo mode only: with a live key, no origin until CORS_ORIGINS names it

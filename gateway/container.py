@@ -101,10 +101,11 @@ class Gateway:
     def finish_request(self, request: RequestInfo, status: int, elapsed_ms: float,
                        outcome: TaskOutcome | None = None, *, is_task: bool = False) -> float | None:
         """Account for one finished request: ledger record (task requests except UNBILLED_REFUSALS, before
-        the answer leaves), performance line, counters and the one summary log line. Returns the overall spend."""
-        overall, summary = None, {}
+        the answer leaves), counters, and its log lines (summary, performance, cost) as one queued item
+        (`RequestLogger.log_finished`: formatted and written off this thread). Returns the overall spend."""
+        overall, summary, performance, cost = None, {}, None, None
         if is_task and request.error_code not in UNBILLED_REFUSALS:
-            overall = self._record_cost(_cost_record(request, status, elapsed_ms, outcome))
+            overall, cost = self._record_cost(_cost_record(request, status, elapsed_ms, outcome))
             if request.key_id is not None and outcome is not None:
                 self.budgets.recorded(request.key_id, outcome.cost.total, spooled=self.tracker.spooled > 0)
         if outcome is not None:
@@ -116,49 +117,49 @@ class Gateway:
                        "cost": round(outcome.cost.total, 10)}
             if outcome.fallback_used:  # which models failed before the one that answered, and how
                 summary["failed_models"] = [f"{model}: {code}" for model, code in outcome.failed_models]
-            self.logger.log_performance(
-                request_id=request.request_id, path=request.path, total_ms=round(elapsed_ms, 2),
-                upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 2),
-                cache_lookup_ms=round(outcome.cache_lookup_ms, 3),
-            )
+            performance = {"request_id": request.request_id, "path": request.path, "total_ms": round(elapsed_ms, 2),
+                           "upstream_ms": None if outcome.upstream_ms is None else round(outcome.upstream_ms, 2),
+                           "cache_lookup_ms": round(outcome.cache_lookup_ms, 3)}
         if request.client_request_id is not None:
             summary["client_request_id"] = request.client_request_id
         if request.prompt is not None:
             summary["prompt"] = self.logger.describe_prompt(request.prompt)  # length + hash unless LOG_FULL_PROMPTS
         self.metrics.count_request(request.route, status, request.error_code)
-        self.logger.log_request(request_id=request.request_id, method=request.method, path=request.path,
-                                status=status, latency_ms=round(elapsed_ms, 2), client=request.client,
-                                key_id=request.key_id, user_agent=request.user_agent, **summary)
+        self.logger.log_finished({"request_id": request.request_id, "method": request.method, "path": request.path,
+                                  "status": status, "latency_ms": round(elapsed_ms, 2), "client": request.client,
+                                  "key_id": request.key_id, "user_agent": request.user_agent, **summary},
+                                 performance, cost)
         return overall
 
     def record_batch_item(self, item: RequestInfo, status: int, elapsed_ms: float,
                           outcome: TaskOutcome | None) -> float | None:
-        """Account for one item of a batch as for a task request of its own: its ledger row (except
-        UNBILLED_REFUSALS), its key's month spend and tokens window. The batch's own request has no row
-        (`finish_request` with is_task False): only its items are billed. Returns the overall spend."""
+        """Account for one item of a batch as for a task request of its own: its ledger row and cost line
+        (except UNBILLED_REFUSALS), its key's month spend and tokens window. The batch's own request has no
+        row (`finish_request` with is_task False): only its items are billed. Returns the overall spend."""
         overall = None
         if item.error_code not in UNBILLED_REFUSALS:
-            overall = self._record_cost(_cost_record(item, status, elapsed_ms, outcome))
+            overall, cost = self._record_cost(_cost_record(item, status, elapsed_ms, outcome))
+            self.logger.log_cost(**cost)
             if item.key_id is not None and outcome is not None:
                 self.budgets.recorded(item.key_id, outcome.cost.total, spooled=self.tracker.spooled > 0)
         if item.key_id is not None and outcome is not None and not outcome.cached:
             self.tokens.add(item.key_id, outcome.input_tokens + outcome.output_tokens)
         return overall
 
-    def _record_cost(self, record: CostRecord) -> float:
-        """Commit the record; when it can be neither committed nor spooled (ledger locked and disk full, say),
-        the answer was paid for and still goes out: the record is logged in full instead, and said to be missing
-        from the ledger. Returns the overall spend (the last one known, then)."""
+    def _record_cost(self, record: CostRecord) -> tuple[float, dict]:
+        """Commit the record; returns the overall spend and the record's cost-log fields. When it can be neither
+        committed nor spooled (ledger locked and disk full, say), the answer was paid for and still goes out:
+        the cost line carries the full record flagged `unrecorded`, an error line says it is missing from the
+        ledger, and the overall spend is the last one known plus this record."""
+        fields = dict(vars(record))  # the cost line: a copy, as the writer thread reads it later
         try:
-            return self.tracker.record(record)
+            return self.tracker.record(record), fields
         except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets its answer
-            fields = vars(record)
-            self.logger.log_cost(**fields, unrecorded=True)
             self.logger.log_error(exc, request_id=record.request_id, unrecorded=True,
                                   note="cost record neither committed to the ledger nor spooled: "
                                        "this request is missing from the ledger (its full record is in "
-                                       "cost_tracking.log)", record=fields)
-            return self.tracker.last_overall + record.total_cost
+                                       "cost_tracking.log)", record=dict(fields))
+            return self.tracker.last_overall + record.total_cost, {**fields, "unrecorded": True}
 
     def close(self) -> None:
         """Flush the logs and close the ledger (tests and clean shutdowns)."""
@@ -194,8 +195,8 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
     tasks = {**SERVED_TASKS, "process": process_task(process_templates.load(config.process_templates_file))}
     cache = ResponseCache({task.name: config.cache_settings(task.name) for task in tasks.values()},
                           enabled=config.cache_enabled)
-    tracker = CostTracker(config.cost_ledger_path, on_record=lambda record: logger.log_cost(**record),
-                          write_timeout=config.cost_ledger_write_timeout_seconds)
+    # No on_record callback: a cost line goes out with its request's other lines (Gateway._record_cost).
+    tracker = CostTracker(config.cost_ledger_path, write_timeout=config.cost_ledger_write_timeout_seconds)
     service = TaskService(router, cache, prices.cost, TokenCounter(), default_model=registry.default.id,
                           max_output_tokens=config.gemini_max_output_tokens or None,
                           model_defaults=registry.task_defaults, tasks=tasks)

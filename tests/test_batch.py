@@ -4,6 +4,7 @@ tokens and budget, and a hostile envelope or a slow upstream cannot hold the gat
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -201,6 +202,12 @@ def test_each_item_is_one_ledger_row_with_cost_and_key_and_the_batch_adds_none(m
             assert record.input_tokens == answer["usage"]["input_tokens"]
     assert records[3].total_cost == 0
     assert not any(record.endpoint == BATCH for record in records)
+    logger = app.extensions["gateway"].logger
+    assert logger.flush()
+    cost_lines = [json.loads(line) for line in (logger.log_dir / "cost_tracking.log").read_text().splitlines()]
+    assert sorted(line["request_id"] for line in cost_lines) == [record.request_id for record in records]
+    requests_log = [json.loads(line) for line in (logger.log_dir / "api_requests.log").read_text().splitlines()]
+    assert [line["request_id"] for line in requests_log] == [body["request_id"]]  # the batch's own line, once
 
 
 def test_the_totals_add_up(make_app, emulator):

@@ -55,6 +55,24 @@ def test_production_refuses_a_missing_key_and_disabled_limits():
     assert not production.demo_mode
 
 
+@pytest.mark.parametrize("environ, console", [
+    ({}, True),  # development
+    ({"APP_ENV": "testing"}, True),
+    ({"APP_ENV": "production", "GOOGLE_API_KEY": "AIzaX"}, False),  # the files have every line; stderr stays quiet
+    ({"APP_ENV": "production", "GOOGLE_API_KEY": "AIzaX", "LOG_CONSOLE": "true"}, True),
+    ({"LOG_CONSOLE": "false"}, False),
+    ({"LOG_CONSOLE": "off"}, False),
+    ({"APP_ENV": "production", "GOOGLE_API_KEY": "AIzaX", "LOG_CONSOLE": " "}, False),  # blank is unset
+])
+def test_the_console_summary_is_off_by_default_in_production_only(environ, console):
+    assert Config.load(environ).log_console is console
+
+
+def test_log_console_must_be_a_boolean():
+    with pytest.raises(ConfigError, match="LOG_CONSOLE must be true or false"):
+        Config.load({"LOG_CONSOLE": "sometimes"})
+
+
 def test_demo_mode_only_without_a_key_outside_production():
     assert Config.load({}).demo_mode
     assert not Config.load({"GOOGLE_API_KEY": "AIzaX"}).demo_mode

@@ -156,6 +156,166 @@ def test_log_paths_linked_to_a_pipe_or_dev_null_are_written_not_rotated(log_dir)
     assert not (log_dir / "performance.log.1").exists() and not (log_dir / "api_requests.log.1").exists()
 
 
+# --- one item per finished request ------------------------------------------------------
+
+
+REQUEST = {"request_id": "r1", "method": "POST", "path": "/api/v1/generate/text", "status": 200, "latency_ms": 3.2,
+           "client": "127.0.0.1", "model": "gemini", "cached": False}
+PERFORMANCE = {"request_id": "r1", "path": "/api/v1/generate/text", "total_ms": 3.2, "upstream_ms": 2.5,
+               "cache_lookup_ms": 0.01}
+COST = {"request_id": "r1", "model": "gemini", "input_tokens": 3, "output_tokens": 5, "total_cost": 0.001}
+
+
+def every_file(log_dir: Path) -> dict[str, list[dict]]:
+    return {name: lines(log_dir / name) for name in LOG_FILES.values()}
+
+
+def without_ts(entries: list[dict]) -> list[dict]:
+    assert all(TS.match(entry["ts"]) for entry in entries)
+    return [{key: value for key, value in entry.items() if key != "ts"} for entry in entries]
+
+
+def test_a_finished_request_is_exactly_its_lines_in_their_files(logger, log_dir):
+    logger.log_finished(dict(REQUEST), dict(PERFORMANCE), dict(COST))
+    logger.log_finished({**REQUEST, "request_id": "r2", "status": 404})  # no answer: no performance, no cost
+    assert logger.flush()
+    written = every_file(log_dir)
+    assert without_ts(written["api_requests.log"]) == [{"event": "request", **REQUEST},
+                                                       {"event": "request", **REQUEST, "request_id": "r2",
+                                                        "status": 404}]
+    assert without_ts(written["performance.log"]) == [{"event": "performance", **PERFORMANCE}]
+    assert without_ts(written["cost_tracking.log"]) == [{"event": "cost", **COST}]
+    assert written["api_errors.log"] == written["security_audit.log"] == []
+    stamps = {entry["ts"] for name in ("api_requests.log", "performance.log", "cost_tracking.log")
+              for entry in written[name] if entry["request_id"] == "r1"}
+    assert len(stamps) == 1  # one item, one moment: the time the request thread queued it
+
+
+def test_a_finished_requests_lines_are_redacted_on_the_writer(logger, log_dir):
+    logger.log_finished({**REQUEST, "headers": {"Authorization": f"Bearer {BEARER}"},
+                         "prompt": {"length": 30, "text": f"my key is {SECRET}"}, "user_agent": f"app/{SECRET}"},
+                        {**PERFORMANCE, "note": f"Bearer {BEARER}"}, {**COST, "api_key": "k-123456"})
+    assert logger.flush()
+    text = all_text(log_dir)
+    for leaked in (SECRET, BEARER, "k-123456"):
+        assert leaked not in text
+    [request] = lines(log_dir / "api_requests.log")
+    assert request["headers"] == {"Authorization": REDACTED}
+    assert request["prompt"]["text"] == f"my key is {REDACTED}" and request["user_agent"] == f"app/{REDACTED}"
+    assert lines(log_dir / "cost_tracking.log")[0]["api_key"] == REDACTED
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+@pytest.mark.parametrize("bad", [{(1, 2): "a tuple key JSON refuses"}, Unprintable()])
+def test_a_line_that_cannot_be_written_leaves_a_stand_in_and_the_writer_goes_on(logger, log_dir, bad, caplog):
+    logger.log_finished({**REQUEST, "bad": bad}, dict(PERFORMANCE), dict(COST))
+    logger.log_request(request_id="r2", bad=bad)
+    for i in range(3, 6):
+        logger.log_finished({**REQUEST, "request_id": f"r{i}"}, {**PERFORMANCE, "request_id": f"r{i}"})
+    assert logger.flush()
+    assert logger._writer._thread.is_alive()
+    requests_log = lines(log_dir / "api_requests.log")
+    assert [entry["request_id"] for entry in requests_log] == ["r1", "r2", "r3", "r4", "r5"]
+    for stand_in in requests_log[:2]:
+        assert stand_in["event"] == "request" and stand_in["log_error"].endswith("could not be written")
+        assert "bad" not in stand_in
+    assert [entry["request_id"] for entry in lines(log_dir / "performance.log")] == ["r1", "r3", "r4", "r5"]
+    assert [entry["request_id"] for entry in lines(log_dir / "cost_tracking.log")] == ["r1"]
+    assert "could not be encoded" in caplog.text
+
+
+class Gate:
+    """A field whose str() (what the redactor asks of an unknown type) holds the writer thread until opened."""
+
+    def __init__(self) -> None:
+        self.reached, self.opened = threading.Event(), threading.Event()
+
+    def __str__(self) -> str:
+        self.reached.set()
+        assert self.opened.wait(10)
+        return "gate"
+
+
+def hold_the_writer(logger: RequestLogger) -> Gate:
+    gate = Gate()
+    logger.log_request(request_id="gate", held=gate)
+    assert gate.reached.wait(10)
+    return gate
+
+
+def test_flush_waits_for_every_line_queued_before_it(logger, log_dir):
+    gate = hold_the_writer(logger)
+    for i in range(300):
+        logger.log_finished({**REQUEST, "request_id": f"r{i}"}, {**PERFORMANCE, "request_id": f"r{i}"})
+    assert logger.flush(timeout=0.05) is False  # the writer is held: not written yet, and flush says so
+    gate.opened.set()
+    assert logger.flush() is True
+    assert len(lines(log_dir / "api_requests.log")) == 301 and len(lines(log_dir / "performance.log")) == 300
+
+
+def test_flush_and_close_cut_the_writers_linger_short(log_dir):
+    """After writing what it found the writer waits before looking again (requests' items gather meanwhile);
+    flush() and close() must not wait that out."""
+    import time
+
+    from gateway.observability.log_writer import LogWriter
+
+    log_dir.mkdir(parents=True)
+    writer = LogWriter(log_dir, redactor=Redactor(), max_bytes=0, backup_count=0, linger=60)
+    started = time.monotonic()
+    for i in range(3):
+        writer.put((time.time(), "requests", {"request_id": f"r{i}"}))
+        assert writer.flush(timeout=10) is True
+    writer.put((time.time(), "requests", {"request_id": "last"}))
+    writer.close()
+    assert time.monotonic() - started < 10
+    assert [entry["request_id"] for entry in lines(log_dir / "api_requests.log")] == ["r0", "r1", "r2", "last"]
+
+
+def test_close_drains_what_is_queued(log_dir):
+    logger = RequestLogger(log_dir, console=False)
+    gate = hold_the_writer(logger)
+    for i in range(200):
+        logger.log_finished({**REQUEST, "request_id": f"r{i}"}, None, {**COST, "request_id": f"r{i}"})
+    gate.opened.set()
+    logger.close()
+    assert not logger._writer._thread.is_alive()
+    assert len(lines(log_dir / "api_requests.log")) == 201 and len(lines(log_dir / "cost_tracking.log")) == 200
+
+
+def test_the_queue_holds_the_errors_text_not_the_exception(logger, log_dir):
+    """A queued exception would keep its traceback's frames (and their locals) alive until written."""
+    import gc
+    import weakref
+
+    class Traced(ValueError):  # builtin exceptions take no weak references; a subclass does
+        pass
+
+    def fail() -> Traced:
+        try:
+            raise Traced("upstream failed") from raise_chain()
+        except Traced as exc:
+            return exc
+
+    gate = hold_the_writer(logger)
+    exc = fail()
+    alive = weakref.ref(exc)
+    logger.log_error(exc, request_id="r1", status=500)
+    del exc
+    gc.collect()
+    assert alive() is None  # queued, not yet written, and already gone
+    gate.opened.set()
+    assert logger.flush()
+    [entry] = lines(log_dir / "api_errors.log")
+    assert entry["error_type"].endswith("Traced") and entry["message"] == "upstream failed"
+    assert [link["message"] for link in entry["chain"]] == ["upstream failed", "outer", "middle", "'inner'"]
+    assert "in fail" in entry["traceback"] and "raise_chain" in entry["traceback"]
+
+
 # --- secrets -----------------------------------------------------------------------------
 
 
@@ -166,6 +326,9 @@ def test_secrets_never_reach_files_or_console(log_dir, capsys):
                            nested={"deep": [{"note": f"uses {SECRET} here"}], "api_key": "k-123456"},
                            message=f"upstream said Authorization: Bearer {BEARER}", label="abc")
         logger.log_cost(request_id="r1", detail=(f"cost for {SECRET}",))
+        logger.log_finished({"request_id": "r2", "method": "GET", "path": f"/y?key={SECRET}", "status": 502,
+                             "client": SECRET}, {"request_id": "r2", "note": SECRET}, {"request_id": "r2",
+                                                                                        "client": SECRET})
         try:
             try:
                 raise PermissionError(f"key {SECRET} rejected")
@@ -173,12 +336,14 @@ def test_secrets_never_reach_files_or_console(log_dir, capsys):
                 raise RuntimeError(f"headers={{'Authorization': 'Bearer {BEARER}'}}") from exc
         except RuntimeError as exc:
             logger.log_error(exc, request_id="r1", context={"password": "hunter22"})
-    text = all_text(log_dir) + capsys.readouterr().err
+    console = capsys.readouterr().err
+    text = all_text(log_dir) + console
     for leaked in (SECRET, BEARER, "plain-key-value", "k-123456", "hunter22"):
         assert leaked not in text
     assert REDACTED in text
+    assert f"GET /y?key={REDACTED} 502" in console and f"client={REDACTED}" in console
     assert '"label":"abc"' in text  # secrets shorter than 4 characters are ignored
-    [request] = lines(log_dir / "api_requests.log")
+    request = lines(log_dir / "api_requests.log")[0]
     assert request["headers"] == {"Authorization": REDACTED, "X-Api-Key": REDACTED}
     assert request["nested"]["deep"][0]["note"] == f"uses {REDACTED} here"
 

@@ -228,6 +228,24 @@ def test_every_log_file_gets_valid_json_lines(app, emulator):
     assert security[0]["type"] == "prompt_injection" and security[0]["request_id"]
 
 
+def test_each_request_is_exactly_its_lines_in_each_file(app, emulator):
+    """One queued item per finished request, expanded by the log writer into the lines it always had."""
+    client = app.test_client()
+    miss = client.post(TEXT, json={"prompt": "one line each"}).headers["X-Request-ID"]
+    hit = client.post(TEXT, json={"prompt": "one line each"}).headers["X-Request-ID"]
+    missing = client.get("/api/v1/no-such-path").headers["X-Request-ID"]
+    per_file = {name: [line["request_id"] for line in read_log(app, name)]
+                for name in ("api_requests.log", "performance.log", "cost_tracking.log", "api_errors.log")}
+    assert per_file == {"api_requests.log": [miss, hit, missing], "performance.log": [miss, hit],
+                        "cost_tracking.log": [miss, hit], "api_errors.log": []}
+    requests_log = read_log(app, "api_requests.log")
+    assert [line["status"] for line in requests_log] == [200, 200, 404]
+    assert [line["cached"] for line in requests_log[:2]] == [False, True] and "model" not in requests_log[2]
+    cost = read_log(app, "cost_tracking.log")
+    assert cost[0]["total_cost"] > 0 and cost[1]["cached"] is True and "unrecorded" not in cost[0]
+    assert read_log(app, "performance.log")[1]["upstream_ms"] is None  # a hit never went upstream
+
+
 def test_prompts_are_logged_as_length_and_hash_and_secrets_never(make_app, emulator, tmp_path):
     secret = "AIzaSyTOTALLY-SECRET-KEY-123456"
     app = make_app(ratelimit_enabled=False, google_api_key=secret)
