@@ -415,6 +415,22 @@ def test_close_writes_everything_queued_and_is_idempotent(log_dir):
     assert len(lines(log_dir / "performance.log")) == 500
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_close_never_raises_when_a_file_cannot_be_flushed(log_dir, caplog):
+    """Found by attack: a log file on a full disk made close() raise from its final flush, so the files after it
+    stayed open and `Gateway.close()` never reached the ledger, keys and budgets behind the logger."""
+    log_dir.mkdir(parents=True)
+    (log_dir / "performance.log").symlink_to("/dev/full")  # every write to it fails: ENOSPC
+    logger = RequestLogger(log_dir, console=False)
+    for i in range(500):  # more than the file's write buffer holds
+        logger.log_finished({**REQUEST, "request_id": f"r{i}"},
+                            {**PERFORMANCE, "request_id": f"r{i}", "pad": "p" * 100}, {**COST, "request_id": f"r{i}"})
+    logger.close()  # must not raise
+    assert all(file.stream is None for file in logger._writer.files.values())  # every file closed
+    assert len(lines(log_dir / "api_requests.log")) == len(lines(log_dir / "cost_tracking.log")) == 500
+    assert "performance.log" in caplog.text
+
+
 def test_instances_write_only_to_their_own_directory(tmp_path):
     with RequestLogger(tmp_path / "a", console=False) as a, RequestLogger(tmp_path / "b", console=False) as b:
         a.log_request(request_id="from-a")

@@ -136,7 +136,10 @@ class LogWriter:
         self._wake.set()
         self._thread.join()
         for file in self.files.values():
-            file.close()
+            try:
+                file.close()
+            except Exception:  # noqa: BLE001 - a full disk fails the last flush: close the rest, let the caller go on
+                log.exception("could not close %s", file.baseFilename)
 
     # --- the writer thread ---------------------------------------------------------------
 
