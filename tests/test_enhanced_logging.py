@@ -14,6 +14,8 @@ from enhanced_logging import LOG_FILES, REDACTED, Redactor, RequestLogger, Secur
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 SECRET = "sk-live-4f3e2d1c0b9a"
 BEARER = "tok-9f8e7d6c5b4a3210"
+JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImlzcyI6Imlzc3Vlci14IiwiZXhwIjoxNzk2NTkxMDI2fQ"
+       ".qCYaBa8zhsKSPYlZh1st9vWQwBR_ujLTkOJY-TPm6YY")  # a client's HS256 bearer token
 
 
 def lines(path: Path) -> list[dict]:
@@ -504,7 +506,8 @@ def test_redactor_with_secrets_adds_only_new_ones():
 @pytest.mark.parametrize("text", [
     "api_key=abcdef123", "X-API-KEY: abc", "\u212aey=abc", "paſſword: hunter22", "ſecret=abc", "TOKEN = 'abc'",
     "Authorization: Basic dXNlcjpwYXNz", "bearer abcdefghijklmnopq", "AIza" + "x" * 35, "mtk_" + "y" * 30,
-    "passwd=x", "a plain sentence with no credential", "request 0123456789abcdef",
+    "passwd=x", "a plain sentence with no credential", "request 0123456789abcdef", JWT, f"x{JWT}",
+    "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.",
 ])
 def test_the_plain_word_prefilter_never_skips_what_the_patterns_would_redact(text):
     """The word check before the RE2 patterns is only a shortcut: it must pass every text they would change."""
@@ -515,6 +518,29 @@ def test_the_plain_word_prefilter_never_skips_what_the_patterns_would_redact(tex
     passes_prefilter = any(word in text.casefold() for word in enhanced_logging._CREDENTIAL_WORDS)
     assert passes_prefilter or not changed_by_patterns
     assert (enhanced_logging.Redactor().redact_text(text) != text) == changed_by_patterns
+
+
+@pytest.mark.parametrize("text", [f"/api/v1/keys/{JWT}", f"my token is {JWT}.", f"x{JWT}", JWT,
+                                  JWT.rsplit(".", 1)[0] + "."])  # alg "none": no signature
+def test_a_jwt_anywhere_in_a_text_is_redacted(text):
+    """Found by attack: a client's bearer JWT in a URL path (the 404 line and its console summary), an
+    X-Request-ID (client_request_id, in the request and cost lines) or a prompt (LOG_FULL_PROMPTS) was
+    written as is: no rule knew its shape, only `Bearer <token>` and `token=<token>`."""
+    from enhanced_logging import Redactor
+
+    clean = Redactor().redact_text(text)
+    assert REDACTED in clean
+    for part in JWT.split("."):
+        assert part not in clean
+
+
+def test_a_finished_requests_jwt_never_reaches_the_files_or_console(log_dir, capsys):
+    with RequestLogger(log_dir, console=True) as logger:
+        logger.log_finished({**REQUEST, "path": f"/api/v1/{JWT}", "status": 404, "client_request_id": JWT,
+                             "prompt": {"length": 400, "text": f"decode {JWT} for me"}},
+                            None, {**COST, "client_request_id": JWT})
+    text = all_text(log_dir) + capsys.readouterr().err
+    assert JWT.split(".")[1] not in text and text.count(REDACTED) >= 4
 
 
 def test_a_key_glued_to_a_word_is_still_redacted():
