@@ -100,6 +100,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     config = config or Config.load()
     _configure_logging(config)
     gateway = build_gateway(config, retry_overrides=retry_overrides)
+    redact_log_handlers(gateway.logger.redactor.secrets)  # stderr learns the registry's own keys (key_env) too
 
     app = GatewayFlask(__name__)
     app.url_map.merge_slashes = False  # `/api/v1//health` is a JSON 404, not a redirect built from Host
