@@ -158,6 +158,41 @@ def test_log_paths_linked_to_a_pipe_or_dev_null_are_written_not_rotated(log_dir)
     assert not (log_dir / "performance.log.1").exists() and not (log_dir / "api_requests.log.1").exists()
 
 
+def test_a_rollover_that_cannot_reopen_its_file_deletes_no_backup_and_the_file_comes_back(log_dir):
+    """Found by attack: when a rollover renamed the file but could not open a new one (no descriptor left, a
+    folder replaced), every later line rotated again, shifting the backups and deleting one each time (five lines
+    wiped five backups), or, if it fit, was lost to a file that was never reopened."""
+    import errno
+
+    from gateway.observability.log_writer import JsonLinesFile
+
+    log_dir.mkdir(parents=True)
+    file = JsonLinesFile(log_dir / "api_requests.log", max_bytes=300, backup_count=3)
+
+    def line(n: int) -> str:
+        return json.dumps({"n": n, "pad": "x" * 50})
+
+    for n in range(12):  # four lines a file: the file and three backups, all full
+        file.write_line(line(n))
+    file.flush()
+    opened = file._open
+
+    def no_descriptor():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    file._open = no_descriptor
+    for n in range(100, 110):  # the first rotates (as it should), then cannot reopen; so does every later one
+        with pytest.raises(OSError):
+            file.write_line(line(n))
+    file._open = opened
+    for n in range(200, 202):
+        file.write_line(line(n))
+    file.close()
+    numbers = {path.name: [entry["n"] for entry in lines(path)] for path in log_dir.iterdir()}
+    assert numbers == {"api_requests.log": [200, 201], "api_requests.log.1": [8, 9, 10, 11],
+                       "api_requests.log.2": [4, 5, 6, 7], "api_requests.log.3": [0, 1, 2, 3]}
+
+
 # --- one item per finished request ------------------------------------------------------
 
 
