@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import sys
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -100,6 +102,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     config = config or Config.load()
     _configure_logging(config)
     gateway = build_gateway(config, retry_overrides=retry_overrides)
+    redact_log_handlers(gateway.logger.redactor.secrets)  # stderr learns the registry's own keys (key_env) too
 
     app = GatewayFlask(__name__)
     app.url_map.merge_slashes = False  # `/api/v1//health` is a JSON 404, not a redirect built from Host
@@ -458,8 +461,24 @@ def __getattr__(name: str):
     if name == "app":
         if _module_app is None:
             _module_app = _app_or_exit()
+            _stop_cleanly_on_sigterm()
         return _module_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """`waitress-serve app:app` installs no SIGTERM handler, so SIGTERM (what `docker stop` sends) ended the process
+    at once, without the exit handlers that drain the log writer: requests answered in its last few milliseconds had
+    no log line. As a SystemExit, waitress stops serving (running requests get 5 s) and the process exits normally,
+    logs written. Only from the main thread, and only where nothing (serve.py's worker, a host) handles SIGTERM."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut the shutdown short
+    log.info("signal %s: stopping", signum)
+    raise SystemExit(0)
 
 
 def main() -> None:

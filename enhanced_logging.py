@@ -59,6 +59,9 @@ _CREDENTIAL_TEXT = [
     (r"\bbearer[" + _WS + r"]+[A-Za-z0-9._~+/\-]{12,}=*", f"Bearer {REDACTED}", True),
     (r"AIza[0-9A-Za-z_\-]{30,}", REDACTED, False),  # no \b: a key glued to a word is still a key
     (r"mtk_[0-9A-Za-z_\-]{20,}", REDACTED, False),  # the gateway's own client API keys (gateway/auth/keys.py)
+    # JWTs (a client's bearer token, gateway/auth/jwt_tokens.py): a base64url JSON header ("eyJ" is `{"`), a payload
+    # and a signature, empty under alg "none". Wherever a client puts one: a path, an X-Request-ID, a prompt.
+    (r"eyJ[0-9A-Za-z_\-]{8,}\.[0-9A-Za-z_\-]{8,}\.[0-9A-Za-z_\-]*", REDACTED, False),
 ]
 _CREDENTIAL_PATTERNS = [(re2.compile(f"(?i){pattern}" if fold else pattern), replacement)
                         for pattern, replacement, fold in _CREDENTIAL_TEXT]
@@ -67,7 +70,7 @@ _CREDENTIAL_PATTERNS = [(re2.compile(f"(?i){pattern}" if fold else pattern), rep
 _MAYBE_CREDENTIAL = re2.compile("(?i)" + "|".join(f"(?:{pattern})" for pattern, _, _ in _CREDENTIAL_TEXT))
 # Cheaper still, in plain Python: every pattern above needs one of these words (compared case-folded,
 # which folds what RE2's (?i) folds to ASCII, such as the Kelvin sign and the long s).
-_CREDENTIAL_WORDS = ("key", "authorization", "passw", "secret", "token", "bearer", "aiza", "mtk_")
+_CREDENTIAL_WORDS = ("key", "authorization", "passw", "secret", "token", "bearer", "aiza", "mtk_", "eyj")
 _MEMO_MAX_LEN, _MEMO_ENTRIES = 64, 4096
 _PLAIN_TYPES = frozenset({int, float, bool, type(None)})
 

@@ -14,6 +14,8 @@ from enhanced_logging import LOG_FILES, REDACTED, Redactor, RequestLogger, Secur
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 SECRET = "sk-live-4f3e2d1c0b9a"
 BEARER = "tok-9f8e7d6c5b4a3210"
+JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImlzcyI6Imlzc3Vlci14IiwiZXhwIjoxNzk2NTkxMDI2fQ"
+       ".qCYaBa8zhsKSPYlZh1st9vWQwBR_ujLTkOJY-TPm6YY")  # a client's HS256 bearer token
 
 
 def lines(path: Path) -> list[dict]:
@@ -154,6 +156,41 @@ def test_log_paths_linked_to_a_pipe_or_dev_null_are_written_not_rotated(log_dir)
     assert [json.loads(line)["request_id"] for line in received] == [f"r{i}" for i in range(20)]
     assert (log_dir / "performance.log").is_symlink()
     assert not (log_dir / "performance.log.1").exists() and not (log_dir / "api_requests.log.1").exists()
+
+
+def test_a_rollover_that_cannot_reopen_its_file_deletes_no_backup_and_the_file_comes_back(log_dir):
+    """Found by attack: when a rollover renamed the file but could not open a new one (no descriptor left, a
+    folder replaced), every later line rotated again, shifting the backups and deleting one each time (five lines
+    wiped five backups), or, if it fit, was lost to a file that was never reopened."""
+    import errno
+
+    from gateway.observability.log_writer import JsonLinesFile
+
+    log_dir.mkdir(parents=True)
+    file = JsonLinesFile(log_dir / "api_requests.log", max_bytes=300, backup_count=3)
+
+    def line(n: int) -> str:
+        return json.dumps({"n": n, "pad": "x" * 50})
+
+    for n in range(12):  # four lines a file: the file and three backups, all full
+        file.write_line(line(n))
+    file.flush()
+    opened = file._open
+
+    def no_descriptor():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    file._open = no_descriptor
+    for n in range(100, 110):  # the first rotates (as it should), then cannot reopen; so does every later one
+        with pytest.raises(OSError):
+            file.write_line(line(n))
+    file._open = opened
+    for n in range(200, 202):
+        file.write_line(line(n))
+    file.close()
+    numbers = {path.name: [entry["n"] for entry in lines(path)] for path in log_dir.iterdir()}
+    assert numbers == {"api_requests.log": [200, 201], "api_requests.log.1": [8, 9, 10, 11],
+                       "api_requests.log.2": [4, 5, 6, 7], "api_requests.log.3": [0, 1, 2, 3]}
 
 
 # --- one item per finished request ------------------------------------------------------
@@ -415,6 +452,22 @@ def test_close_writes_everything_queued_and_is_idempotent(log_dir):
     assert len(lines(log_dir / "performance.log")) == 500
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_close_never_raises_when_a_file_cannot_be_flushed(log_dir, caplog):
+    """Found by attack: a log file on a full disk made close() raise from its final flush, so the files after it
+    stayed open and `Gateway.close()` never reached the ledger, keys and budgets behind the logger."""
+    log_dir.mkdir(parents=True)
+    (log_dir / "performance.log").symlink_to("/dev/full")  # every write to it fails: ENOSPC
+    logger = RequestLogger(log_dir, console=False)
+    for i in range(500):  # more than the file's write buffer holds
+        logger.log_finished({**REQUEST, "request_id": f"r{i}"},
+                            {**PERFORMANCE, "request_id": f"r{i}", "pad": "p" * 100}, {**COST, "request_id": f"r{i}"})
+    logger.close()  # must not raise
+    assert all(file.stream is None for file in logger._writer.files.values())  # every file closed
+    assert len(lines(log_dir / "api_requests.log")) == len(lines(log_dir / "cost_tracking.log")) == 500
+    assert "performance.log" in caplog.text
+
+
 def test_instances_write_only_to_their_own_directory(tmp_path):
     with RequestLogger(tmp_path / "a", console=False) as a, RequestLogger(tmp_path / "b", console=False) as b:
         a.log_request(request_id="from-a")
@@ -488,7 +541,8 @@ def test_redactor_with_secrets_adds_only_new_ones():
 @pytest.mark.parametrize("text", [
     "api_key=abcdef123", "X-API-KEY: abc", "\u212aey=abc", "paſſword: hunter22", "ſecret=abc", "TOKEN = 'abc'",
     "Authorization: Basic dXNlcjpwYXNz", "bearer abcdefghijklmnopq", "AIza" + "x" * 35, "mtk_" + "y" * 30,
-    "passwd=x", "a plain sentence with no credential", "request 0123456789abcdef",
+    "passwd=x", "a plain sentence with no credential", "request 0123456789abcdef", JWT, f"x{JWT}",
+    "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.",
 ])
 def test_the_plain_word_prefilter_never_skips_what_the_patterns_would_redact(text):
     """The word check before the RE2 patterns is only a shortcut: it must pass every text they would change."""
@@ -499,6 +553,29 @@ def test_the_plain_word_prefilter_never_skips_what_the_patterns_would_redact(tex
     passes_prefilter = any(word in text.casefold() for word in enhanced_logging._CREDENTIAL_WORDS)
     assert passes_prefilter or not changed_by_patterns
     assert (enhanced_logging.Redactor().redact_text(text) != text) == changed_by_patterns
+
+
+@pytest.mark.parametrize("text", [f"/api/v1/keys/{JWT}", f"my token is {JWT}.", f"x{JWT}", JWT,
+                                  JWT.rsplit(".", 1)[0] + "."])  # alg "none": no signature
+def test_a_jwt_anywhere_in_a_text_is_redacted(text):
+    """Found by attack: a client's bearer JWT in a URL path (the 404 line and its console summary), an
+    X-Request-ID (client_request_id, in the request and cost lines) or a prompt (LOG_FULL_PROMPTS) was
+    written as is: no rule knew its shape, only `Bearer <token>` and `token=<token>`."""
+    from enhanced_logging import Redactor
+
+    clean = Redactor().redact_text(text)
+    assert REDACTED in clean
+    for part in JWT.split("."):
+        assert part not in clean
+
+
+def test_a_finished_requests_jwt_never_reaches_the_files_or_console(log_dir, capsys):
+    with RequestLogger(log_dir, console=True) as logger:
+        logger.log_finished({**REQUEST, "path": f"/api/v1/{JWT}", "status": 404, "client_request_id": JWT,
+                             "prompt": {"length": 400, "text": f"decode {JWT} for me"}},
+                            None, {**COST, "client_request_id": JWT})
+    text = all_text(log_dir) + capsys.readouterr().err
+    assert JWT.split(".")[1] not in text and text.count(REDACTED) >= 4
 
 
 def test_a_key_glued_to_a_word_is_still_redacted():

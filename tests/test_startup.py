@@ -87,6 +87,32 @@ def test_waitress_serve_app_app_serves_the_api(tmp_path):
         stop(process)
 
 
+@pytest.mark.skipif(not WAITRESS.exists(), reason="waitress-serve is not installed beside this Python")
+def test_sigterm_to_waitress_serve_app_app_writes_every_answered_requests_line(tmp_path):
+    """Found by attack: plain `waitress-serve app:app` died on SIGTERM (what `docker stop` sends) without running
+    exit handlers, so the requests answered in the log writer's last 20 ms (queued while it lingered) had no line."""
+    port = free_port()
+    command = [str(WAITRESS), "--host=127.0.0.1", f"--port={port}", "app:app"]
+    process = serve(command, port, tmp_path, PYTHONPATH=str(ROOT), LOG_CONSOLE="false")
+    answered = []
+    try:
+        wait_for_health(port, process)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for index in range(60):  # answered in quick succession, the SIGTERM right after the last
+            connection.request("GET", f"/api/v1/no-such-path/{index}")
+            response = connection.getresponse()
+            response.read()
+            answered.append(response.getheader("X-Request-ID"))
+        connection.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert process.returncode == 0  # a clean stop: exit handlers ran
+    with (tmp_path / "logs" / "api_requests.log").open(encoding="utf-8") as requests_log:
+        logged = {json.loads(line)["request_id"] for line in requests_log}
+    assert len(answered) == 60 and set(answered) <= logged
+
+
 @pytest.mark.parametrize("command", [[sys.executable, str(ROOT / "app.py")],
                                      [str(WAITRESS), "--port=0", "app:app"]])
 def test_production_without_a_key_refuses_to_start_with_one_line(tmp_path, command):

@@ -154,3 +154,59 @@ def test_uncaught_exceptions_reach_stderr_redacted(tmp_path):
     assert finished.returncode != 0
     assert "ValueError: thread saw" in finished.stderr and "RuntimeError: main thread saw" in finished.stderr
     assert KEY not in finished.stderr
+
+
+OWN_KEY = "tgp-own-key-ECHOED-9f8e7d6c5b4a"  # the key of a registry entry's own key_env, in no rule's shape
+
+
+class EchoingOpenAICompatible(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that fails every call with an error quoting the key it was sent."""
+
+    def log_message(self, format, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        body = json.dumps({"error": {"message": f"Incorrect API key provided: {key}", "type": "server_error",
+                                     "credential": key}}).encode()
+        self.send_response(500)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_keys_of_registry_models_and_the_jwt_secret_never_reach_logs_or_stderr(make_app, captured, monkeypatch,
+                                                                                tmp_path):
+    """Found by attack: only GOOGLE/OPENAI/ANTHROPIC_API_KEY were secrets to the JSON-lines logs, so an upstream
+    of a registry entry with its own `key_env` (an Azure or Together key, say) that echoed the key in its error
+    put it in api_errors.log (the chain and traceback); nor did the JSON-lines logs know AUTH_JWT_SECRET."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoingOpenAICompatible)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        models = json.loads((ROOT / "data" / "models.json").read_text(encoding="utf-8"))
+        models["models"]["hosted-llama"] = {"provider": "openai", "upstream": "llama", "key_env": "HOSTED_LLAMA_KEY",
+                                            "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1",
+                                            "input_per_million": 0.1, "output_per_million": 0.1}
+        (tmp_path / "models.json").write_text(json.dumps(models), encoding="utf-8")
+        monkeypatch.setenv("HOSTED_LLAMA_KEY", OWN_KEY)
+        jwt_secret = "jwt-signing-secret-0123456789abcdef-XYZ"
+        app = make_app(models_file=str(tmp_path / "models.json"), ratelimit_enabled=False, cache_enabled=False,
+                       auth_jwt_secret=jwt_secret, auth_jwt_issuer="https://issuer.example")
+        answer = app.test_client().post("/api/v1/generate/text",
+                                        json={"prompt": "hi", "model": "hosted-llama", "fallbacks": []})
+        assert answer.status_code == 502, answer.get_data(as_text=True)
+        gateway = app.extensions["gateway"]
+        gateway.logger.log_error(RuntimeError(f"signed with {jwt_secret}"), request_id="r1")
+        assert gateway.logger.flush()
+        for secret in (OWN_KEY, jwt_secret):
+            logging.getLogger("gateway.http").error("upstream said %s", secret)
+    finally:
+        server.shutdown()
+        server.server_close()
+    logs = "".join(path.read_text(encoding="utf-8") for path in (tmp_path / "logs").iterdir())
+    assert "Incorrect API key provided: [REDACTED]" in logs  # the echo reached api_errors.log, redacted
+    assert OWN_KEY not in logs and jwt_secret not in logs
+    assert OWN_KEY not in captured.getvalue() and jwt_secret not in captured.getvalue()
+    assert captured.getvalue().count(f"upstream said {REDACTED}") == 2

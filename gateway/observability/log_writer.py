@@ -80,7 +80,10 @@ class JsonLinesFile(logging.handlers.RotatingFileHandler):
     def write_line(self, line: str) -> None:
         """Append one line (rotating first if it would not fit); the caller flushes."""
         size = (len(line) if line.isascii() else len(line.encode("utf-8", "backslashreplace"))) + 1
-        if self._rotates and self._size and self.maxBytes < self._size + size:
+        if self.stream is None:  # a rollover that could not reopen (no descriptor left...): reopen, never rotate again
+            self.stream = self._open()
+            self._size = self.stream.tell() if self._rotates else 0
+        elif self._rotates and self._size and self.maxBytes < self._size + size:
             self.doRollover()
             self._size = 0
         self.stream.write(line + "\n")
@@ -136,7 +139,10 @@ class LogWriter:
         self._wake.set()
         self._thread.join()
         for file in self.files.values():
-            file.close()
+            try:
+                file.close()
+            except Exception:  # noqa: BLE001 - a full disk fails the last flush: close the rest, let the caller go on
+                log.exception("could not close %s", file.baseFilename)
 
     # --- the writer thread ---------------------------------------------------------------
 

@@ -129,6 +129,10 @@ class ModelRegistry:
         spec = self._spec(model)
         return (self._env.get(spec.key_env, "").strip() or None) if spec.key_env else None
 
+    def api_keys(self) -> list[str]:
+        """Every key a model of this registry is called with, its own `key_env`s included: what the logs redact."""
+        return sorted({key for spec in self._specs.values() if (key := self.api_key(spec))})
+
     def base_url(self, model: str | ModelSpec) -> str | None:
         """Where the model is called: its own base_url, else its provider's *_BASE_URL, else None (the SDK's)."""
         spec = self._spec(model)
