@@ -310,8 +310,12 @@ def _retry_delay(api_error: genai_errors.APIError | None) -> float | None:
     Only finite, non-negative hints count, clamped to a day (`errors.sane_retry_after`)."""
     if api_error is None:
         return None
+    # Google's envelope is {"error": {"details": [...]}}; a proxy's 429 may have any JSON there
+    # ({"error": "Too Many Requests"}): what is not that shape holds no hint, and is not a 500.
     body = api_error.details if isinstance(api_error.details, dict) else {}
-    for detail in (body.get("error") or body).get("details") or []:
+    envelope = body["error"] if isinstance(body.get("error"), dict) else body
+    details = envelope.get("details")
+    for detail in details if isinstance(details, list) else ():
         delay = isinstance(detail, dict) and detail.get("retryDelay")
         if isinstance(delay, str) and delay.endswith("s") and len(delay) <= 32:
             if (seconds := sane_retry_after(delay[:-1])) is not None:

@@ -172,3 +172,27 @@ def test_a_stream_is_billed_from_the_largest_usage_it_reported(make_app, serve, 
 
     usage = json.loads(done)["usage"]
     assert (usage["input_tokens"], usage["output_tokens"], usage["source"]) == (1000, 1000, "provider")
+
+
+# --- error bodies that are not Google's envelope (a proxy's, a load balancer's) -----------------------
+
+ODD_ERROR_BODIES = [  # (status, body, Retry-After header sent, Retry-After the client gets: None = ours)
+    (429, {"error": "Too Many Requests"}, "7", "7"),
+    (429, {"error": ["rate limited"]}, "7", "7"),
+    (429, {"error": {"code": 429, "details": 5}}, None, None),
+    (429, {"error": {"code": 429, "details": {"retryDelay": "3s"}}}, "4", "4"),
+    (429, {"details": True}, None, None),
+    (503, {"error": "quota exceeded"}, "9", "9"),  # a rate limit in words: the same rule as Google's own bodies
+]
+
+
+@pytest.mark.parametrize(("status", "body", "sent", "expected"), ODD_ERROR_BODIES)
+def test_a_rate_limit_whose_body_is_not_googles_envelope_is_a_429_never_a_500(make_app, serve, emulator,
+                                                                              status, body, sent, expected):
+    server = serve(make_app(ratelimit_enabled=False, cache_enabled=False, retry_max_attempts=1))
+    emulator.set_steady_fault("raw", status=status, body=body, headers={"Retry-After": sent} if sent else None)
+    for path in (TEXT, STREAM):
+        answer = requests.post(server.url + path, json={"prompt": f"odd body {path}"}, timeout=30)
+        assert_error(answer, 429, "upstream_rate_limited")
+        assert answer.headers["Retry-After"] == (expected or answer.headers["Retry-After"])
+        assert answer.headers["Retry-After"].isdigit()
