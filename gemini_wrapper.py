@@ -128,9 +128,13 @@ class GeminiProvider:
         for _ in range(pool_shards):
             transport = upstream_deadline.build_transport(base_url=base_url or DEFAULT_BASE_URL,
                                                           max_connections=per_shard, verify=tls)
-            chat_model = chat_model_factory(**options, client_args={"transport": transport, "verify": tls})
-            if sdk_transport_of(chat_model)._httpx_client._transport is not transport:
-                raise RuntimeError("the google-genai client ignored our HTTP transport: check the SDK pin")
+            # No redirects (the SDK follows them by default): httpx drops only Authorization on a redirect
+            # to another origin, so our x-goog-api-key would go to whichever host a Location names.
+            chat_model = chat_model_factory(**options, client_args={"transport": transport, "verify": tls,
+                                                                    "follow_redirects": False})
+            http = sdk_transport_of(chat_model)._httpx_client
+            if http._transport is not transport or http.follow_redirects:
+                raise RuntimeError("the google-genai client ignored our HTTP client settings: check the SDK pin")
             self.chat_models.append(chat_model)
         self._shards = [GeminiTransport(sdk_transport_of(chat_model), model=model) for chat_model in self.chat_models]
         self._transports = [shard.api for shard in self._shards]
