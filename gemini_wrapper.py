@@ -77,9 +77,11 @@ DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"  # the SDK's, wh
 _RATE_LIMIT_WORDS = re.compile(r"rate.?limit|quota exceeded|resource.?exhausted|too many requests", re.I)
 
 
-def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(timeout, connection) exception classes of whichever httpx the SDK runs on."""
-    timeouts, connections = [], []
+def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(timeout, connection, unreadable body) exception classes of whichever httpx the SDK runs on.
+
+    An unreadable body is a bad encoding, or a reply over `deadline.MAX_REPLY_BYTES` or compressed."""
+    timeouts, connections, decoding = [], [], []
     for name in ("httpx", "httpx2"):
         try:
             module = __import__(name)
@@ -87,10 +89,11 @@ def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
             continue
         timeouts.append(module.TimeoutException)
         connections.append(module.TransportError)
-    return tuple(timeouts), tuple(connections)
+        decoding.append(module.DecodingError)
+    return tuple(timeouts), tuple(connections), tuple(decoding)
 
 
-_TIMEOUT_ERRORS, _CONNECTION_ERRORS = _transport_errors()
+_TIMEOUT_ERRORS, _CONNECTION_ERRORS, _DECODING_ERRORS = _transport_errors()
 
 
 class GeminiProvider:
@@ -290,7 +293,7 @@ def translate_provider_error(exc: BaseException) -> GatewayError:
         return UpstreamRejected(f"the provider rejected the call with HTTP {status}", details=provider)
     if isinstance(exc, _CONNECTION_ERRORS):
         return UpstreamUnavailable("the connection to the provider failed")
-    if isinstance(exc, (ValueError, RecursionError, genai_errors.UnknownApiResponseError)):
+    if isinstance(exc, (ValueError, RecursionError, genai_errors.UnknownApiResponseError, *_DECODING_ERRORS)):
         # JSON (ours or the SDK's parse) that cannot be read: malformed, a number over Python's
         # 4,300-digit limit (ValueError), nesting deeper than the recursion limit, undecodable bytes.
         return UpstreamBadAnswer("the provider's reply could not be read")
