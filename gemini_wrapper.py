@@ -77,9 +77,11 @@ DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"  # the SDK's, wh
 _RATE_LIMIT_WORDS = re.compile(r"rate.?limit|quota exceeded|resource.?exhausted|too many requests", re.I)
 
 
-def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(timeout, connection) exception classes of whichever httpx the SDK runs on."""
-    timeouts, connections = [], []
+def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(timeout, connection, unreadable body) exception classes of whichever httpx the SDK runs on.
+
+    An unreadable body is a bad encoding, or a reply over `deadline.MAX_REPLY_BYTES` or compressed."""
+    timeouts, connections, decoding = [], [], []
     for name in ("httpx", "httpx2"):
         try:
             module = __import__(name)
@@ -87,10 +89,11 @@ def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
             continue
         timeouts.append(module.TimeoutException)
         connections.append(module.TransportError)
-    return tuple(timeouts), tuple(connections)
+        decoding.append(module.DecodingError)
+    return tuple(timeouts), tuple(connections), tuple(decoding)
 
 
-_TIMEOUT_ERRORS, _CONNECTION_ERRORS = _transport_errors()
+_TIMEOUT_ERRORS, _CONNECTION_ERRORS, _DECODING_ERRORS = _transport_errors()
 
 
 class GeminiProvider:
@@ -128,9 +131,13 @@ class GeminiProvider:
         for _ in range(pool_shards):
             transport = upstream_deadline.build_transport(base_url=base_url or DEFAULT_BASE_URL,
                                                           max_connections=per_shard, verify=tls)
-            chat_model = chat_model_factory(**options, client_args={"transport": transport, "verify": tls})
-            if sdk_transport_of(chat_model)._httpx_client._transport is not transport:
-                raise RuntimeError("the google-genai client ignored our HTTP transport: check the SDK pin")
+            # No redirects (the SDK follows them by default): httpx drops only Authorization on a redirect
+            # to another origin, so our x-goog-api-key would go to whichever host a Location names.
+            chat_model = chat_model_factory(**options, client_args={"transport": transport, "verify": tls,
+                                                                    "follow_redirects": False})
+            http = sdk_transport_of(chat_model)._httpx_client
+            if http._transport is not transport or http.follow_redirects:
+                raise RuntimeError("the google-genai client ignored our HTTP client settings: check the SDK pin")
             self.chat_models.append(chat_model)
         self._shards = [GeminiTransport(sdk_transport_of(chat_model), model=model) for chat_model in self.chat_models]
         self._transports = [shard.api for shard in self._shards]
@@ -286,7 +293,7 @@ def translate_provider_error(exc: BaseException) -> GatewayError:
         return UpstreamRejected(f"the provider rejected the call with HTTP {status}", details=provider)
     if isinstance(exc, _CONNECTION_ERRORS):
         return UpstreamUnavailable("the connection to the provider failed")
-    if isinstance(exc, (ValueError, RecursionError, genai_errors.UnknownApiResponseError)):
+    if isinstance(exc, (ValueError, RecursionError, genai_errors.UnknownApiResponseError, *_DECODING_ERRORS)):
         # JSON (ours or the SDK's parse) that cannot be read: malformed, a number over Python's
         # 4,300-digit limit (ValueError), nesting deeper than the recursion limit, undecodable bytes.
         return UpstreamBadAnswer("the provider's reply could not be read")
@@ -310,8 +317,12 @@ def _retry_delay(api_error: genai_errors.APIError | None) -> float | None:
     Only finite, non-negative hints count, clamped to a day (`errors.sane_retry_after`)."""
     if api_error is None:
         return None
+    # Google's envelope is {"error": {"details": [...]}}; a proxy's 429 may have any JSON there
+    # ({"error": "Too Many Requests"}): what is not that shape holds no hint, and is not a 500.
     body = api_error.details if isinstance(api_error.details, dict) else {}
-    for detail in (body.get("error") or body).get("details") or []:
+    envelope = body["error"] if isinstance(body.get("error"), dict) else body
+    details = envelope.get("details")
+    for detail in details if isinstance(details, list) else ():
         delay = isinstance(detail, dict) and detail.get("retryDelay")
         if isinstance(delay, str) and delay.endswith("s") and len(delay) <= 32:
             if (seconds := sane_retry_after(delay[:-1])) is not None:

@@ -167,3 +167,42 @@ def test_the_time_left_bounds_the_call(provider, emulator):
     with pytest.raises(UpstreamTimeout):
         provider.complete(REQUESTS[0], 0.3)
     assert emulator.requests[0]["headers"]["x-server-timeout"] == "1"
+
+
+@pytest.fixture
+def redirector(emulator):
+    """A loopback server that answers every POST with a 307 to the same path on the emulator (another origin)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(307)
+            self.send_header("Location", emulator.base_url.rstrip("/") + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_redirect_is_not_followed_so_the_key_never_goes_to_another_host(emulator, redirector):
+    """httpx drops only Authorization on a redirect to another origin, not Gemini's x-goog-api-key:
+    following one would hand the key to whatever host the Location names."""
+    provider = GeminiProvider(api_key=KEY, base_url=redirector, pool_shards=1, model=MODEL)
+    try:
+        with pytest.raises(UpstreamRejected) as plain:
+            provider.complete(REQUESTS[0], 5.0)
+        with pytest.raises(UpstreamRejected) as stream:
+            list(provider.open_stream(REQUESTS[0], 5.0))
+    finally:
+        provider.close()
+    assert plain.value.details == stream.value.details == {"provider_status": 307}
+    assert emulator.request_count == 0 and emulator.keys_seen == []

@@ -172,3 +172,67 @@ def test_a_stream_is_billed_from_the_largest_usage_it_reported(make_app, serve, 
 
     usage = json.loads(done)["usage"]
     assert (usage["input_tokens"], usage["output_tokens"], usage["source"]) == (1000, 1000, "provider")
+
+
+# --- error bodies that are not Google's envelope (a proxy's, a load balancer's) -----------------------
+
+ODD_ERROR_BODIES = [  # (status, body, Retry-After header sent, Retry-After the client gets: None = ours)
+    (429, {"error": "Too Many Requests"}, "7", "7"),
+    (429, {"error": ["rate limited"]}, "7", "7"),
+    (429, {"error": {"code": 429, "details": 5}}, None, None),
+    (429, {"error": {"code": 429, "details": {"retryDelay": "3s"}}}, "4", "4"),
+    (429, {"details": True}, None, None),
+    (503, {"error": "quota exceeded"}, "9", "9"),  # a rate limit in words: the same rule as Google's own bodies
+]
+
+
+@pytest.mark.parametrize(("status", "body", "sent", "expected"), ODD_ERROR_BODIES)
+def test_a_rate_limit_whose_body_is_not_googles_envelope_is_a_429_never_a_500(make_app, serve, emulator,
+                                                                              status, body, sent, expected):
+    server = serve(make_app(ratelimit_enabled=False, cache_enabled=False, retry_max_attempts=1))
+    emulator.set_steady_fault("raw", status=status, body=body, headers={"Retry-After": sent} if sent else None)
+    for path in (TEXT, STREAM):
+        answer = requests.post(server.url + path, json={"prompt": f"odd body {path}"}, timeout=30)
+        assert_error(answer, 429, "upstream_rate_limited")
+        assert answer.headers["Retry-After"] == (expected or answer.headers["Retry-After"])
+        assert answer.headers["Retry-After"].isdigit()
+
+
+# --- replies too big to hold: a compression bomb, an endless body -------------------------------------
+
+def good_reply(text: str = "hello") -> bytes:
+    import json
+
+    return json.dumps({"candidates": [{"content": {"parts": [{"text": text}], "role": "model"},
+                                       "finishReason": "STOP"}]}).encode()
+
+
+def test_replies_come_uncompressed_and_a_compressed_one_is_refused_not_inflated(make_app, serve, emulator):
+    """2 MB of gzip held 6 GB once inflated (and zstd goes further): the gateway asks for identity
+    and refuses a body encoded anyway, without decoding it."""
+    import gzip
+
+    server = serve(make_app(ratelimit_enabled=False, cache_enabled=False, retry_max_attempts=1))
+    emulator.set_steady_fault("raw", status=200, body=gzip.compress(good_reply()), headers={"Content-Encoding": "gzip"})
+    for path in (TEXT, STREAM):
+        assert_error(requests.post(server.url + path, json={"prompt": f"zipped {path}"}, timeout=30),
+                     502, "upstream_bad_answer")
+    assert [record["headers"]["accept-encoding"] for record in emulator.requests] == ["identity", "identity"]
+
+
+def test_a_reply_larger_than_the_cap_is_a_bad_answer_read_no_further(emulator, monkeypatch):
+    from gateway.errors import UpstreamBadAnswer
+    from gateway.providers import deadline
+    from gateway.providers.base import user_prompt
+    from gemini_wrapper import GeminiProvider
+
+    monkeypatch.setattr(deadline, "MAX_REPLY_BYTES", 1 << 20)
+    provider = GeminiProvider(api_key="k", base_url=emulator.base_url, pool_shards=1)
+    try:
+        emulator.set_steady_fault("raw", status=200, body=good_reply("a" * (1 << 20)))  # just over 1 MiB
+        with pytest.raises(UpstreamBadAnswer):
+            provider.complete(user_prompt("big", model="gemini-2.0-flash"), 30.0)
+        emulator.set_steady_fault("raw", status=200, body=good_reply("a" * 1000 * 1000))  # just under
+        assert len(provider.complete(user_prompt("big", model="gemini-2.0-flash"), 30.0).text) == 1000 * 1000
+    finally:
+        provider.close()

@@ -21,6 +21,14 @@ read per socket operation, a few microseconds per call (see `bench/deadline.py`)
 
 Streams: the SDK opens a stream with the time left as its timeout, so the deadline covers the
 whole stream, from opening to the last chunk.
+
+Size: a reply is at most `MAX_REPLY_BYTES`, and uncompressed. Bytes that arrive within the
+deadline are not bounded by it, nor is the work after it: on loopback 400 MB came in 1.5 s, then
+held the worker (and the GIL) 2 s more in decoding and JSON, and 2 MB of gzip inflated to 6 GB.
+So each request asks for `Accept-Encoding: identity`, a body encoded anyway is refused before
+anything decodes it, and reading stops past the cap; both raise httpx's `DecodingError` (each
+provider's bad answer, 502). The largest genuine replies (65,536 output tokens, a stream's
+per-chunk JSON included) are a few MB.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ class _Mark(threading.local):
 
 
 _mark = _Mark()
+MAX_REPLY_BYTES = 64 * 2**20  # of one reply or stream, as sent (uncompressed: see "Size" above)
 
 
 def _bounded(timeout: float | None, error: type[Exception]) -> float | None:
@@ -97,21 +106,26 @@ class _DeadlineBackend:
 
 
 class _DeadlineBody:
-    """A response body whose chunks are read under the request's deadline, in whichever call pulls them."""
+    """A response body whose chunks are read under the request's deadline, in whichever call pulls them,
+    and only up to `MAX_REPLY_BYTES`."""
 
-    def __init__(self, stream, deadline: float):
-        self._stream, self._deadline = stream, deadline
+    def __init__(self, stream, deadline: float | None, too_large: type[Exception]):
+        self._stream, self._deadline, self._too_large = stream, deadline, too_large
 
     def __iter__(self):
-        chunks = iter(self._stream)
+        chunks, size, limit = iter(self._stream), 0, MAX_REPLY_BYTES
         while True:
-            previous, _mark.deadline = _mark.deadline, self._deadline
+            previous = _mark.deadline
+            _mark.deadline = previous if self._deadline is None else self._deadline
             try:
                 chunk = next(chunks, None)
             finally:
                 _mark.deadline = previous
             if chunk is None:
                 return
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(f"the provider's reply is larger than {limit} bytes")
             yield chunk
 
     def close(self) -> None:
@@ -133,19 +147,27 @@ class DeadlineTransport:
             raise RuntimeError("this httpx/httpcore version has no pool network backend to bound: check the pins")
         pool._network_backend = _DeadlineBackend(pool._network_backend, core)
         self.inner = inner
+        self._httpx = httpx_module
         self._body = _body_type(httpx_module)
 
     def handle_request(self, request):
+        request.headers["Accept-Encoding"] = "identity"  # see "Size" above
         timeout = (request.extensions.get("timeout") or {}).get("read")
-        if timeout is None:
-            return self.inner.handle_request(request)
-        deadline = time.monotonic() + timeout
-        previous, _mark.deadline = _mark.deadline, deadline
-        try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is None:
             response = self.inner.handle_request(request)
-        finally:
-            _mark.deadline = previous
-        response.stream = self._body(response.stream, deadline)
+        else:
+            previous, _mark.deadline = _mark.deadline, deadline
+            try:
+                response = self.inner.handle_request(request)
+            finally:
+                _mark.deadline = previous
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            response.close()
+            raise self._httpx.DecodingError("the provider sent a compressed reply the gateway did not ask for",
+                                            request=request)
+        response.stream = self._body(response.stream, deadline, self._httpx.DecodingError)
         return response
 
     def close(self) -> None:

@@ -38,6 +38,8 @@ Besides HTTP errors, hangs, drops and bad bodies, an upstream that misbehaves wh
 * ``reply``: a normal, well-formed reply whose text is ``text`` (an answer the task cannot use).
 * ``raw``: serve ``body`` (any JSON, or bytes sent verbatim) as a 200 reply, or ``events`` as a
   stream's chunks: off-contract replies, lying usage, numbers or nesting no encoder would write.
+  With ``status`` (and ``headers``), ``body`` is sent with that status to plain and stream calls
+  alike: error bodies that are not Google's envelope (a proxy's ``{"error": "Too Many Requests"}``).
 
 Dripped, paced and stalled replies are recorded in ``deliveries`` (bytes and frames sent of the
 total, when the first frame went out, and whether the client closed the connection first);
@@ -517,6 +519,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "malformed":
             return self._send_json(200, b'{"candidates": [{"content": <html>Bad Gateway')
         if fault == "raw":
+            if "status" in params:
+                return self._send_json(int(params["status"]), params.get("body"), params.get("headers"))
             events = params["events"] if "events" in params else [params.get("body")]
             return self._send_sse(events) if stream else self._send_json(200, events[0])
         usage = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
