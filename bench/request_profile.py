@@ -62,7 +62,7 @@ APP_FILE = app_module.__file__  # the hooks of app.py, told apart from other mod
 LAYERS: list[tuple[str, list[tuple[str, str]]]] = [
     ("request state + request id (start_request)", [(APP_FILE, "start_request")]),
     ("security scan", [(APP_FILE, "_scan_request")]),
-    ("limiter: checks (its before_request + 2 decorators)", [("flask_limiter/_extension.py",
+    ("limiter: checks (its before_request + the task limit)", [("flask_limiter/_extension.py",
                                                               "_check_request_limit")]),
     ("limiter: headers (after_request)", [("flask_limiter/_extension.py", "__inject_headers")]),
     ("task resource (read, validate, options, answer)", [("task_routes.py", "post")]),
