@@ -291,3 +291,21 @@ def test_double_slashes_are_json_404s_and_redirects_stay_on_this_server(make_app
     status, headers, content = raw_request(server, "GET", "/swagger?x=1")
     assert status == 308 and headers["Location"] == "/swagger/?x=1"
     assert b"<" not in content and "evil.example" not in headers["Location"]
+
+
+def test_a_key_cut_by_the_length_limits_leaves_no_part_of_it_in_the_logs(make_app):
+    """Found by attack: the path and User-Agent were cut before the writer redacted them, so a key straddling
+    the cut lost the end the redactor needs and its first characters were logged as they were."""
+    app = make_app()
+    gateway = app.extensions["gateway"]
+    agent = "a" * (routes.MAX_LOGGED_USER_AGENT_CHARS - 10) + TEST_KEY  # the cut falls inside the key
+    path = "/" + "p" * (routes.MAX_LOGGED_PATH_CHARS - 11) + TEST_KEY
+    client = app.test_client()
+    assert client.get(path, headers={"User-Agent": agent}).status_code == 404
+    gateway.logger.flush()
+    line = json.loads((gateway.config.log_dir / "api_requests.log").read_text().splitlines()[-1])
+    written = (gateway.config.log_dir / "api_requests.log").read_text()
+    assert TEST_KEY[:10] not in written and TEST_KEY[:6] not in line["user_agent"] + line["path"]
+    assert line["user_agent"].startswith("a" * 190)
+    assert len(line["user_agent"]) <= routes.MAX_LOGGED_USER_AGENT_CHARS + 3
+    assert line["path"].startswith("/" + "p" * 1000) and "more chars]" in line["path"]

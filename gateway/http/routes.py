@@ -202,6 +202,7 @@ def clip_path(path: str) -> str:
     """The path as logged: at most MAX_LOGGED_PATH_CHARS, with a marker saying how much was cut."""
     if len(path) <= MAX_LOGGED_PATH_CHARS:
         return path
+    path = _redacted(path)
     return f"{path[:MAX_LOGGED_PATH_CHARS]}...[{len(path) - MAX_LOGGED_PATH_CHARS} more chars]"
 
 
@@ -210,7 +211,15 @@ MAX_LOGGED_USER_AGENT_CHARS = 200
 
 def clip_user_agent(agent: str) -> str:
     """The User-Agent as logged: at most MAX_LOGGED_USER_AGENT_CHARS."""
-    return agent if len(agent) <= MAX_LOGGED_USER_AGENT_CHARS else agent[:MAX_LOGGED_USER_AGENT_CHARS] + "..."
+    if len(agent) <= MAX_LOGGED_USER_AGENT_CHARS:
+        return agent
+    return _redacted(agent)[:MAX_LOGGED_USER_AGENT_CHARS] + "..."
+
+
+def _redacted(text: str) -> str:
+    """Redacted before it is cut: the log writer redacts whole values, and would not know the prefix of a
+    key that a cut left behind. Only for the rare value too long to log whole, so on the request thread."""
+    return current_app.extensions["gateway"].logger.redact(text)
 
 
 def _route(current) -> str:
