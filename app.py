@@ -46,6 +46,7 @@ from gateway.http import (
     key_cli,
     key_routes,
     limit_parsing,
+    limiter_hook,
     model_routes,
     openai_routes,
     probe_routes,
@@ -160,6 +161,7 @@ def create_app(config: Config | None = None, *, retry_overrides: dict | None = N
     api.add_namespace(usage_routes.usage_namespace(gateway, schemas, stats_limit), path="/usage")
     api.add_namespace(model_routes.models_namespace(gateway, schemas, stats_limit), path="/models")
     app.register_blueprint(openai_routes.blueprint(gateway, task_limit, stats_limit))  # /v1: OpenAI's wire format
+    limiter_hook.drop_idle_check(app, limiter)  # every limit is a route's decorator: checked once, there
     app.cli.add_command(key_cli.keys_command)
     log.info("gateway ready: env=%s mode=%s model=%s", config.app_env, gateway.upstream.mode, config.gemini_model)
     log.info("client authentication: %s", "on (API keys required; /health and Swagger open)" if config.auth_enabled
