@@ -435,8 +435,7 @@ def _configure_logging(config: Config) -> None:
     )
     for chatty in ("httpx", "httpx2", "google_genai", "google_genai.models"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    redact_log_handlers([config.google_api_key, config.openai_api_key, config.anthropic_api_key,
-                         config.auth_jwt_secret])
+    redact_log_handlers(config.secret_values)
 
 
 # --- entry points -----------------------------------------------------------------------------

@@ -306,6 +306,11 @@ class Config:
         """(max entries, TTL seconds) of one task's cache: CACHE_<TASK>_MAX_ENTRIES, CACHE_<TASK>_TTL_SECONDS."""
         return getattr(self, f"cache_{task}_max_entries"), getattr(self, f"cache_{task}_ttl_seconds")
 
+    @property
+    def secret_values(self) -> list[str]:
+        """The values of the settings marked secret (provider keys, the JWT secret): what logs redact."""
+        return [getattr(self, spec.name) for spec in dataclasses.fields(self) if spec.metadata.get("secret")]
+
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 

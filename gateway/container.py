@@ -190,8 +190,7 @@ def build_gateway(config: Config, *, retry_overrides: dict | None = None) -> Gat
         config.log_dir, max_bytes=config.log_max_bytes, backup_count=config.log_backup_count,
         console=config.log_console, console_level=config.log_level,
         # every provider key (a registry entry's own key_env too: its upstream may echo it) and the JWT secret
-        secrets=[config.google_api_key, config.openai_api_key, config.anthropic_api_key, config.auth_jwt_secret,
-                 *registry.api_keys()],
+        secrets=[*config.secret_values, *registry.api_keys()],
         log_full_prompts=config.log_full_prompts,
     )
     tasks = {**SERVED_TASKS, "process": process_task(process_templates.load(config.process_templates_file))}
