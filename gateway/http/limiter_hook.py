@@ -31,8 +31,8 @@ def drop_idle_check(app: Flask, limiter: Limiter) -> bool:
 
 def _has_hook_limits(limiter: Limiter) -> bool:
     """Whether anything only the before-request pass applies exists (or might: unknown attributes count)."""
-    manager = getattr(limiter, "limit_manager", None)
     try:
+        manager = limiter.limit_manager
         return bool(manager.application_limits or manager.default_limits or manager._blueprint_limits
                     or limiter._meta_limits or limiter._in_memory_fallback_enabled)
     except AttributeError:
